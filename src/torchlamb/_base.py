@@ -1,0 +1,247 @@
+"""What every layer-wise optimizer in torchlamb shares: validation, state handling and the step skeleton.
+
+A subclass says which hyper-parameters it has (``_validate_group``), what state a parameter holds
+(``_new_state``) and how one group is updated (``_update_group``, which computes the direction and hands it to
+the trust stage in :mod:`torchlamb.trust`). Everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .trust import TrustStats, clip_factor, global_norm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyper-parameter checks. Each raises ValueError/TypeError naming the argument and the allowed range.
+
+
+def _where(group_index: int | None) -> str:
+    return "" if group_index is None else f" (param group {group_index})"
+
+
+def check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False, group_index: int | None = None) -> None:
+    """Raise unless ``value`` is a real number in the interval (or half-open interval) from ``low`` to ``high``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name} as a Tensor must hold one real value, got shape {tuple(value.shape)}"
+                             f"{_where(group_index)}")
+        number = float(value.detach().cpu())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}{_where(group_index)}")
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below):  # also rejects NaN
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {number}{_where(group_index)}")
+
+
+def check_clip_range(name: str, value: Any, *, group_index: int | None = None) -> None:
+    """Raise unless ``value`` is None or a pair ``(low, high)`` with ``0 <= low <= high``."""
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be None or a (min, max) pair, got {value!r}{_where(group_index)}")
+    low, high = value
+    check_number(f"{name}[0] (min)", low, low=0.0, group_index=group_index)
+    check_number(f"{name}[1] (max)", high, low=0.0, group_index=group_index)
+    if low > high:
+        raise ValueError(f"{name} must have min <= max, got {tuple(value)}{_where(group_index)}")
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False, group_index: int | None = None) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}{_where(group_index)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base of :class:`~torchlamb.Lamb` and :class:`~torchlamb.Lars`; not meant to be used directly.
+
+    Attributes:
+        trust_stats: one :class:`~torchlamb.trust.TrustStats` per parameter group updated by the last ``step``:
+            per-tensor ‖θ‖, ‖u‖ and trust ratio as device tensors. Not saved in ``state_dict``.
+        grad_norm: the global gradient norm of the last step as a 0-dim device tensor, when some group has
+            ``max_grad_norm`` set (it is only computed then), else None.
+    """
+
+    # The keys that each parameter's state holds, besides 'step'; set by subclasses.
+    _state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        # The constructor's arguments are checked like any later group: add_param_group sees them as defaults.
+        self._validate_group(defaults, None)
+        super().__init__(params, defaults)
+        self.trust_stats: list[TrustStats] = []
+        self.grad_norm: Tensor | None = None
+
+    # -- what a subclass provides ---------------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
+        """Check the options shared by every layer-wise optimizer; subclasses extend this."""
+        check_number("lr", group["lr"], low=0.0, group_index=group_index)
+        check_number("weight_decay", group["weight_decay"], low=0.0, group_index=group_index)
+        check_clip_range("weight_norm_clip", group["weight_norm_clip"], group_index=group_index)
+        check_clip_range("trust_clip", group["trust_clip"], group_index=group_index)
+        if group["max_grad_norm"] is not None:
+            check_number("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True, group_index=group_index)
+        check_bool("adapt", group["adapt"], group_index=group_index)
+        check_bool("maximize", group["maximize"], group_index=group_index)
+        check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
+
+    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+        raise NotImplementedError
+
+    # -- parameter groups ----------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, after checking its options."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if not isinstance(param_group.get("params"), (Tensor, set)):
+            param_group["params"] = list(param_group["params"])  # a generator can be read only once
+        index = len(self.param_groups)
+        self._validate_group({**self.defaults, **param_group}, index)
+        members = param_group["params"]
+        for item in [members] if isinstance(members, Tensor) else members:
+            tensor = item[1] if isinstance(item, tuple) else item
+            if isinstance(tensor, Tensor) and tensor.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex parameters yet "
+                                f"(param group {index}, shape {tuple(tensor.shape)}); "
+                                "optimize torch.view_as_real(p) instead")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("trust_stats", [])
+        self.__dict__.setdefault("grad_norm", None)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, after checking that it fits these parameters.
+
+        Raises ValueError, naming the parameter, when groups, keys, shapes or dtypes do not match; the
+        optimizer is unchanged then.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        # torch keeps a loaded 'step' where it was saved; ours lives beside its parameter (no host sync).
+        for param, state in self.state.items():
+            if isinstance(param, Tensor) and "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' keys")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this {name} has "
+                             f"{len(self.param_groups)}")
+        params_by_id: dict[Any, tuple[Tensor, str]] = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"checkpoint's param group {index} has {len(saved['params'])} parameters, "
+                                 f"this {name}'s has {len(group['params'])}")
+            missing = self.defaults.keys() - saved.keys()
+            if missing:
+                raise ValueError(f"checkpoint's param group {index} lacks options {sorted(missing)}")
+            self._validate_group(saved, index)
+            for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                params_by_id[saved_id] = (param, self._param_label(group, index, position))
+        expected_keys = {"step", *self._state_keys}
+        for saved_id, state in saved_state.items():
+            if saved_id not in params_by_id:
+                raise ValueError(f"checkpoint has state for parameter id {saved_id!r}, which no param group lists")
+            param, label = params_by_id[saved_id]
+            if not isinstance(state, dict) or set(state) != expected_keys:
+                keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"state of {label} has keys {keys}, expected {sorted(expected_keys)}")
+            step = state["step"]
+            if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
+                raise ValueError(f"state of {label}: 'step' must be a number or a one-element tensor")
+            for key in self._state_keys:
+                value = state[key]
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"state of {label}: {key!r} must be a tensor, got {type(value).__name__}")
+                if value.shape != param.shape or value.dtype != param.dtype:
+                    raise ValueError(f"state of {label}: {key!r} has shape {tuple(value.shape)} and dtype "
+                                     f"{value.dtype}, the parameter has {tuple(param.shape)} and {param.dtype}")
+
+    @staticmethod
+    def _param_label(group: dict[str, Any], group_index: int, position: int) -> str:
+        names = group.get("param_names")
+        where = f"param group {group_index}, position {position}"
+        return f"parameter {names[position]!r} ({where})" if names else f"parameter at {where}"
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def _params_with_grads(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for position, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                f"({self._param_label(group, group_index, position)}): the trust ratio needs "
+                                "the whole update of each tensor; use a dense embedding (sparse=False)")
+            if grad.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex gradients "
+                                f"({self._param_label(group, group_index, position)})")
+            params.append(param)
+            grads.append(grad)
+        return params, grads
+
+    @staticmethod
+    def _choose_foreach(group: dict[str, Any], tensors: Iterable[Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return group["foreach"]
+        devices = {t.device for t in tensors}
+        return len(devices) == 1 and not torch.jit.is_scripting()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Check every gradient before touching any state, so a bad one leaves the optimizer as it was.
+        gathered = [self._params_with_grads(group, index) for index, group in enumerate(self.param_groups)]
+        all_grads = [grad for _, grads in gathered for grad in grads]
+
+        self.grad_norm = None
+        if all_grads and any(group["max_grad_norm"] is not None for group in self.param_groups):
+            self.grad_norm = global_norm(all_grads, foreach=len({g.device for g in all_grads}) == 1)
+
+        self.trust_stats = []
+        for group, (params, grads) in zip(self.param_groups, gathered):
+            if not params:
+                continue
+            for param in params:
+                if not self.state[param]:
+                    self.state[param] = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
+                                         **self._new_state(param)}
+            grad_scale = None
+            if self.grad_norm is not None:
+                grad_scale = clip_factor(self.grad_norm, group["max_grad_norm"])
+            foreach = self._choose_foreach(group, params + grads)
+            self.trust_stats.append(self._update_group(group, params, grads, grad_scale, foreach))
+        return loss
+

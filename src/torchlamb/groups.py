@@ -1,0 +1,63 @@
+"""Split a model's parameters into the groups layer-wise optimizers want: adapted and decayed, or exempt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+# Every parameter of these modules is exempt: normalisation scales and shifts have small norms, and scaling their
+# updates by ‖θ‖/‖u‖ makes the ratio unstable (seed 001).
+NORM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d and their lazy forms
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.01,
+    exclude: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Return parameter groups for any ``torch.optim`` optimizer, with LAMB's exemptions applied.
+
+    A parameter is *exempt* (``weight_decay=0`` and ``adapt=False``: no decay and no trust-ratio scaling) when it is
+    a bias (its name in its module ends in ``bias``), belongs to a normalisation module (LayerNorm, GroupNorm,
+    BatchNorm*, InstanceNorm*, RMSNorm), has ``ndim <= 1``, or its full name matches one of the glob patterns in
+    ``exclude`` (e.g. ``"*.pos_embed"``). Every other parameter gets ``weight_decay`` and ``adapt=True``.
+
+    Every parameter, frozen ones included, lands in exactly one group; a parameter shared by several modules (tied
+    weights) appears once, under its first name, and is exempt if any of its owners makes it so. Groups carry
+    ``param_names``, so optimizers and error messages can name parameters. Empty groups are left out.
+
+    Example::
+
+        optimizer = torchlamb.Lamb(torchlamb.param_groups(model, weight_decay=0.01), lr=1e-2)
+    """
+    patterns = tuple(exclude)
+    if isinstance(exclude, str):
+        raise TypeError("exclude must be a collection of glob patterns, e.g. ('*.pos_embed',), not a string")
+    exempt_ids: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_MODULES)
+        for local_name, param in module.named_parameters(recurse=False):
+            if is_norm or local_name.endswith("bias"):
+                exempt_ids.add(id(param))
+
+    decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": weight_decay, "adapt": True}
+    no_decay: dict[str, Any] = {"params": [], "param_names": [], "weight_decay": 0.0, "adapt": False}
+    for name, param in model.named_parameters():  # yields each shared tensor once
+        exempt = (
+            id(param) in exempt_ids
+            or param.ndim <= 1
+            or any(fnmatchcase(name, pattern) for pattern in patterns)
+        )
+        group = no_decay if exempt else decay
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [group for group in (decay, no_decay) if group["params"]]

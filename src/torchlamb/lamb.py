@@ -1,0 +1,192 @@
+"""LAMB: Adam's direction, decoupled weight decay, then the layer-wise trust ratio (You et al., 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import LayerwiseOptimizer, check_bool, check_number
+from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
+
+
+class Lamb(LayerwiseOptimizer):
+    r"""Layer-wise Adaptive Moments for Batch training (LAMB), You et al. 2019, "Large Batch Optimization for
+    Deep Learning: Training BERT in 76 minutes".
+
+    For every parameter tensor :math:`\theta` (one "layer") with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+        g &\leftarrow c \cdot g \quad (c = \min(1, \text{max\_grad\_norm} / \lVert g_{\text{all}} \rVert);
+             \; -g \text{ if maximize}) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \hat m &= m / (1 - \beta_1^t), \qquad \hat v = v / (1 - \beta_2^t)
+             \quad \text{(only with bias\_correction)} \\
+        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda \theta \\
+        w &= \phi(\lVert\theta\rVert) = \text{clamp}(\lVert\theta\rVert, \text{weight\_norm\_clip}) \\
+        r &= w / \lVert u \rVert \text{ if } w > 0 \text{ and } \lVert u \rVert > 0 \text{ else } 1,
+             \text{ then clamped to trust\_clip}; \; r = 1 \text{ if the group has adapt=False} \\
+        \theta &\leftarrow \theta - \eta \, r \, u
+
+    Weight decay :math:`\lambda` is decoupled (AdamW-style, not folded into :math:`g`) and sits inside
+    :math:`u`, so the trust ratio divides by :math:`\lVert \hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta \rVert`
+    as in the paper. Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters from both
+    weight decay and the trust ratio.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Groups accept every
+            option below plus ``adapt`` (default True): whether the trust ratio applies to the group.
+        lr: learning rate :math:`\eta` (a float or a one-element tensor), ``>= 0``.
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
+        eps: :math:`\epsilon > 0`, added to :math:`\sqrt{\hat v}`.
+        weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
+        bias_correction: divide the moments by :math:`1 - \beta^t` (Adam's debiasing).
+        weight_norm_clip: ``(min, max)`` range for :math:`\phi(\lVert\theta\rVert)`, or None for the identity.
+        trust_clip: ``(min, max)`` range for the ratio :math:`r` (seed 002 clips at 10: ``(0, 10)``), or None.
+        max_grad_norm: if set, gradients are scaled by :math:`\min(1, \text{max\_grad\_norm}/\lVert g\rVert)`,
+            :math:`\lVert g\rVert` the L2 norm of all the optimizer's gradients together, before the moments.
+            ``p.grad`` is left untouched.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; None picks it when all tensors
+            share a device.
+
+    After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        bias_correction: bool = True,
+        weight_norm_clip: ClipRange | None = None,
+        trust_clip: ClipRange | None = None,
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, max_grad_norm=max_grad_norm,
+                        adapt=True, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
+        super()._validate_group(group, group_index)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True, group_index=group_index)
+        check_number("eps", group["eps"], low=0.0, low_open=True, group_index=group_index)
+        check_bool("bias_correction", group["bias_correction"], group_index=group_index)
+
+    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+        return {
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+        states = [self.state[p] for p in params]
+        implementation = _multi_tensor_lamb if foreach else _single_tensor_lamb
+        beta1, beta2 = group["betas"]
+        weight_norm, update_norm, ratio = implementation(
+            params, grads,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"], maximize=group["maximize"], grad_scale=grad_scale,
+            trust_options=dict(adapt=group["adapt"], weight_norm_clip=group["weight_norm_clip"],
+                               trust_clip=group["trust_clip"]),
+        )
+        return TrustStats(params, weight_norm, update_norm, ratio)
+
+
+def _precise(step: Tensor) -> Tensor:
+    """The step count as float64 where the device has it: 1 − β^t in float32 loses digits (1 − 0.999 keeps 4)."""
+    return step if step.device.type == "mps" else step.to(torch.float64)
+
+
+def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
+                        beta2: float, eps: float, weight_decay: float, bias_correction: bool, maximize: bool,
+                        grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """LAMB one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, ‖u‖ and r."""
+    weight_norms, update_norms, ratios = [], [], []
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        if maximize:
+            grad = -grad
+        if grad_scale is not None:
+            grad = grad * grad_scale.to(grad.dtype)
+        step += 1
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat, v_hat = exp_avg, exp_avg_sq
+        if bias_correction:
+            t = _precise(step)
+            m_hat = exp_avg / (1 - beta1**t)
+            v_hat = exp_avg_sq / (1 - beta2**t)
+        update = m_hat / (v_hat.sqrt() + eps)
+        if weight_decay != 0:
+            update = update.add(param, alpha=weight_decay)
+        weight_norm = tensor_norms([param])[0]
+        update_norm = tensor_norms([update])[0]
+        ratio = trust_ratio(weight_norm, update_norm, **trust_options)
+        param.add_(update * (ratio * -lr))
+        weight_norms.append(weight_norm)
+        update_norms.append(update_norm)
+        ratios.append(ratio)
+    device = params[0].device
+    return tuple(torch.stack([x.to(device) for x in xs]) for xs in (weight_norms, update_norms, ratios))
+
+
+def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
+                       beta2: float, eps: float, weight_decay: float, bias_correction: bool, maximize: bool,
+                       grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if grad_scale is not None:
+        scale_by_dtype = {dtype: grad_scale.to(dtype) for dtype in {g.dtype for g in grads}}
+        grads = torch._foreach_mul(grads, [scale_by_dtype[g.dtype] for g in grads])
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device.
+        precise_steps = [_precise(step) for step in steps]
+        correction1 = torch._foreach_pow(beta1, precise_steps)
+        torch._foreach_neg_(correction1)
+        torch._foreach_add_(correction1, 1)
+        correction2 = torch._foreach_pow(beta2, precise_steps)
+        torch._foreach_neg_(correction2)
+        torch._foreach_add_(correction2, 1)
+        torch._foreach_sqrt_(correction2)
+        torch._foreach_div_(denom, correction2)
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(exp_avgs, correction1)
+        torch._foreach_div_(updates, denom)
+    else:
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+
+    weight_norm = tensor_norms(params, foreach=True)
+    update_norm = tensor_norms(updates, foreach=True)
+    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
+    torch._foreach_mul_(updates, list((ratio * -lr).unbind(0)))
+    torch._foreach_add_(params, updates)
+    return weight_norm, update_norm, ratio

@@ -1,0 +1,89 @@
+"""An independent float64 NumPy reference of LAMB, written from seed 001's pseudocode.
+
+It must not import torchlamb (nor torch): the tests compare the package against it, so it has to stand on its
+own. It is written for clarity, one tensor at a time, with no attempt at speed.
+
+    for t = 1, 2, ...:
+        g  = gradient (scaled by min(1, max_grad_norm / ‖all gradients‖) if max_grad_norm; negated if maximize)
+        m  = b1 * m + (1 - b1) * g
+        v  = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t);  v_hat = v / (1 - b2**t)         (only with bias correction)
+        r_t = m_hat / (sqrt(v_hat) + eps) + wd * theta
+        w_norm = clamp(||theta||, weight_norm_clip);  g_norm = ||r_t||
+        trust = w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1;  clamp(trust, trust_clip);  1 if not adapt
+        theta = theta - lr * trust * r_t
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RefGroup:
+    params: list[np.ndarray]
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    bias_correction: bool = True
+    weight_norm_clip: tuple[float, float] | None = None
+    trust_clip: tuple[float, float] | None = None
+    max_grad_norm: float | None = None
+    adapt: bool = True
+    maximize: bool = False
+    # per tensor: [t, m, v]
+    state: list[list] = field(default_factory=list)
+
+
+class ReferenceLamb:
+    """LAMB over float64 copies of the parameters. ``step(grads)`` takes one list of gradients per group
+    (``None`` for a tensor without a gradient, which is skipped as torch optimizers skip it)."""
+
+    def __init__(self, groups: list[RefGroup]):
+        self.groups = groups
+        for group in groups:
+            group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
+            group.state = [[0, np.zeros_like(p), np.zeros_like(p)] for p in group.params]
+        self.trust_ratios: list[list[float]] = []
+
+    def step(self, grads: list[list[np.ndarray | None]]) -> None:
+        present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
+        total_norm = np.sqrt(sum(float(np.sum(g * g)) for g in present))
+        self.trust_ratios = []
+        for group, group_grads in zip(self.groups, grads):
+            ratios = []
+            for i, raw in enumerate(group_grads):
+                if raw is None:
+                    continue
+                g = np.asarray(raw, dtype=np.float64)
+                if group.max_grad_norm is not None and total_norm > group.max_grad_norm:
+                    g = g * (group.max_grad_norm / total_norm)
+                if group.maximize:
+                    g = -g
+                theta = group.params[i]
+                state = group.state[i]
+                state[0] += 1
+                t = state[0]
+                b1, b2 = group.betas
+                state[1] = b1 * state[1] + (1 - b1) * g
+                state[2] = b2 * state[2] + (1 - b2) * g * g
+                m_hat, v_hat = state[1], state[2]
+                if group.bias_correction:
+                    m_hat = m_hat / (1 - b1**t)
+                    v_hat = v_hat / (1 - b2**t)
+                r = m_hat / (np.sqrt(v_hat) + group.eps) + group.weight_decay * theta
+                w_norm = float(np.sqrt(np.sum(theta * theta)))
+                if group.weight_norm_clip is not None:
+                    w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
+                g_norm = float(np.sqrt(np.sum(r * r)))
+                trust = w_norm / g_norm if (w_norm > 0 and g_norm > 0) else 1.0
+                if group.trust_clip is not None:
+                    trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
+                if not group.adapt:
+                    trust = 1.0
+                ratios.append(trust)
+                group.params[i] = theta - group.lr * trust * r
+            self.trust_ratios.append(ratios)

@@ -1,0 +1,134 @@
+"""Lamb against the independent float64 reference (tests/reference.py) on random problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reference import ReferenceLamb, RefGroup
+from torchlamb import Lamb
+
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 2, 2), (0, 4)]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# (rtol, atol relative to the parameters' scale) per dtype; bfloat16 keeps 8 bits of mantissa.
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def clip_ranges():
+    # Bounds are 0 or values float32 can hold: a bound like 1e-160 is 0 in float32 and 1e-160 in float64.
+    bound = st.just(0.0) | st.floats(1e-3, 20.0)
+    return st.none() | st.tuples(bound, bound).map(lambda r: (min(r), max(r)))
+
+
+@st.composite
+def problems(draw):
+    """A random LAMB problem: groups of tensors with their options, and a gradient sequence."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[draw(st.sampled_from(list(DTYPES)))]
+    n_steps = draw(st.integers(1, 4))
+    max_grad_norm = draw(st.none() | st.floats(0.05, 10.0))
+    groups = []
+    for _ in range(draw(st.integers(1, 2))):
+        shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))
+        params = []
+        for shape in shapes:
+            kind = draw(st.sampled_from(["normal", "normal", "zero", "large"]))
+            value = {"normal": rng.standard_normal(shape), "zero": np.zeros(shape),
+                     "large": 30 * rng.standard_normal(shape)}[kind]
+            params.append(value)
+        groups.append(dict(
+            params=params,
+            lr=draw(st.floats(1e-4, 0.5)),
+            betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
+            eps=draw(st.floats(1e-8, 1e-3)),
+            weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
+            bias_correction=draw(st.booleans()),
+            weight_norm_clip=draw(clip_ranges()),
+            trust_clip=draw(clip_ranges()),
+            max_grad_norm=max_grad_norm,
+            adapt=draw(st.booleans()),
+            maximize=draw(st.booleans()),
+        ))
+    grads = []
+    for _ in range(n_steps):
+        step_grads = []
+        for group in groups:
+            gs = []
+            for p in group["params"]:
+                kind = draw(st.sampled_from(["normal", "normal", "normal", "zero", "none"]))
+                gs.append(None if kind == "none" else
+                          np.zeros(p.shape) if kind == "zero" else rng.standard_normal(p.shape))
+            step_grads.append(gs)
+        grads.append(step_grads)
+    return dtype, groups, grads
+
+
+def to_torch(array, dtype):
+    return torch.tensor(array, dtype=torch.float64).to(dtype)
+
+
+def run_lamb(dtype, groups, grads, foreach):
+    """Run Lamb on the problem; return the final parameters and the last step's trust ratios per group."""
+    tensors = [[to_torch(p, dtype).requires_grad_() for p in g["params"]] for g in groups]
+    torch_groups = [{**g, "params": ts} for g, ts in zip(groups, tensors)]
+    optimizer = Lamb(torch_groups, foreach=foreach)
+    for step_grads in grads:
+        for ts, gs in zip(tensors, step_grads):
+            for t, g in zip(ts, gs):
+                t.grad = None if g is None else to_torch(g, dtype)
+        optimizer.step()
+    return tensors, optimizer
+
+
+def run_reference(dtype, groups, grads):
+    # The reference starts from the same (possibly rounded) values the optimizer sees.
+    rounded = lambda a: None if a is None else to_torch(a, dtype).double().numpy()  # noqa: E731
+    ref_groups = [RefGroup(**{**g, "params": [rounded(p) for p in g["params"]]}) for g in groups]
+    reference = ReferenceLamb(ref_groups)
+    for step_grads in grads:
+        reference.step([[rounded(g) for g in gs] for gs in step_grads])
+    return reference
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: np.ndarray, dtype):
+    rtol, atol = TOLERANCE[dtype]
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual.detach().double().numpy(), expected, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+def test_lamb_matches_float64_reference(problem, foreach):
+    dtype, groups, grads = problem
+    tensors, optimizer = run_lamb(dtype, groups, grads, foreach)
+    reference = run_reference(dtype, groups, grads)
+    for ts, ref_group in zip(tensors, reference.groups):
+        for t, expected in zip(ts, ref_group.params):
+            assert t.dtype == dtype
+            assert_close_to_reference(t, expected, dtype)
+    # The exposed trust ratios are the ones the reference used in the last step, for the tensors it updated.
+    last_grads = grads[-1]
+    updated_groups = [i for i, gs in enumerate(last_grads) if any(g is not None for g in gs)]
+    assert len(optimizer.trust_stats) == len(updated_groups)
+    for stats, group_index in zip(optimizer.trust_stats, updated_groups):
+        expected = reference.trust_ratios[group_index]
+        rtol = 1e-9 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 0.2
+        np.testing.assert_allclose(stats.trust_ratio.double().numpy(), expected, rtol=rtol, atol=rtol)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+def test_single_tensor_and_foreach_agree(problem):
+    dtype, groups, grads = problem
+    single, _ = run_lamb(dtype, groups, grads, foreach=False)
+    multi, _ = run_lamb(dtype, groups, grads, foreach=True)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    for a_group, b_group in zip(single, multi):
+        for a, b in zip(a_group, b_group):
+            scale = max(1.0, float(b.detach().double().abs().max())) if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * scale)
