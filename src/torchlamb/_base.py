@@ -127,9 +127,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("trust_stats", [])
         self.__dict__.setdefault("grad_norm", None)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -158,7 +155,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"checkpoint's param group {index} has {len(saved['params'])} parameters, "
                                  f"this {name}'s has {len(group['params'])}")
-            missing = self.defaults.keys() - saved.keys()
+            missing = self._option_names() - saved.keys()
             if missing:
                 raise ValueError(f"checkpoint's param group {index} lacks options {sorted(missing)}")
             self._validate_group(saved, index)
@@ -182,6 +179,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if value.shape != param.shape or value.dtype != param.dtype:
                     raise ValueError(f"state of {label}: {key!r} has shape {tuple(value.shape)} and dtype "
                                      f"{value.dtype}, the parameter has {tuple(param.shape)} and {param.dtype}")
+
+    def _option_names(self) -> set[str]:
+        # torch.optim.Optimizer.__setstate__ adds 'differentiable' to defaults; it is not one of our options.
+        return set(self.defaults) - {"differentiable"}
 
     @staticmethod
     def _param_label(group: dict[str, Any], group_index: int, position: int) -> str:

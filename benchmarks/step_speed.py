@@ -1,0 +1,232 @@
+"""Optimizer step-speed benchmark: torchlamb.Lamb against torch.optim.AdamW, in one process.
+
+Run it from the repository root (``torchlamb`` must be installed, e.g. editable in ``.venv``)::
+
+    .venv/bin/python benchmarks/step_speed.py                        # both workloads, 20 rounds
+    .venv/bin/python benchmarks/step_speed.py --workload many-small --rounds 5
+    .venv/bin/python benchmarks/step_speed.py --quick                # tiny shapes, a few seconds
+
+It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward or backward) for:
+
+* ``Lamb(foreach=False)``  -- torchlamb's single-tensor path (a Python loop over tensors),
+* ``Lamb(foreach=True)``   -- torchlamb's multi-tensor path (``torch._foreach_*`` ops),
+* ``AdamW(foreach=True)``  -- PyTorch's multi-tensor AdamW,
+* ``AdamW(fused=True)``    -- PyTorch's fused AdamW, the baseline every ratio is taken against.
+
+Workloads:
+
+* ``bert-base``: the 199 parameter tensors of BERT-base (~110M float32 values), shapes listed explicitly below.
+* ``many-small``: 2000 tensors of shape (4096,), where per-tensor overhead dominates.
+
+Method (paired ratios). On a small shared VM the absolute step time drifts (up to 2x, following the host's
+memory-bandwidth phase), but two optimizers timed back to back see the same phase, so their *ratio* is steady.
+Each optimizer therefore gets its own copy of the parameters and the same fixed random gradients (so their
+states never interact), is warmed up for a few steps, and then the benchmark runs R rounds. A round times one
+step of every optimizer in turn (``time.perf_counter``; ``torch.cuda.synchronize()`` around the step on CUDA),
+alternating the order each round so no optimizer always runs first. Per optimizer it reports the median
+ms/step over rounds, the median over rounds of the per-round ratio (its time / fused AdamW's time in the same
+round), and the spread of that per-round ratio (IQR and min-max). Read the ratio, not the absolute time.
+
+Progress lines go to stderr; the report (machine, versions, command line, tables) goes to stdout.
+This file is a standalone script: the ``torchlamb`` package never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import torchlamb
+
+Shape = tuple[int, ...]
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+BASELINE = "AdamW(fused=True)"
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False),
+    "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True),
+    "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
+    BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
+}
+
+QUICK_SCALE = 32  # --quick divides the first dimension of every BERT shape by this
+QUICK_ROUNDS = 3
+
+
+def bert_base_shapes(scale: int = 1) -> list[Shape]:
+    """BERT-base parameter shapes (hidden 768, 12 layers, intermediate 3072, vocab 30522): 199 tensors.
+
+    ``scale`` > 1 divides each shape's first dimension by it (at least 1), for a tiny stand-in.
+    """
+    hidden, intermediate, vocab, max_positions, token_types, layers = 768, 3072, 30522, 512, 2, 12
+    shapes: list[Shape] = [
+        (vocab, hidden),  # word embeddings
+        (max_positions, hidden),  # position embeddings
+        (token_types, hidden),  # token type embeddings
+        (hidden,), (hidden,),  # embedding LayerNorm weight, bias
+    ]
+    for _ in range(layers):
+        for _ in range(4):  # query, key, value, attention output
+            shapes += [(hidden, hidden), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # attention LayerNorm weight, bias
+        shapes += [(intermediate, hidden), (intermediate,)]  # intermediate dense
+        shapes += [(hidden, intermediate), (hidden,)]  # output dense
+        shapes += [(hidden,), (hidden,)]  # output LayerNorm weight, bias
+    shapes += [(hidden, hidden), (hidden,)]  # pooler
+    assert len(shapes) == 5 + 12 * 16 + 2 == 199
+    if scale > 1:
+        shapes = [(max(1, shape[0] // scale), *shape[1:]) for shape in shapes]
+    return shapes
+
+
+def many_small_shapes(count: int = 2000, size: int = 4096) -> list[Shape]:
+    return [(size,)] * count
+
+
+def workload_shapes(name: str, quick: bool) -> list[Shape]:
+    if name == "bert-base":
+        return bert_base_shapes(QUICK_SCALE if quick else 1)
+    if name == "many-small":
+        return many_small_shapes(200, 512) if quick else many_small_shapes()
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def make_params(shapes: list[Shape], device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """Parameters with fixed random gradients already in ``.grad``; the same values for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        param = torch.randn(shape, generator=generator).to(device).requires_grad_()
+        param.grad = torch.randn(shape, generator=generator).to(device)
+        params.append(param)
+    return params
+
+
+def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """Seconds for one ``optimizer.step()``, with the device synchronized on both sides on CUDA."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    optimizer.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, after flushing stdout so the two stay in order on a terminal or in a log."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device) -> None:
+    numel = sum(torch.Size(shape).numel() for shape in shapes)
+    print(f"\n== {name}: {len(shapes)} float32 tensors, {numel:,} values, {rounds} rounds, {warmup} warm-up steps ==")
+
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for opt_name, factory in OPTIMIZERS.items():
+        progress(f"[{name}] {opt_name}: building params and warming up ({warmup} steps)")
+        optimizer = factory(make_params(shapes, device))
+        for _ in range(warmup):
+            timed_step(optimizer, device)
+        optimizers[opt_name] = optimizer
+
+    names = list(optimizers)
+    times: dict[str, list[float]] = {opt_name: [] for opt_name in names}
+    ratios: dict[str, list[float]] = {opt_name: [] for opt_name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        round_times = {opt_name: timed_step(optimizers[opt_name], device) for opt_name in order}
+        for opt_name in names:
+            times[opt_name].append(round_times[opt_name])
+            ratios[opt_name].append(round_times[opt_name] / round_times[BASELINE])
+        progress(f"[{name}] round {round_index + 1}/{rounds} (ms): "
+                 + ", ".join(f"{opt_name} {1e3 * round_times[opt_name]:.2f}" for opt_name in names))
+
+    header = f"{'optimizer':<22} {'median ms/step':>15} {'ratio to ' + BASELINE:>27} {'ratio IQR':>15} " \
+             f"{'ratio min-max':>15}"
+    print(header)
+    print("-" * len(header))
+    for opt_name in names:
+        q1, q3 = quartiles(ratios[opt_name])
+        print(f"{opt_name:<22} {1e3 * statistics.median(times[opt_name]):>15.3f} "
+              f"{statistics.median(ratios[opt_name]):>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
+              f"{f'{min(ratios[opt_name]):.3f}-{max(ratios[opt_name]):.3f}':>15}")
+
+    sys.stdout.flush()
+    del optimizers  # free this workload's params, grads and states before the next one
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def command_line() -> str:
+    argv = getattr(sys, "orig_argv", None) or [os.path.basename(sys.executable), *sys.argv]
+    return shlex.join(argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=["bert-base", "many-small", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"timed rounds per workload (default 20, or {QUICK_ROUNDS} with --quick)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny shapes (BERT first dims / {QUICK_SCALE}, 200 x (512,)) for a smoke test")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = QUICK_ROUNDS if args.quick else 20
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but torch.cuda.is_available() is False")
+
+    print(f"command: {command_line()}")
+    print(f"machine: {cpu_model()}, os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}")
+    if device.type == "cuda":
+        print(f"device:  {device} ({torch.cuda.get_device_name(device)})")
+    else:
+        print(f"device:  {device}")
+    print(f"torch {torch.__version__}, torchlamb {torchlamb.__version__}, python {platform.python_version()}")
+    print("ratio = optimizer step time / AdamW(fused=True) step time in the same round; median over rounds")
+
+    workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]
+    for name in workloads:
+        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device)
+
+
+if __name__ == "__main__":
+    main()
