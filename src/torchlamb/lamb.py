@@ -164,16 +164,11 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if bias_correction:
-        # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device.
-        precise_steps = [_precise(step) for step in steps]
-        correction1 = torch._foreach_pow(beta1, precise_steps)
-        torch._foreach_neg_(correction1)
-        torch._foreach_add_(correction1, 1)
-        correction2 = torch._foreach_pow(beta2, precise_steps)
-        torch._foreach_neg_(correction2)
-        torch._foreach_add_(correction2, 1)
-        torch._foreach_sqrt_(correction2)
-        torch._foreach_div_(denom, correction2)
+        # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device. The
+        # corrections of all tensors are one vector op rather than a handful of tiny ops per tensor.
+        t = _precise(torch.stack(steps))
+        correction1 = (1 - beta1**t).unbind(0)
+        torch._foreach_div_(denom, (1 - beta2**t).sqrt().unbind(0))
         torch._foreach_add_(denom, eps)
         updates = torch._foreach_div(exp_avgs, correction1)
         torch._foreach_div_(updates, denom)
