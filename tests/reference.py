@@ -87,3 +87,74 @@ class ReferenceLamb:
                 ratios.append(trust)
                 group.params[i] = theta - group.lr * trust * r
             self.trust_ratios.append(ratios)
+
+
+@dataclass
+class RefLarsGroup:
+    params: list[np.ndarray]
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    trust_coefficient: float = 0.001
+    nesterov: bool = False
+    denominator: str = "combined"
+    weight_norm_clip: tuple[float, float] | None = None
+    trust_clip: tuple[float, float] | None = None
+    max_grad_norm: float | None = None
+    adapt: bool = True
+    maximize: bool = False
+    buffers: list[np.ndarray] = field(default_factory=list)
+
+
+class ReferenceLars:
+    """LARS (You et al. 2017, with seed 002's ‖g + λθ‖ denominator by default) over float64 copies.
+
+        u = g + wd * theta
+        trust = eta * clamp(||theta||, weight_norm_clip) / denom   if both > 0 else 1;  clamp(trust, trust_clip)
+            denom = ||u|| ("combined") or ||g|| + wd * ||theta|| ("split")
+        b = momentum * b + trust * u
+        theta = theta - lr * b                      (nesterov: theta - lr * (trust * u + momentum * b))
+    """
+
+    def __init__(self, groups: list[RefLarsGroup]):
+        self.groups = groups
+        for group in groups:
+            group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
+            group.buffers = [np.zeros_like(p) for p in group.params]
+        self.trust_ratios: list[list[float]] = []
+
+    def step(self, grads: list[list[np.ndarray | None]]) -> None:
+        present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
+        total_norm = np.sqrt(sum(float(np.sum(g * g)) for g in present))
+        self.trust_ratios = []
+        for group, group_grads in zip(self.groups, grads):
+            ratios = []
+            for i, raw in enumerate(group_grads):
+                if raw is None:
+                    continue
+                g = np.asarray(raw, dtype=np.float64)
+                if group.max_grad_norm is not None and total_norm > group.max_grad_norm:
+                    g = g * (group.max_grad_norm / total_norm)
+                if group.maximize:
+                    g = -g
+                theta = group.params[i]
+                u = g + group.weight_decay * theta
+                w_norm = float(np.sqrt(np.sum(theta * theta)))
+                if group.weight_norm_clip is not None:
+                    w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
+                if group.denominator == "split":
+                    denom = float(np.sqrt(np.sum(g * g))) + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
+                else:
+                    denom = float(np.sqrt(np.sum(u * u)))
+                trust = group.trust_coefficient * w_norm / denom if (w_norm > 0 and denom > 0) else 1.0
+                if group.trust_clip is not None:
+                    trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
+                if not group.adapt:
+                    trust = 1.0
+                ratios.append(trust)
+                group.buffers[i] = group.momentum * group.buffers[i] + trust * u
+                if group.nesterov:
+                    group.params[i] = theta - group.lr * (trust * u + group.momentum * group.buffers[i])
+                else:
+                    group.params[i] = theta - group.lr * group.buffers[i]
+            self.trust_ratios.append(ratios)

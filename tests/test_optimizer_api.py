@@ -1,4 +1,4 @@
-"""Lamb follows torch.optim's conventions, and bad input fails early and clearly without corrupting state."""
+"""Lamb and Lars follow torch.optim's conventions; bad input fails early and clearly without corrupting state."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchlamb import Lamb, param_groups
+from torchlamb import Lamb, Lars, param_groups
 
 IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
+OPTIMIZERS = pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -52,9 +53,11 @@ def assert_same_state_dict(a, b) -> None:
 
 
 @IMPLEMENTATIONS
-def test_state_dict_round_trip_resumes_bitwise(foreach):
+@OPTIMIZERS
+def test_state_dict_round_trip_resumes_bitwise(optimizer_class, foreach):
     model = make_model()
-    optimizer = Lamb(param_groups(model), lr=1e-2, max_grad_norm=1.0, trust_clip=(0.0, 10.0), foreach=foreach)
+    optimizer = optimizer_class(param_groups(model), lr=1e-2, max_grad_norm=1.0, trust_clip=(0.0, 10.0),
+                                foreach=foreach)
     train(model, optimizer, 3)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -64,7 +67,7 @@ def test_state_dict_round_trip_resumes_bitwise(foreach):
     checkpoint = torch.load(buffer)
     resumed_model = make_model(seed=99)
     resumed_model.load_state_dict(checkpoint["model"])
-    resumed = Lamb(param_groups(resumed_model), foreach=foreach)
+    resumed = optimizer_class(param_groups(resumed_model), foreach=foreach)
     resumed.load_state_dict(checkpoint["optimizer"])
     assert resumed.param_groups[0]["lr"] == 1e-2 and resumed.param_groups[0]["trust_clip"] == (0.0, 10.0)
     assert_same_state_dict(resumed.state_dict(), checkpoint["optimizer"])
@@ -72,33 +75,36 @@ def test_state_dict_round_trip_resumes_bitwise(foreach):
     assert_same_tensors(model.parameters(), resumed_model.parameters())
 
 
-def test_state_holds_step_tensor_and_moments():
+@pytest.mark.parametrize(("optimizer_class", "keys"), [(Lamb, {"exp_avg", "exp_avg_sq"}), (Lars, {"momentum_buffer"})])
+def test_state_holds_step_tensor_and_its_buffers(optimizer_class, keys):
     model = make_model()
-    optimizer = Lamb(model.parameters())
+    optimizer = optimizer_class(model.parameters())
     train(model, optimizer, 2)
     for p in model.parameters():
         state = optimizer.state[p]
-        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        assert set(state) == {"step", *keys}
         assert isinstance(state["step"], torch.Tensor) and state["step"].item() == 2
-        assert state["exp_avg"].shape == p.shape
+        assert all(state[key].shape == p.shape for key in keys)
 
 
-def test_trust_stats_are_not_saved():
+@OPTIMIZERS
+def test_trust_stats_are_not_saved(optimizer_class):
     model = make_model()
-    optimizer = Lamb(model.parameters())
+    optimizer = optimizer_class(model.parameters())
     train(model, optimizer, 1)
     assert optimizer.trust_stats and "trust_stats" not in optimizer.state_dict()
     assert optimizer.trust_stats[0].params == list(model.parameters())
 
 
 @IMPLEMENTATIONS
-def test_maximize_equals_minimizing_the_negated_gradient(foreach):
+@OPTIMIZERS
+def test_maximize_equals_minimizing_the_negated_gradient(optimizer_class, foreach):
     torch.manual_seed(0)
     start = torch.randn(5, 4)
     grads = [torch.randn(5, 4) for _ in range(3)]
     a, b = start.clone().requires_grad_(), start.clone().requires_grad_()
-    opt_a = Lamb([a], lr=0.1, maximize=True, foreach=foreach)
-    opt_b = Lamb([b], lr=0.1, foreach=foreach)
+    opt_a = optimizer_class([a], lr=0.1, maximize=True, foreach=foreach)
+    opt_b = optimizer_class([b], lr=0.1, foreach=foreach)
     for g in grads:
         a.grad, b.grad = g.clone(), -g
         opt_a.step()
@@ -107,27 +113,30 @@ def test_maximize_equals_minimizing_the_negated_gradient(foreach):
 
 
 @IMPLEMENTATIONS
-def test_params_without_grad_are_skipped(foreach):
+@OPTIMIZERS
+def test_params_without_grad_are_skipped(optimizer_class, foreach):
     used, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
     before = unused.detach().clone()
-    optimizer = Lamb([used, unused], foreach=foreach)
+    optimizer = optimizer_class([used, unused], foreach=foreach)
     used.grad = torch.ones(3)
     optimizer.step()
     assert torch.equal(unused.detach(), before) and unused not in optimizer.state
     assert optimizer.trust_stats[0].params == [used]
 
 
-def test_zero_grad_clears_gradients():
+@OPTIMIZERS
+def test_zero_grad_clears_gradients(optimizer_class):
     model = make_model()
-    optimizer = Lamb(model.parameters())
+    optimizer = optimizer_class(model.parameters())
     train(model, optimizer, 1)
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_lr_schedulers_drive_the_learning_rate():
+@OPTIMIZERS
+def test_lr_schedulers_drive_the_learning_rate(optimizer_class):
     model = make_model()
-    optimizer = Lamb(model.parameters(), lr=0.1)
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step >= 2 else 1.0)
     train(model, optimizer, 2, scheduler=scheduler)
     assert optimizer.param_groups[0]["lr"] == 0.0
@@ -135,7 +144,7 @@ def test_lr_schedulers_drive_the_learning_rate():
     train(model, optimizer, 2, scheduler=scheduler)  # lr = 0: nothing moves
     assert_same_tensors(frozen, model.parameters())
 
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(Lamb(model.parameters(), lr=0.1), T_max=10)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer_class(model.parameters(), lr=0.1), T_max=10)
     cosine.optimizer.zero_grad()
     for _ in range(5):
         cosine.optimizer.step()
@@ -144,19 +153,21 @@ def test_lr_schedulers_drive_the_learning_rate():
 
 
 @IMPLEMENTATIONS
-def test_tensor_lr_equals_float_lr(foreach):
+@OPTIMIZERS
+def test_tensor_lr_equals_float_lr(optimizer_class, foreach):
     models = [make_model(), make_model()]
-    train(models[0], Lamb(models[0].parameters(), lr=0.02, foreach=foreach), 3)
-    train(models[1], Lamb(models[1].parameters(), lr=torch.tensor(0.02), foreach=foreach), 3)
+    train(models[0], optimizer_class(models[0].parameters(), lr=0.02, foreach=foreach), 3)
+    train(models[1], optimizer_class(models[1].parameters(), lr=torch.tensor(0.02), foreach=foreach), 3)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
 
 
-def test_add_param_group_with_its_own_options():
+@OPTIMIZERS
+def test_add_param_group_with_its_own_options(optimizer_class):
     first, second = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
-    optimizer = Lamb([first], lr=0.1)
+    optimizer = optimizer_class([first], lr=0.1)
     optimizer.add_param_group({"params": [second], "lr": 0.0, "adapt": False})
-    assert optimizer.param_groups[1]["betas"] == (0.9, 0.999)  # defaults fill in
+    assert optimizer.param_groups[1]["weight_decay"] == optimizer.defaults["weight_decay"]  # defaults fill in
     before = second.detach().clone()
     first.grad, second.grad = torch.ones(4, 4), torch.ones(4, 4)
     optimizer.step()
@@ -166,22 +177,23 @@ def test_add_param_group_with_its_own_options():
     assert len(optimizer.param_groups) == 2
 
 
-def test_foreach_none_picks_multi_tensor_when_one_device():
+def test_foreach_none_picks_multi_tensor_when_one_device():  # the choice lives in the shared base
     group = {"foreach": None}
     assert Lamb._choose_foreach(group, [torch.zeros(1), torch.zeros(2)])
     assert not Lamb._choose_foreach({"foreach": False}, [torch.zeros(1)])
 
 
 @IMPLEMENTATIONS
-def test_max_grad_norm_scales_gradients_without_touching_them(foreach):
+@OPTIMIZERS
+def test_max_grad_norm_scales_gradients_without_touching_them(optimizer_class, foreach):
     torch.manual_seed(0)
     start = [torch.randn(4, 3), torch.randn(7)]
     grads = [torch.randn(4, 3) * 10, torch.randn(7) * 10]
     total = torch.cat([g.flatten() for g in grads]).norm()
     clipped = [p.clone().requires_grad_() for p in start]
     manual = [p.clone().requires_grad_() for p in start]
-    opt_clipped = Lamb(clipped, max_grad_norm=1.0, foreach=foreach)
-    opt_manual = Lamb(manual, foreach=foreach)
+    opt_clipped = optimizer_class(clipped, max_grad_norm=1.0, foreach=foreach)
+    opt_manual = optimizer_class(manual, foreach=foreach)
     for p, g in zip(clipped, grads):
         p.grad = g.clone()
     for p, g in zip(manual, grads):
@@ -193,8 +205,9 @@ def test_max_grad_norm_scales_gradients_without_touching_them(foreach):
     torch.testing.assert_close(opt_clipped.grad_norm, total)
     for a, b in zip(clipped, manual):
         torch.testing.assert_close(a, b)
-    for p, m in zip(clipped, manual):  # the moments saw the clipped gradient
-        torch.testing.assert_close(opt_clipped.state[p]["exp_avg"], opt_manual.state[m]["exp_avg"])
+    for p, m in zip(clipped, manual):  # the state saw the clipped gradient
+        for key in optimizer_class._state_keys:
+            torch.testing.assert_close(opt_clipped.state[p][key], opt_manual.state[m][key])
 
 
 class _HostSyncDetector(TorchDispatchMode):
@@ -211,10 +224,11 @@ class _HostSyncDetector(TorchDispatchMode):
 
 
 @IMPLEMENTATIONS
-def test_step_never_reads_device_values_on_the_host(foreach):
+@OPTIMIZERS
+def test_step_never_reads_device_values_on_the_host(optimizer_class, foreach):
     model = make_model()
-    optimizer = Lamb(param_groups(model), lr=torch.tensor(0.01), max_grad_norm=0.5, weight_norm_clip=(0.0, 10.0),
-                     trust_clip=(0.0, 10.0), maximize=True, foreach=foreach)
+    optimizer = optimizer_class(param_groups(model), lr=torch.tensor(0.01), max_grad_norm=0.5,
+                                weight_norm_clip=(0.0, 10.0), trust_clip=(0.0, 10.0), maximize=True, foreach=foreach)
     train(model, optimizer, 1)
     model(torch.randn(8, 6)).sum().backward()
     with _HostSyncDetector() as detector:
@@ -226,9 +240,10 @@ def test_step_never_reads_device_values_on_the_host(foreach):
     assert detector.syncs
 
 
-def test_amp_grad_scaler_default_unscale_path_skips_overflow():
+@OPTIMIZERS
+def test_amp_grad_scaler_default_unscale_path_skips_overflow(optimizer_class):
     model = make_model()
-    optimizer = Lamb(model.parameters(), lr=0.01)
+    optimizer = optimizer_class(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(16, 6)
     scaler.scale(model(x).square().mean()).backward()
@@ -274,22 +289,43 @@ def test_bad_hyperparameters_are_rejected_by_name(kwargs, argument):
         Lamb([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.5}, "momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"trust_coefficient": 0.0}, "trust_coefficient"),
+        ({"nesterov": None}, "nesterov"),
+        ({"denominator": "sum"}, "denominator"),
+        ({"trust_clip": (1.0, 0.5)}, "trust_clip"),
+        ({"max_grad_norm": -2.0}, "max_grad_norm"),
+    ],
+)
+def test_bad_lars_hyperparameters_are_rejected_by_name(kwargs, argument):
+    with pytest.raises((ValueError, TypeError), match=argument):
+        Lars([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
 def test_bad_group_option_names_the_group():
     with pytest.raises(ValueError, match=r"eps.*param group 1"):
         Lamb([{"params": [torch.zeros(2, requires_grad=True)]},
               {"params": [torch.zeros(2, requires_grad=True)], "eps": -1.0}])
 
 
-def test_complex_parameters_are_rejected_at_construction():
+@OPTIMIZERS
+def test_complex_parameters_are_rejected_at_construction(optimizer_class):
     with pytest.raises(TypeError, match="complex"):
-        Lamb([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+        optimizer_class([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
 
 
 @IMPLEMENTATIONS
-def test_sparse_gradient_is_rejected_and_leaves_state_untouched(foreach):
+@OPTIMIZERS
+def test_sparse_gradient_is_rejected_and_leaves_state_untouched(optimizer_class, foreach):
     embedding = torch.nn.Embedding(10, 4, sparse=True)
     dense = torch.nn.Linear(4, 1)
-    optimizer = Lamb(list(dense.parameters()) + list(embedding.parameters()), foreach=foreach)
+    optimizer = optimizer_class(list(dense.parameters()) + list(embedding.parameters()), foreach=foreach)
     dense(embedding(torch.tensor([1, 2]))).sum().backward()
     before = [p.detach().clone() for p in dense.parameters()]
     with pytest.raises(TypeError, match="sparse"):
@@ -342,3 +378,13 @@ def test_checkpoint_from_another_model_is_rejected():
     other_optimizer.step()
     with pytest.raises(ValueError, match="param group 0 has 2 parameters"):
         optimizer.load_state_dict(other_optimizer.state_dict())
+
+
+def test_checkpoint_of_another_optimizer_is_rejected():
+    model = make_model()
+    lars = Lars(model.parameters())
+    train(model, lars, 1)
+    lamb = Lamb(model.parameters())
+    with pytest.raises(ValueError, match="lacks options"):
+        lamb.load_state_dict(lars.state_dict())
+    assert len(lamb.state) == 0

@@ -1,4 +1,4 @@
-"""Lamb against the independent float64 reference (tests/reference.py) on random problems."""
+"""Lamb and Lars against the independent float64 references (tests/reference.py) on random problems."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import ReferenceLamb, RefGroup
-from torchlamb import Lamb
+from reference import ReferenceLamb, ReferenceLars, RefGroup, RefLarsGroup
+from torchlamb import Lamb, Lars
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 2, 2), (0, 4)]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -23,14 +23,45 @@ def clip_ranges():
     return st.none() | st.tuples(bound, bound).map(lambda r: (min(r), max(r)))
 
 
+def lamb_options(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-4, 0.5)),
+        # β1 is 0 or >= 0.5: the moment update m + (1−β1)(g−m) (lerp, as torch's Adam) cancels in float32
+        # when 0 < β1 ≪ 1 and g = 0, a loss of digits that no real configuration meets.
+        betas=(draw(st.just(0.0) | st.floats(0.5, 0.99)), draw(st.floats(0.5, 0.9999))),
+        eps=draw(st.floats(1e-8, 1e-3)),
+        weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
+        bias_correction=draw(st.booleans()),
+    )
+
+
+def lars_options(draw) -> dict:
+    return dict(
+        lr=draw(st.floats(1e-3, 2.0)),
+        momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
+        weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.01, 0.1])),
+        trust_coefficient=draw(st.sampled_from([0.001, 0.02, 1.0])),
+        nesterov=draw(st.booleans()),
+        denominator=draw(st.sampled_from(["combined", "split"])),
+    )
+
+
+# What each optimizer is checked against, and how to draw its own options.
+CASES = {
+    "lamb": (Lamb, ReferenceLamb, RefGroup, lamb_options),
+    "lars": (Lars, ReferenceLars, RefLarsGroup, lars_options),
+}
+
+
 @st.composite
-def problems(draw):
-    """A random LAMB problem: groups of tensors with their options, and a gradient sequence."""
+def problems(draw, name: str):
+    """A random problem: groups of tensors with their options, and a gradient sequence."""
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     dtype = DTYPES[draw(st.sampled_from(list(DTYPES)))]
     n_steps = draw(st.integers(1, 4))
     max_grad_norm = draw(st.none() | st.floats(0.05, 10.0))
+    draw_options = CASES[name][3]
     groups = []
     for _ in range(draw(st.integers(1, 2))):
         shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))
@@ -42,18 +73,12 @@ def problems(draw):
             params.append(value)
         groups.append(dict(
             params=params,
-            lr=draw(st.floats(1e-4, 0.5)),
-            # β1 is 0 or >= 0.5: the moment update m + (1−β1)(g−m) (lerp, as torch's Adam) cancels in float32
-            # when 0 < β1 ≪ 1 and g = 0, a loss of digits that no real configuration meets.
-            betas=(draw(st.just(0.0) | st.floats(0.5, 0.99)), draw(st.floats(0.5, 0.9999))),
-            eps=draw(st.floats(1e-8, 1e-3)),
-            weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
-            bias_correction=draw(st.booleans()),
             weight_norm_clip=draw(clip_ranges()),
             trust_clip=draw(clip_ranges()),
             max_grad_norm=max_grad_norm,
             adapt=draw(st.booleans()),
             maximize=draw(st.booleans()),
+            **draw_options(draw),
         ))
     grads = []
     for _ in range(n_steps):
@@ -66,18 +91,18 @@ def problems(draw):
                           np.zeros(p.shape) if kind == "zero" else rng.standard_normal(p.shape))
             step_grads.append(gs)
         grads.append(step_grads)
-    return dtype, groups, grads
+    return name, dtype, groups, grads
 
 
 def to_torch(array, dtype):
     return torch.tensor(array, dtype=torch.float64).to(dtype)
 
 
-def run_lamb(dtype, groups, grads, foreach):
-    """Run Lamb on the problem; return the final parameters and the last step's trust ratios per group."""
+def run_optimizer(name, dtype, groups, grads, foreach):
+    """Run the optimizer on the problem; return the final parameters and the optimizer."""
     tensors = [[to_torch(p, dtype).requires_grad_() for p in g["params"]] for g in groups]
     torch_groups = [{**g, "params": ts} for g, ts in zip(groups, tensors)]
-    optimizer = Lamb(torch_groups, foreach=foreach)
+    optimizer = CASES[name][0](torch_groups, foreach=foreach)
     for step_grads in grads:
         for ts, gs in zip(tensors, step_grads):
             for t, g in zip(ts, gs):
@@ -86,11 +111,11 @@ def run_lamb(dtype, groups, grads, foreach):
     return tensors, optimizer
 
 
-def run_reference(dtype, groups, grads):
+def run_reference(name, dtype, groups, grads):
     # The reference starts from the same (possibly rounded) values the optimizer sees.
     rounded = lambda a: None if a is None else to_torch(a, dtype).double().numpy()  # noqa: E731
-    ref_groups = [RefGroup(**{**g, "params": [rounded(p) for p in g["params"]]}) for g in groups]
-    reference = ReferenceLamb(ref_groups)
+    _, reference_class, group_class, _ = CASES[name]
+    reference = reference_class([group_class(**{**g, "params": [rounded(p) for p in g["params"]]}) for g in groups])
     for step_grads in grads:
         reference.step([[rounded(g) for g in gs] for gs in step_grads])
     return reference
@@ -103,11 +128,12 @@ def assert_close_to_reference(actual: torch.Tensor, expected: np.ndarray, dtype)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
-@given(problem=problems())
-def test_lamb_matches_float64_reference(problem, foreach):
-    dtype, groups, grads = problem
-    tensors, optimizer = run_lamb(dtype, groups, grads, foreach)
-    reference = run_reference(dtype, groups, grads)
+@pytest.mark.parametrize("name", list(CASES))
+@given(data=st.data())
+def test_matches_float64_reference(name, foreach, data):
+    _, dtype, groups, grads = data.draw(problems(name))
+    tensors, optimizer = run_optimizer(name, dtype, groups, grads, foreach)
+    reference = run_reference(name, dtype, groups, grads)
     for ts, ref_group in zip(tensors, reference.groups):
         for t, expected in zip(ts, ref_group.params):
             assert t.dtype == dtype
@@ -122,11 +148,12 @@ def test_lamb_matches_float64_reference(problem, foreach):
         np.testing.assert_allclose(stats.trust_ratio.double().numpy(), expected, rtol=rtol, atol=rtol)
 
 
-@given(problem=problems())
-def test_single_tensor_and_foreach_agree(problem):
-    dtype, groups, grads = problem
-    single, _ = run_lamb(dtype, groups, grads, foreach=False)
-    multi, _ = run_lamb(dtype, groups, grads, foreach=True)
+@pytest.mark.parametrize("name", list(CASES))
+@given(data=st.data())
+def test_single_tensor_and_foreach_agree(name, data):
+    _, dtype, groups, grads = data.draw(problems(name))
+    single, _ = run_optimizer(name, dtype, groups, grads, foreach=False)
+    multi, _ = run_optimizer(name, dtype, groups, grads, foreach=True)
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
     for a_group, b_group in zip(single, multi):
         for a, b in zip(a_group, b_group):

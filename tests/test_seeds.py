@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchlamb import Lamb
+from torchlamb import Lamb, Lars
 
 IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
 
@@ -97,3 +97,39 @@ def test_zero_norm_fallback_gives_ratio_one(foreach):
     torch.testing.assert_close(stats.trust_ratio, torch.ones(2))
     assert torch.isfinite(zero_bias).all() and zero_bias.abs().sum() > 0  # it moved, by lr·u
     torch.testing.assert_close(frozen_update.detach(), before)  # u = 0: nothing moves
+
+
+@IMPLEMENTATIONS
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_without_adaptation_is_torch_sgd(foreach, nesterov):
+    """With the ratio off, LARS is momentum SGD with L2 weight decay: torch.optim.SGD, an independent code base."""
+    torch.manual_seed(0)
+    start = [torch.randn(6, 5), torch.randn(5)]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    lars = Lars([{"params": ours, "adapt": False}], lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov,
+                foreach=foreach)
+    sgd = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in start]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        lars.step()
+        sgd.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+@IMPLEMENTATIONS
+def test_lars_moves_each_tensor_by_lr_times_eta_times_its_norm(foreach):
+    """Seed 002's LARS: the local lr is η·‖θ‖/‖∇L + λθ‖, so a momentum-free step moves θ by lr·η·‖θ‖."""
+    torch.manual_seed(0)
+    lr, eta = 2.0, 0.01
+    params = [(scale * torch.randn(12, 7, dtype=torch.float64)).requires_grad_() for scale in (1e-2, 1.0, 1e2)]
+    optimizer = Lars(params, lr=lr, momentum=0.0, weight_decay=5e-4, trust_coefficient=eta, foreach=foreach)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    for p, b in zip(params, before):
+        assert ((p.detach() - b).norm() / b.norm()).item() == pytest.approx(lr * eta, rel=1e-10)

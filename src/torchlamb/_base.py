@@ -63,6 +63,35 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False, group_index: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Pieces of the per-group update that every direction shares.
+
+
+def effective_grad(grad: Tensor, maximize: bool, grad_scale: Tensor | None) -> Tensor:
+    """The gradient the update uses: negated to maximize, times the global clip factor. ``p.grad`` is untouched."""
+    if maximize:
+        grad = -grad
+    if grad_scale is not None:
+        grad = grad * grad_scale.to(grad.dtype)
+    return grad
+
+
+def effective_grads(grads: list[Tensor], maximize: bool, grad_scale: Tensor | None) -> list[Tensor]:
+    """:func:`effective_grad` for a list, with ``torch._foreach_*`` ops."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if grad_scale is not None:
+        scale_by_dtype = {dtype: grad_scale.to(dtype) for dtype in {g.dtype for g in grads}}
+        grads = torch._foreach_mul(grads, [scale_by_dtype[g.dtype] for g in grads])
+    return grads
+
+
+def stack_per_tensor(*columns: list[Tensor]) -> tuple[Tensor, ...]:
+    """Stack per-tensor 0-dim results (norms, ratios) into 1-D tensors on the first one's device."""
+    device = columns[0][0].device
+    return tuple(torch.stack([x.to(device) for x in column]) for column in columns)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -100,6 +129,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _new_state(self, param: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's options for :func:`torchlamb.trust.trust_ratio`."""
+        return dict(adapt=group["adapt"], weight_norm_clip=group["weight_norm_clip"], trust_clip=group["trust_clip"])
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                       grad_scale: Tensor | None, foreach: bool) -> TrustStats:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import LayerwiseOptimizer, check_bool, check_number
+from ._base import LayerwiseOptimizer, check_bool, check_number, effective_grad, effective_grads, stack_per_tensor
 from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
 
 
@@ -103,8 +103,7 @@ class Lamb(LayerwiseOptimizer):
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             bias_correction=group["bias_correction"], maximize=group["maximize"], grad_scale=grad_scale,
-            trust_options=dict(adapt=group["adapt"], weight_norm_clip=group["weight_norm_clip"],
-                               trust_clip=group["trust_clip"]),
+            trust_options=self._trust_options(group),
         )
         return TrustStats(params, weight_norm, update_norm, ratio)
 
@@ -121,10 +120,7 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     """LAMB one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, ‖u‖ and r."""
     weight_norms, update_norms, ratios = [], [], []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        if maximize:
-            grad = -grad
-        if grad_scale is not None:
-            grad = grad * grad_scale.to(grad.dtype)
+        grad = effective_grad(grad, maximize, grad_scale)
         step += 1
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -143,8 +139,7 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         weight_norms.append(weight_norm)
         update_norms.append(update_norm)
         ratios.append(ratio)
-    device = params[0].device
-    return tuple(torch.stack([x.to(device) for x in xs]) for xs in (weight_norms, update_norms, ratios))
+    return stack_per_tensor(weight_norms, update_norms, ratios)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -152,11 +147,7 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        beta2: float, eps: float, weight_decay: float, bias_correction: bool, maximize: bool,
                        grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if grad_scale is not None:
-        scale_by_dtype = {dtype: grad_scale.to(dtype) for dtype in {g.dtype for g in grads}}
-        grads = torch._foreach_mul(grads, [scale_by_dtype[g.dtype] for g in grads])
+    grads = effective_grads(grads, maximize, grad_scale)
     torch._foreach_add_(steps, 1)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)

@@ -1,0 +1,165 @@
+"""LARS: momentum SGD's direction, then the layer-wise trust ratio (You, Gitman & Ginsburg, 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._base import LayerwiseOptimizer, check_bool, check_number, effective_grad, effective_grads, stack_per_tensor
+from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
+
+Denominator = Literal["combined", "split"]
+
+
+class Lars(LayerwiseOptimizer):
+    r"""Layer-wise Adaptive Rate Scaling (LARS), You et al. 2017, "Large Batch Training of Convolutional Networks".
+
+    For every parameter tensor :math:`\theta` with gradient :math:`g` (clipped by ``max_grad_norm`` and negated
+    for ``maximize`` as in :class:`~torchlamb.Lamb`):
+
+    .. math::
+        u &= g + \lambda\theta \\
+        r &= \eta \, \phi(\lVert\theta\rVert) / \lVert u \rVert
+             \text{ if both norms are } > 0 \text{ else } 1, \text{ then clamped to trust\_clip};
+             \; r = 1 \text{ if the group has adapt=False} \\
+        b &\leftarrow \mu b + r u \\
+        \theta &\leftarrow \theta - \text{lr} \cdot b
+             \qquad (\text{nesterov: } \theta \leftarrow \theta - \text{lr} \cdot (r u + \mu b))
+
+    :math:`\eta` is ``trust_coefficient``. With ``denominator="split"`` the ratio divides by
+    :math:`\lVert g\rVert + \lambda\lVert\theta\rVert`, as in the original LARS paper; the default ``"combined"``
+    divides by :math:`\lVert g + \lambda\theta\rVert`, the change LAMB made (seed 002: it "preserves more
+    information"). The trust stage is the one :class:`~torchlamb.Lamb` uses (:mod:`torchlamb.trust`): LAMB and
+    LARS differ only in their direction.
+
+    Args:
+        params: parameters or parameter groups; groups accept every option below plus ``adapt`` (default True).
+        lr: learning rate (a float or a one-element tensor), ``>= 0``.
+        momentum: :math:`\mu \in [0, 1)`.
+        weight_decay: :math:`\lambda \ge 0`, added to the gradient before the ratio.
+        trust_coefficient: :math:`\eta > 0` (0.001 in the paper).
+        nesterov: use Nesterov momentum.
+        denominator: ``"combined"`` (‖g + λθ‖) or ``"split"`` (‖g‖ + λ‖θ‖).
+        weight_norm_clip: ``(min, max)`` range for :math:`\phi(\lVert\theta\rVert)`, or None.
+        trust_clip: ``(min, max)`` range for :math:`r`, or None.
+        max_grad_norm: clip the global gradient norm to this before the update (``p.grad`` is left untouched).
+        maximize: maximize the objective instead of minimizing it.
+        foreach: use the multi-tensor implementation; None picks it when all tensors share a device.
+
+    After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, the ratio's denominator and the ratio.
+    Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters.
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        trust_coefficient: float = 0.001,
+        nesterov: bool = False,
+        denominator: Denominator = "combined",
+        weight_norm_clip: ClipRange | None = None,
+        trust_clip: ClipRange | None = None,
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
+                        trust_clip=trust_clip, max_grad_norm=max_grad_norm, adapt=True, maximize=maximize,
+                        foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
+        super()._validate_group(group, group_index)
+        check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True, group_index=group_index)
+        check_number("trust_coefficient", group["trust_coefficient"], low=0.0, low_open=True,
+                     group_index=group_index)
+        check_bool("nesterov", group["nesterov"], group_index=group_index)
+        if group["denominator"] not in ("combined", "split"):
+            raise ValueError(f"denominator must be 'combined' (‖g + λθ‖) or 'split' (‖g‖ + λ‖θ‖), "
+                             f"got {group['denominator']!r}")
+
+    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+        # A zero buffer gives b = r·u at the first step, the same as torch.optim.SGD's copy of the first update.
+        return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
+
+    def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+        states = [self.state[p] for p in params]
+        implementation = _multi_tensor_lars if foreach else _single_tensor_lars
+        weight_norm, update_norm, ratio = implementation(
+            params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states],
+            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], split_denominator=group["denominator"] == "split",
+            maximize=group["maximize"], grad_scale=grad_scale,
+            trust_options=self._trust_options(group),
+        )
+        return TrustStats(params, weight_norm, update_norm, ratio)
+
+
+def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
+                        nesterov: bool, split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
+                        trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """LARS one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, denominator and r."""
+    weight_norms, update_norms, ratios = [], [], []
+    for param, grad, buffer, step in zip(params, grads, momentum_buffers, steps):
+        grad = effective_grad(grad, maximize, grad_scale)
+        step += 1
+        update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+        weight_norm = tensor_norms([param])[0]
+        if split_denominator:
+            update_norm = tensor_norms([grad])[0] + weight_decay * weight_norm
+        else:
+            update_norm = tensor_norms([update])[0]
+        ratio = trust_ratio(weight_norm, update_norm, **trust_options)
+        scaled_update = update * ratio
+        buffer.mul_(momentum).add_(scaled_update)
+        direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
+        param.sub_(direction * lr)
+        weight_norms.append(weight_norm)
+        update_norms.append(update_norm)
+        ratios.append(ratio)
+    return stack_per_tensor(weight_norms, update_norms, ratios)
+
+
+def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                       steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
+                       nesterov: bool, split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
+                       trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The same update with ``torch._foreach_*`` ops."""
+    grads = effective_grads(grads, maximize, grad_scale)
+    torch._foreach_add_(steps, 1)
+    # A new list: p.grad itself is never modified.
+    updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+
+    weight_norm = tensor_norms(params, foreach=True)
+    if split_denominator:
+        update_norm = tensor_norms(grads, foreach=True) + weight_decay * weight_norm
+    else:
+        update_norm = tensor_norms(updates, foreach=True)
+    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
+    scaled_updates = torch._foreach_mul(updates, list(ratio.unbind(0)))
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, scaled_updates)
+    if nesterov:
+        torch._foreach_add_(scaled_updates, momentum_buffers, alpha=momentum)
+        directions = scaled_updates
+    else:
+        directions = momentum_buffers
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
+    else:
+        torch._foreach_add_(params, directions, alpha=-lr)
+    return weight_norm, update_norm, ratio
