@@ -12,13 +12,22 @@ own. It is written for clarity, one tensor at a time, with no attempt at speed.
         w_norm = clamp(||theta||, weight_norm_clip);  g_norm = ||r_t||
         trust = w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1;  clamp(trust, trust_clip);  1 if not adapt
         theta = theta - lr * trust * r_t
+
+and the variants other libraries use (torchlamb's presets): an eps added to g_norm in the ratio; bias correction
+through the step size (lr * sqrt(1 - b2**t) / (1 - b1**t), or lr / (1 - b1**t)) instead of inside r_t; weight
+decay applied as theta * (1 - lr * wd) before the norms instead of inside r_t; the ratio only where wd != 0.
 """
+
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def adapts(adapt, weight_decay: float) -> bool:
+    return adapt is True or (adapt == "if_decayed" and weight_decay != 0)
 
 
 @dataclass
@@ -28,11 +37,13 @@ class RefGroup:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.01
-    bias_correction: bool = True
+    bias_correction: bool | str = True
     weight_norm_clip: tuple[float, float] | None = None
     trust_clip: tuple[float, float] | None = None
+    trust_eps: float = 0.0
+    decay_outside_ratio: bool = False
     max_grad_norm: float | None = None
-    adapt: bool = True
+    adapt: bool | str = True
     maximize: bool = False
     # per tensor: [t, m, v]
     state: list[list] = field(default_factory=list)
@@ -68,24 +79,33 @@ class ReferenceLamb:
                 state[0] += 1
                 t = state[0]
                 b1, b2 = group.betas
+                if group.decay_outside_ratio:
+                    theta = theta * (1 - group.lr * group.weight_decay)
                 state[1] = b1 * state[1] + (1 - b1) * g
                 state[2] = b2 * state[2] + (1 - b2) * g * g
                 m_hat, v_hat = state[1], state[2]
-                if group.bias_correction:
+                if group.bias_correction is True:
                     m_hat = m_hat / (1 - b1**t)
                     v_hat = v_hat / (1 - b2**t)
-                r = m_hat / (np.sqrt(v_hat) + group.eps) + group.weight_decay * theta
+                r = m_hat / (np.sqrt(v_hat) + group.eps)
+                if not group.decay_outside_ratio:
+                    r = r + group.weight_decay * theta
                 w_norm = float(np.sqrt(np.sum(theta * theta)))
                 if group.weight_norm_clip is not None:
                     w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
                 g_norm = float(np.sqrt(np.sum(r * r)))
-                trust = w_norm / g_norm if (w_norm > 0 and g_norm > 0) else 1.0
+                trust = w_norm / (g_norm + group.trust_eps) if (w_norm > 0 and g_norm > 0) else 1.0
                 if group.trust_clip is not None:
                     trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
-                if not group.adapt:
+                if not adapts(group.adapt, group.weight_decay):
                     trust = 1.0
                 ratios.append(trust)
-                group.params[i] = theta - group.lr * trust * r
+                step_size = group.lr
+                if group.bias_correction == "step_size":
+                    step_size = group.lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+                elif group.bias_correction == "step_size_first_moment":
+                    step_size = group.lr / (1 - b1**t)
+                group.params[i] = theta - step_size * trust * r
             self.trust_ratios.append(ratios)
 
 
@@ -100,8 +120,9 @@ class RefLarsGroup:
     denominator: str = "combined"
     weight_norm_clip: tuple[float, float] | None = None
     trust_clip: tuple[float, float] | None = None
+    trust_eps: float = 0.0
     max_grad_norm: float | None = None
-    adapt: bool = True
+    adapt: bool | str = True
     maximize: bool = False
     buffers: list[np.ndarray] = field(default_factory=list)
 
@@ -146,10 +167,12 @@ class ReferenceLars:
                     denom = float(np.sqrt(np.sum(g * g))) + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
                 else:
                     denom = float(np.sqrt(np.sum(u * u)))
-                trust = group.trust_coefficient * w_norm / denom if (w_norm > 0 and denom > 0) else 1.0
+                trust = 1.0
+                if w_norm > 0 and denom > 0:
+                    trust = group.trust_coefficient * w_norm / (denom + group.trust_eps)
                 if group.trust_clip is not None:
                     trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
-                if not group.adapt:
+                if not adapts(group.adapt, group.weight_decay):
                     trust = 1.0
                 ratios.append(trust)
                 group.buffers[i] = group.momentum * group.buffers[i] + trust * u

@@ -31,7 +31,8 @@ def lamb_options(draw) -> dict:
         betas=(draw(st.just(0.0) | st.floats(0.5, 0.99)), draw(st.floats(0.5, 0.9999))),
         eps=draw(st.floats(1e-8, 1e-3)),
         weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
-        bias_correction=draw(st.booleans()),
+        bias_correction=draw(st.sampled_from([True, False, "step_size", "step_size_first_moment"])),
+        decay_outside_ratio=draw(st.booleans()),
     )
 
 
@@ -76,7 +77,8 @@ def problems(draw, name: str):
             weight_norm_clip=draw(clip_ranges()),
             trust_clip=draw(clip_ranges()),
             max_grad_norm=max_grad_norm,
-            adapt=draw(st.booleans()),
+            adapt=draw(st.sampled_from([True, False, "if_decayed"])),
+            trust_eps=draw(st.sampled_from([0.0, 1e-6, 1e-2])),
             maximize=draw(st.booleans()),
             **draw_options(draw),
         ))

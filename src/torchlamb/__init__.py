@@ -3,9 +3,10 @@
 from .groups import param_groups
 from .lamb import Lamb
 from .lars import Lars
+from .presets import PRESETS
 from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "Lamb", "Lars", "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr",
+__all__ = ["BERT_LAMB_PHASES", "PRESETS", "Lamb", "Lars", "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr",
            "warmup_poly"]
 __version__ = "0.1.0"

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
 from .trust import TrustStats, clip_factor, global_norm
+
+# A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
+Adapt = Union[bool, Literal["if_decayed"]]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyper-parameter checks. Each raises ValueError/TypeError naming the argument and the allowed range.
@@ -123,7 +126,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         check_clip_range("trust_clip", group["trust_clip"], group_index=group_index)
         if group["max_grad_norm"] is not None:
             check_number("max_grad_norm", group["max_grad_norm"], low=0.0, low_open=True, group_index=group_index)
-        check_bool("adapt", group["adapt"], group_index=group_index)
+        check_number("trust_eps", group["trust_eps"], low=0.0, group_index=group_index)
+        if not (isinstance(group["adapt"], bool) or group["adapt"] == "if_decayed"):
+            raise TypeError(f"adapt must be True, False or 'if_decayed' (adapt only when weight_decay != 0), "
+                            f"got {group['adapt']!r}{_where(group_index)}")
         check_bool("maximize", group["maximize"], group_index=group_index)
         check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
 
@@ -132,7 +138,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's options for :func:`torchlamb.trust.trust_ratio`."""
-        return dict(adapt=group["adapt"], weight_norm_clip=group["weight_norm_clip"], trust_clip=group["trust_clip"])
+        # 'if_decayed' reproduces apex's and timm's LAMB, which skip the ratio for groups without weight decay.
+        adapt = group["adapt"] is True or (group["adapt"] == "if_decayed" and group["weight_decay"] != 0)
+        return dict(adapt=adapt, weight_norm_clip=group["weight_norm_clip"], trust_clip=group["trust_clip"],
+                    trust_eps=group["trust_eps"])
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                       grad_scale: Tensor | None, foreach: bool) -> TrustStats:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
-from ._base import LayerwiseOptimizer, check_bool, check_number, effective_grad, effective_grads, stack_per_tensor
+from ._base import (
+    Adapt,
+    LayerwiseOptimizer,
+    check_bool,
+    check_number,
+    effective_grad,
+    effective_grads,
+    stack_per_tensor,
+)
+from .presets import PRESETS
 from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
+
+# True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
+BiasCorrection = Union[bool, Literal["step_size", "step_size_first_moment"]]
+_STEP_SIZE_MODES = ("step_size", "step_size_first_moment")
 
 
 class Lamb(LayerwiseOptimizer):
@@ -37,22 +50,31 @@ class Lamb(LayerwiseOptimizer):
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Groups accept every
-            option below plus ``adapt`` (default True): whether the trust ratio applies to the group.
+            option below plus ``adapt``: whether the trust ratio applies to the group: True (default), False, or
+            ``"if_decayed"`` (only when the group's ``weight_decay`` is not 0, as apex and timm do).
         lr: learning rate :math:`\eta` (a float or a one-element tensor), ``>= 0``.
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
         eps: :math:`\epsilon > 0`, added to :math:`\sqrt{\hat v}`.
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
-        bias_correction: divide the moments by :math:`1 - \beta^t` (Adam's debiasing).
+        bias_correction: True divides the moments by :math:`1 - \beta^t` (Adam's debiasing) inside :math:`u`.
+            False uses raw moments. ``"step_size"`` leaves :math:`u = m/(\sqrt v+\epsilon)` uncorrected and
+            multiplies the step by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` outside the ratio (DeepSpeed);
+            ``"step_size_first_moment"`` multiplies it by :math:`1/(1-\beta_1^t)` only (pytorch_optimizer).
         weight_norm_clip: ``(min, max)`` range for :math:`\phi(\lVert\theta\rVert)`, or None for the identity.
         trust_clip: ``(min, max)`` range for the ratio :math:`r` (seed 002 clips at 10: ``(0, 10)``), or None.
+        trust_eps: added to :math:`\lVert u\rVert` in the ratio's denominator (pytorch_optimizer), default 0.
+        decay_outside_ratio: apply weight decay as :math:`\theta \leftarrow \theta(1 - \eta\lambda)` before the
+            norms instead of adding :math:`\lambda\theta` to :math:`u` (pytorch_optimizer's default).
         max_grad_norm: if set, gradients are scaled by :math:`\min(1, \text{max\_grad\_norm}/\lVert g\rVert)`,
             :math:`\lVert g\rVert` the L2 norm of all the optimizer's gradients together, before the moments.
             ``p.grad`` is left untouched.
+        adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; None picks it when all tensors
             share a device.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
+    :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -65,17 +87,31 @@ class Lamb(LayerwiseOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.01,
         *,
-        bias_correction: bool = True,
+        bias_correction: BiasCorrection = True,
         weight_norm_clip: ClipRange | None = None,
         trust_clip: ClipRange | None = None,
+        trust_eps: float = 0.0,
+        decay_outside_ratio: bool = False,
         max_grad_norm: float | None = None,
+        adapt: Adapt = True,
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, max_grad_norm=max_grad_norm,
-                        adapt=True, maximize=maximize, foreach=foreach)
+                        weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
+                        decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
+                        maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
+
+    @classmethod
+    def from_preset(cls, name: str, params: Any, **overrides: Any) -> Lamb:
+        """A Lamb whose default update is that of another library: ``name`` is a key of ``torchlamb.PRESETS``.
+
+        ``overrides`` replace single options (e.g. ``lr``, ``weight_decay``); see ``docs/presets.md``.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(params, **{**PRESETS[name], **overrides})
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
         super()._validate_group(group, group_index)
@@ -85,7 +121,10 @@ class Lamb(LayerwiseOptimizer):
         for i, beta in enumerate(betas):
             check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True, group_index=group_index)
         check_number("eps", group["eps"], low=0.0, low_open=True, group_index=group_index)
-        check_bool("bias_correction", group["bias_correction"], group_index=group_index)
+        if not (isinstance(group["bias_correction"], bool) or group["bias_correction"] in _STEP_SIZE_MODES):
+            raise TypeError(f"bias_correction must be True, False, 'step_size' or 'step_size_first_moment', "
+                            f"got {group['bias_correction']!r}")
+        check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
 
     def _new_state(self, param: Tensor) -> dict[str, Tensor]:
         return {
@@ -102,7 +141,8 @@ class Lamb(LayerwiseOptimizer):
             params, grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            bias_correction=group["bias_correction"], maximize=group["maximize"], grad_scale=grad_scale,
+            bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
+            maximize=group["maximize"], grad_scale=grad_scale,
             trust_options=self._trust_options(group),
         )
         return TrustStats(params, weight_norm, update_norm, ratio)
@@ -113,29 +153,46 @@ def _precise(step: Tensor) -> Tensor:
     return step if step.device.type == "mps" else step.to(torch.float64)
 
 
+def _step_size_factor(bias_correction: BiasCorrection, beta1: float, beta2: float, step: Tensor) -> Tensor | None:
+    """The factor bias correction puts on the step, outside the ratio, in the "step_size" modes (else None)."""
+    if bias_correction == "step_size":
+        t = _precise(step)
+        return (1 - beta2**t).sqrt() / (1 - beta1**t)
+    if bias_correction == "step_size_first_moment":
+        return 1 / (1 - beta1 ** _precise(step))
+    return None
+
+
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
-                        beta2: float, eps: float, weight_decay: float, bias_correction: bool, maximize: bool,
-                        grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                        beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
+                        decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None,
+                        trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """LAMB one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, ‖u‖ and r."""
     weight_norms, update_norms, ratios = [], [], []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         grad = effective_grad(grad, maximize, grad_scale)
         step += 1
+        if decay_outside_ratio and weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         m_hat, v_hat = exp_avg, exp_avg_sq
-        if bias_correction:
+        if bias_correction is True:
             t = _precise(step)
             m_hat = exp_avg / (1 - beta1**t)
             v_hat = exp_avg_sq / (1 - beta2**t)
         update = m_hat / (v_hat.sqrt() + eps)
-        if weight_decay != 0:
+        if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
         weight_norm = tensor_norms([param])[0]
         update_norm = tensor_norms([update])[0]
         ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-        param.add_(update * (ratio * -lr))
+        scale = ratio * -lr
+        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, step)
+        if step_size_factor is not None:
+            scale = scale * step_size_factor
+        param.add_(update * scale)
         weight_norms.append(weight_norm)
         update_norms.append(update_norm)
         ratios.append(ratio)
@@ -144,17 +201,20 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
-                       beta2: float, eps: float, weight_decay: float, bias_correction: bool, maximize: bool,
-                       grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                       beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
+                       decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None,
+                       trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
     grads = effective_grads(grads, maximize, grad_scale)
     torch._foreach_add_(steps, 1)
+    if decay_outside_ratio and weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    if bias_correction:
+    if bias_correction is True:
         # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device. The
         # corrections of all tensors are one vector op rather than a handful of tiny ops per tensor.
         t = _precise(torch.stack(steps))
@@ -167,12 +227,16 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_add_(denom, eps)
         updates = torch._foreach_div(exp_avgs, denom)
     del denom
-    if weight_decay != 0:
+    if weight_decay != 0 and not decay_outside_ratio:
         torch._foreach_add_(updates, params, alpha=weight_decay)
 
     weight_norm = tensor_norms(params, foreach=True)
     update_norm = tensor_norms(updates, foreach=True)
     ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-    torch._foreach_mul_(updates, list((ratio * -lr).unbind(0)))
+    scale = ratio * -lr
+    step_size_factor = _step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
+    if step_size_factor is not None:
+        scale = scale * step_size_factor
+    torch._foreach_mul_(updates, list(scale.unbind(0)))
     torch._foreach_add_(params, updates)
     return weight_norm, update_norm, ratio

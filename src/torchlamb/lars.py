@@ -8,7 +8,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._base import LayerwiseOptimizer, check_bool, check_number, effective_grad, effective_grads, stack_per_tensor
+from ._base import (
+    Adapt,
+    LayerwiseOptimizer,
+    check_bool,
+    check_number,
+    effective_grad,
+    effective_grads,
+    stack_per_tensor,
+)
 from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
 
 Denominator = Literal["combined", "split"]
@@ -36,7 +44,8 @@ class Lars(LayerwiseOptimizer):
     LARS differ only in their direction.
 
     Args:
-        params: parameters or parameter groups; groups accept every option below plus ``adapt`` (default True).
+        params: parameters or parameter groups; groups accept every option below plus ``adapt``: True (default),
+            False, or ``"if_decayed"`` (only when the group's ``weight_decay`` is not 0).
         lr: learning rate (a float or a one-element tensor), ``>= 0``.
         momentum: :math:`\mu \in [0, 1)`.
         weight_decay: :math:`\lambda \ge 0`, added to the gradient before the ratio.
@@ -45,7 +54,9 @@ class Lars(LayerwiseOptimizer):
         denominator: ``"combined"`` (‖g + λθ‖) or ``"split"`` (‖g‖ + λ‖θ‖).
         weight_norm_clip: ``(min, max)`` range for :math:`\phi(\lVert\theta\rVert)`, or None.
         trust_clip: ``(min, max)`` range for :math:`r`, or None.
+        trust_eps: added to the ratio's denominator (many LARS codes use a small ε there), default 0.
         max_grad_norm: clip the global gradient norm to this before the update (``p.grad`` is left untouched).
+        adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor implementation; None picks it when all tensors share a device.
 
@@ -67,14 +78,16 @@ class Lars(LayerwiseOptimizer):
         denominator: Denominator = "combined",
         weight_norm_clip: ClipRange | None = None,
         trust_clip: ClipRange | None = None,
+        trust_eps: float = 0.0,
         max_grad_norm: float | None = None,
+        adapt: Adapt = True,
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
-                        trust_clip=trust_clip, max_grad_norm=max_grad_norm, adapt=True, maximize=maximize,
-                        foreach=foreach)
+                        trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
+                        maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:

@@ -3,8 +3,9 @@
 An optimizer computes a *direction* ``u`` for each parameter tensor ``θ`` (Adam's moments for LAMB, momentum
 for LARS). The trust stage turns the two per-tensor norms into a scale for that direction:
 
-    w = φ(‖θ‖)        φ = identity, clamped to ``weight_norm_clip = (φ_min, φ_max)`` when given
-    r = η · w / ‖u‖   if w > 0 and ‖u‖ > 0, else 1            (η = ``trust_coefficient``; 1 for LAMB)
+    w = φ(‖θ‖)           φ = identity, clamped to ``weight_norm_clip = (φ_min, φ_max)`` when given
+    r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 for LAMB;
+                                                              ε_r = ``trust_eps``, 0 unless a preset needs it)
     r ← clamp(r, *trust_clip)                                  when ``trust_clip = (r_min, r_max)`` is given
     r ← 1                                                      when the group has ``adapt=False``
 
@@ -80,6 +81,7 @@ def trust_ratio(
     weight_norm_clip: ClipRange | None = None,
     trust_clip: ClipRange | None = None,
     trust_coefficient: float = 1.0,
+    trust_eps: float = 0.0,
 ) -> Tensor:
     """Return the trust ratio ``r`` for tensors whose norms are ``weight_norm`` (‖θ‖) and ``update_norm`` (‖u‖).
 
@@ -92,7 +94,8 @@ def trust_ratio(
     both_positive = (weight > 0) & (update_norm > 0)
     # Divide by a safe denominator so the branch torch.where discards holds no inf/NaN either.
     safe_update_norm = torch.where(both_positive, update_norm, torch.ones_like(update_norm))
-    ratio = torch.where(both_positive, trust_coefficient * weight / safe_update_norm, torch.ones_like(weight))
+    ratio = torch.where(both_positive, trust_coefficient * weight / (safe_update_norm + trust_eps),
+                        torch.ones_like(weight))
     if trust_clip is not None:
         ratio = ratio.clamp(*trust_clip)
     return ratio
