@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _largest(arrays) -> float:
+    """The largest magnitude in any of the arrays: the scale of the rounding a low-precision run makes."""
+    return max((float(np.abs(a).max()) for a in arrays if np.size(a)), default=0.0)
+
+
 def adapts(adapt, weight_decay: float) -> bool:
     return adapt is True or (adapt == "if_decayed" and weight_decay != 0)
 
@@ -59,6 +64,7 @@ class ReferenceLamb:
             group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
             group.state = [[0, np.zeros_like(p), np.zeros_like(p)] for p in group.params]
         self.trust_ratios: list[list[float]] = []
+        self.magnitude = _largest(p for group in groups for p in group.params)
 
     def step(self, grads: list[list[np.ndarray | None]]) -> None:
         present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
@@ -106,6 +112,7 @@ class ReferenceLamb:
                 elif group.bias_correction == "step_size_first_moment":
                     step_size = group.lr / (1 - b1**t)
                 group.params[i] = theta - step_size * trust * r
+                self.magnitude = max(self.magnitude, _largest([theta, step_size * trust * r]))
             self.trust_ratios.append(ratios)
 
 
@@ -143,6 +150,7 @@ class ReferenceLars:
             group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
             group.buffers = [np.zeros_like(p) for p in group.params]
         self.trust_ratios: list[list[float]] = []
+        self.magnitude = _largest(p for group in groups for p in group.params)
 
     def step(self, grads: list[list[np.ndarray | None]]) -> None:
         present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
@@ -177,7 +185,9 @@ class ReferenceLars:
                 ratios.append(trust)
                 group.buffers[i] = group.momentum * group.buffers[i] + trust * u
                 if group.nesterov:
-                    group.params[i] = theta - group.lr * (trust * u + group.momentum * group.buffers[i])
+                    move = group.lr * (trust * u + group.momentum * group.buffers[i])
                 else:
-                    group.params[i] = theta - group.lr * group.buffers[i]
+                    move = group.lr * group.buffers[i]
+                group.params[i] = theta - move
+                self.magnitude = max(self.magnitude, _largest([theta, move, trust * u, group.buffers[i]]))
             self.trust_ratios.append(ratios)

@@ -140,7 +140,7 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
         scaled_update = update * ratio
         buffer.mul_(momentum).add_(scaled_update)
         direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
-        param.sub_(direction * lr)
+        _subtract_scaled_([param], [direction], lr)
         weight_norms.append(weight_norm)
         update_norms.append(update_norm)
         ratios.append(ratio)
@@ -171,8 +171,13 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffe
         directions = scaled_updates
     else:
         directions = momentum_buffers
+    _subtract_scaled_(params, directions, lr)
+    return weight_norm, update_norm, ratio
+
+
+def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor) -> None:
+    """θ ← θ − lr·d. A float lr goes in as ``alpha``, which the kernel applies without rounding lr·d first."""
     if isinstance(lr, Tensor):
         torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
     else:
         torch._foreach_add_(params, directions, alpha=-lr)
-    return weight_norm, update_norm, ratio
