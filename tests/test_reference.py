@@ -112,17 +112,18 @@ def run_optimizer(name, dtype, groups, grads, foreach):
             for t, g in zip(ts, gs):
                 t.grad = None if g is None else to_torch(g, dtype)
         optimizer.step()
-        if dtype == torch.bfloat16:
-            assume_no_rounding_to_zero(optimizer)
+        assume_no_rounding_to_zero(optimizer)
     return tensors, optimizer
 
 
 def assume_no_rounding_to_zero(optimizer):
-    """Discard bfloat16 examples in which rounding made a moved tensor exactly zero.
+    """Discard examples in which rounding made a moved tensor exactly zero.
 
-    A step that moves θ by about its own size can round a bfloat16 θ to exactly 0; the next step then takes the
-    zero-norm fallback (r = 1) where the float64 reference, whose θ is small but not 0, does not. That is a
-    discontinuity of the specified rule reached through rounding, not an error of the implementation.
+    A step that moves θ by its own size (lr·r·u = θ: relative step 1, e.g. lr 0.5 with a 1/(1−β1^t) = 2 step-size
+    correction) can round θ to exactly 0, in bfloat16 easily, in float32 too; the next step then takes the
+    zero-norm fallback (r = 1) where the float64 reference, whose θ is tiny but not 0, does not. That is a
+    discontinuity of the specified rule reached through rounding, not an error of the implementation. (A bug that
+    zeroed tensors wholesale would still show: hypothesis fails when it must discard most examples.)
     """
     for stats in optimizer.trust_stats:
         for param, weight_norm in zip(stats.params, stats.weight_norm):
