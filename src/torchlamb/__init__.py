@@ -5,8 +5,9 @@ from .lamb import Lamb
 from .lars import Lars
 from .presets import PRESETS
 from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
+from .telemetry import TrustMonitor
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "PRESETS", "Lamb", "Lars", "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr",
-           "warmup_poly"]
+__all__ = ["BERT_LAMB_PHASES", "PRESETS", "Lamb", "Lars", "TrustMonitor", "TrustStats", "WarmupPolyLR",
+           "param_groups", "scale_lr", "warmup_poly"]
 __version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""What the MNIST experiments share: the data, the model, one training run, and the optimizers compared.
+
+Each experiment script (``adam_vs_lamb.py``, ``lamb_lr.py``, ``batch_sweep.py``) reads top to bottom: its
+configuration, then calls :func:`train` for each run, then writes figures and a results table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import MNIST_MEAN, MNIST_STD, load_mnist
+from ..groups import param_groups
+from ..lamb import Lamb
+from ..lars import Lars
+from ..schedules import warmup_poly
+from ..telemetry import TrustMonitor
+
+OPTIMIZERS = ("adam", "adamw", "lamb", "lars")
+
+
+def mlp() -> nn.Module:
+    """The small network of the seed experiments: 784 → 256 → 128 → 10, ReLU."""
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+@dataclass(frozen=True)
+class Data:
+    """MNIST normalised with the usual mean and std: train/validation (50k/10k of the training set) and test."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def mnist_data(dataset: str = "mnist") -> Data:
+    x, y = load_mnist("train", dataset=dataset)
+    test_x, test_y = load_mnist("test", dataset=dataset)
+    x = (x - MNIST_MEAN) / MNIST_STD
+    test_x = (test_x - MNIST_MEAN) / MNIST_STD
+    return Data(x[:50000], y[:50000], x[50000:], y[50000:], test_x, test_y)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. ``exempt_norms``: put biases in an un-decayed, un-adapted group (param_groups);
+    False applies decay and the ratio to every tensor, as the seed 002 experiments did."""
+
+    optimizer: str
+    lr: float
+    batch_size: int
+    epochs: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = 0.1
+    end_factor: float = 0.0  # 1.0: warmup, then constant
+    exempt_norms: bool = True
+    seed: int = 0
+    monitor_every: int | None = None
+
+    def label(self) -> str:
+        return f"{self.optimizer} lr={self.lr:g} wd={self.weight_decay:g} batch={self.batch_size}"
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    steps: list[int] = field(default_factory=list)  # optimizer steps at which train_loss was logged
+    train_loss: list[float] = field(default_factory=list)
+    epochs: list[float] = field(default_factory=list)  # when the accuracies below were measured
+    valid_accuracy: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    diverged: bool = False
+    seconds: float = 0.0
+    monitor: TrustMonitor | None = None
+
+    @property
+    def final_valid_accuracy(self) -> float:
+        return self.valid_accuracy[-1] if self.valid_accuracy else 0.0
+
+    @property
+    def final_test_accuracy(self) -> float:
+        return self.test_accuracy[-1] if self.test_accuracy else 0.0
+
+
+def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizers compared. Lamb/Lars get torchlamb's param_groups (biases exempt) unless exempt_norms=False;
+    AdamW's decay skips the same tensors, so the comparison differs only in the optimizer."""
+    params: Any = (param_groups(model, weight_decay=config.weight_decay) if config.exempt_norms
+                   else [{"params": list(model.parameters()), "weight_decay": config.weight_decay}])
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas)
+    if config.optimizer == "lamb":
+        return Lamb(params, lr=config.lr, betas=config.betas)
+    if config.optimizer == "lars":
+        return Lars(params, lr=config.lr, momentum=0.9)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return sum((model(x[i:i + 5000]).argmax(1) == y[i:i + 5000]).sum().item() for i in range(0, len(x), 5000)) / len(x)
+
+
+def train(config: RunConfig, data: Data, progress: Any = None, evals_per_epoch: int = 1) -> RunResult:
+    """Train :func:`mlp` on ``data`` as ``config`` says; stop early if the loss becomes NaN/inf (divergence).
+
+    The lr follows a linear warmup over ``warmup_fraction`` of the steps, then linear decay to ``end_factor``.
+    ``progress`` is a tqdm bar (or None) advanced once per optimizer step.
+    """
+    torch.manual_seed(config.seed)
+    model = mlp()
+    optimizer = make_optimizer(config, model)
+    steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    scheduler = warmup_poly(optimizer, round(config.warmup_fraction * total_steps), total_steps,
+                            end_factor=config.end_factor)
+    monitor = TrustMonitor(model, optimizer, every=config.monitor_every) if config.monitor_every else None
+    generator = torch.Generator().manual_seed(config.seed)
+    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+    log_every = max(1, total_steps // 200)
+    result = RunResult(config, monitor=monitor)
+    start = time.perf_counter()
+    step = 0
+    while step < total_steps and not result.diverged:
+        order = torch.randperm(len(data.train_x), generator=generator)
+        for begin in range(0, len(order), config.batch_size):
+            batch = order[begin:begin + config.batch_size]
+            loss = nn.functional.cross_entropy(model(data.train_x[batch]), data.train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if progress is not None:
+                progress.update(1)
+            if step % log_every == 0 or step == total_steps:
+                value = loss.item()
+                result.steps.append(step)
+                result.train_loss.append(value)
+                if not math.isfinite(value) or value > 1e3:
+                    result.diverged = True
+            if result.diverged or step % eval_every == 0 or step == total_steps:
+                result.epochs.append(step / steps_per_epoch)
+                result.valid_accuracy.append(accuracy(model, data.valid_x, data.valid_y))
+                result.test_accuracy.append(accuracy(model, data.test_x, data.test_y))
+            if result.diverged or step == total_steps:
+                break
+    if progress is not None and step < total_steps:
+        progress.update(total_steps - step)  # a diverged run skips its remaining steps
+    if monitor is not None:
+        monitor.remove()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def count_steps(config: RunConfig, train_size: int = 50000) -> int:
+    """Optimizer steps ``config`` takes: for sizing progress bars before the runs start."""
+    return max(1, round(config.epochs * math.ceil(train_size / config.batch_size)))

@@ -1,0 +1,62 @@
+"""The experiments and `torchlamb demo` end to end, at a tiny scale (real MNIST, a few hundred steps)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from torchlamb import cli  # noqa: E402
+from torchlamb.experiments import adam_vs_lamb, batch_sweep, common, lamb_lr  # noqa: E402
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Real MNIST, cut to 2000/500/1000 examples, and the experiments shrunk to seconds."""
+    try:
+        data = common.mnist_data()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    small = common.Data(data.train_x[:2000], data.train_y[:2000], data.valid_x[:500], data.valid_y[:500],
+                        data.test_x[:1000], data.test_y[:1000])
+    for module in (adam_vs_lamb, lamb_lr, batch_sweep):
+        monkeypatch.setattr(module, "mnist_data", lambda: small)
+    monkeypatch.setattr(adam_vs_lamb, "EPOCHS", {"reduced": 2, "full": 2})
+    monkeypatch.setattr(lamb_lr, "EPOCHS", {"reduced": 2, "full": 2})
+    monkeypatch.setattr(batch_sweep, "BATCH_SIZES", {"reduced": [128, 512], "full": [128, 512]})
+    monkeypatch.setattr(batch_sweep, "EPOCHS", {"reduced": 1, "full": 1})
+    return small
+
+
+def test_demo_writes_a_report_whose_figures_exist(tiny, tmp_path):
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "README.md").read_text()
+    for title in ("1. Adam vs LAMB", "2. LAMB: lr 0.01 vs 0.1", "3. Accuracy against batch size"):
+        assert title in report
+    assert report.count("**What it shows:**") == 3
+    figures = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(figures) >= 7
+    for figure in figures:
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "adam_vs_lamb_lamb_telemetry.csv").stat().st_size > 0
+
+
+def test_run_writes_one_experiment(tiny, tmp_path):
+    assert cli.main(["run", "batch_sweep", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "batch_sweep.md").read_text()
+    assert "| 128 |" in report and "| 512 |" in report and "Adam vs LAMB" not in report
+
+
+def test_train_learns_and_flags_divergence(tiny):
+    config = common.RunConfig(optimizer="lamb", lr=0.02, batch_size=100, epochs=2, weight_decay=0.01)
+    result = common.train(config, tiny)
+    assert result.final_test_accuracy > 0.8 and not result.diverged
+    assert result.steps[-1] == common.count_steps(config, train_size=2000) == 40
+    exploding = common.RunConfig(optimizer="adam", lr=1e4, batch_size=100, epochs=2, warmup_fraction=0.0)
+    assert common.train(exploding, tiny).diverged
+
+
+def test_unknown_optimizer_is_rejected():
+    with pytest.raises(ValueError, match="optimizer"):
+        common.make_optimizer(common.RunConfig(optimizer="sgd", lr=0.1, batch_size=1, epochs=1), common.mlp())
