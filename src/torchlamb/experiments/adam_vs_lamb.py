@@ -68,7 +68,7 @@ def run(out: Path, full: bool = False) -> Summary:
             "tensor (as in seed 002). For Adam the ratio is what LAMB would have used for Adam's actual update "
             "(TrustMonitor computes it from the step taken); only LAMB applies it.\n\n"
             f"**What it shows:** final test accuracy {100 * adam.final_test_accuracy:.2f}% for Adam and "
-            f"{100 * lamb.final_test_accuracy:.2f}% for LAMB (one seed, so differences of a few tenths are noise). "
+            f"{100 * lamb.final_test_accuracy:.2f}% for LAMB (one seed: a difference of a few tenths may be noise). "
             f"LAMB's ratio starts at {max(first_lamb):.2g} or below for every tensor"
             + (" — well below 1, the natural warmup seed 002 describes" if max(first_lamb) < 0.5 else "")
             + ", and grows as the weights grow.")

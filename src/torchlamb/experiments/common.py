@@ -41,9 +41,9 @@ class Data:
     test_y: torch.Tensor
 
 
-def mnist_data(dataset: str = "mnist") -> Data:
-    x, y = load_mnist("train", dataset=dataset)
-    test_x, test_y = load_mnist("test", dataset=dataset)
+def mnist_data() -> Data:
+    x, y = load_mnist("train")
+    test_x, test_y = load_mnist("test")
     x = (x - MNIST_MEAN) / MNIST_STD
     test_x = (test_x - MNIST_MEAN) / MNIST_STD
     return Data(x[:50000], y[:50000], x[50000:], y[50000:], test_x, test_y)
