@@ -35,6 +35,49 @@ def adapts(adapt, weight_decay: float) -> bool:
     return adapt is True or (adapt == "if_decayed" and weight_decay != 0)
 
 
+def trust(group, theta: np.ndarray, denominator: float, coefficient: float = 1.0) -> float:
+    """The trust stage, from the pseudocode: clamp ‖θ‖, divide, fall back to 1, clamp the ratio, adapt or not."""
+    w_norm = float(np.sqrt(np.sum(theta * theta)))
+    if group.weight_norm_clip is not None:
+        w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
+    ratio = coefficient * w_norm / (denominator + group.trust_eps) if (w_norm > 0 and denominator > 0) else 1.0
+    if group.trust_clip is not None:
+        ratio = min(max(ratio, group.trust_clip[0]), group.trust_clip[1])
+    return ratio if adapts(group.adapt, group.weight_decay) else 1.0
+
+
+class _Reference:
+    """The loop both references share: global gradient clip, maximize, skip tensors without a gradient."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        for group in groups:
+            group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
+            self._init_state(group)
+        self.trust_ratios: list[list[float]] = []
+        self.magnitude = _largest(p for group in groups for p in group.params)
+
+    def step(self, grads: list[list[np.ndarray | None]]) -> None:
+        present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
+        total_norm = np.sqrt(sum(float(np.sum(g * g)) for g in present))
+        self.trust_ratios = []
+        for group, group_grads in zip(self.groups, grads):
+            ratios = []
+            for i, raw in enumerate(group_grads):
+                if raw is None:
+                    continue
+                g = np.asarray(raw, dtype=np.float64)
+                if group.max_grad_norm is not None and total_norm > group.max_grad_norm:
+                    g = g * (group.max_grad_norm / total_norm)
+                if group.maximize:
+                    g = -g
+                theta = group.params[i]
+                group.params[i], ratio, move = self._update(group, i, theta, g)
+                ratios.append(ratio)
+                self.magnitude = max(self.magnitude, _largest([theta, *move]))
+            self.trust_ratios.append(ratios)
+
+
 @dataclass
 class RefGroup:
     params: list[np.ndarray]
@@ -54,66 +97,37 @@ class RefGroup:
     state: list[list] = field(default_factory=list)
 
 
-class ReferenceLamb:
+class ReferenceLamb(_Reference):
     """LAMB over float64 copies of the parameters. ``step(grads)`` takes one list of gradients per group
     (``None`` for a tensor without a gradient, which is skipped as torch optimizers skip it)."""
 
-    def __init__(self, groups: list[RefGroup]):
-        self.groups = groups
-        for group in groups:
-            group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
-            group.state = [[0, np.zeros_like(p), np.zeros_like(p)] for p in group.params]
-        self.trust_ratios: list[list[float]] = []
-        self.magnitude = _largest(p for group in groups for p in group.params)
+    def _init_state(self, group):
+        group.state = [[0, np.zeros_like(p), np.zeros_like(p)] for p in group.params]
 
-    def step(self, grads: list[list[np.ndarray | None]]) -> None:
-        present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
-        total_norm = np.sqrt(sum(float(np.sum(g * g)) for g in present))
-        self.trust_ratios = []
-        for group, group_grads in zip(self.groups, grads):
-            ratios = []
-            for i, raw in enumerate(group_grads):
-                if raw is None:
-                    continue
-                g = np.asarray(raw, dtype=np.float64)
-                if group.max_grad_norm is not None and total_norm > group.max_grad_norm:
-                    g = g * (group.max_grad_norm / total_norm)
-                if group.maximize:
-                    g = -g
-                theta = group.params[i]
-                state = group.state[i]
-                state[0] += 1
-                t = state[0]
-                b1, b2 = group.betas
-                if group.decay_outside_ratio:
-                    theta = theta * (1 - group.lr * group.weight_decay)
-                state[1] = b1 * state[1] + (1 - b1) * g
-                state[2] = b2 * state[2] + (1 - b2) * g * g
-                m_hat, v_hat = state[1], state[2]
-                if group.bias_correction is True:
-                    m_hat = m_hat / (1 - b1**t)
-                    v_hat = v_hat / (1 - b2**t)
-                r = m_hat / (np.sqrt(v_hat) + group.eps)
-                if not group.decay_outside_ratio:
-                    r = r + group.weight_decay * theta
-                w_norm = float(np.sqrt(np.sum(theta * theta)))
-                if group.weight_norm_clip is not None:
-                    w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
-                g_norm = float(np.sqrt(np.sum(r * r)))
-                trust = w_norm / (g_norm + group.trust_eps) if (w_norm > 0 and g_norm > 0) else 1.0
-                if group.trust_clip is not None:
-                    trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
-                if not adapts(group.adapt, group.weight_decay):
-                    trust = 1.0
-                ratios.append(trust)
-                step_size = group.lr
-                if group.bias_correction == "step_size":
-                    step_size = group.lr * np.sqrt(1 - b2**t) / (1 - b1**t)
-                elif group.bias_correction == "step_size_first_moment":
-                    step_size = group.lr / (1 - b1**t)
-                group.params[i] = theta - step_size * trust * r
-                self.magnitude = max(self.magnitude, _largest([theta, step_size * trust * r]))
-            self.trust_ratios.append(ratios)
+    def _update(self, group, i, theta, g):
+        state = group.state[i]
+        state[0] += 1
+        t = state[0]
+        b1, b2 = group.betas
+        if group.decay_outside_ratio:
+            theta = theta * (1 - group.lr * group.weight_decay)
+        state[1] = b1 * state[1] + (1 - b1) * g
+        state[2] = b2 * state[2] + (1 - b2) * g * g
+        m_hat, v_hat = state[1], state[2]
+        if group.bias_correction is True:
+            m_hat = m_hat / (1 - b1**t)
+            v_hat = v_hat / (1 - b2**t)
+        r = m_hat / (np.sqrt(v_hat) + group.eps)
+        if not group.decay_outside_ratio:
+            r = r + group.weight_decay * theta
+        ratio = trust(group, theta, float(np.sqrt(np.sum(r * r))))
+        step_size = group.lr
+        if group.bias_correction == "step_size":
+            step_size = group.lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        elif group.bias_correction == "step_size_first_moment":
+            step_size = group.lr / (1 - b1**t)
+        move = step_size * ratio * r
+        return theta - move, ratio, [move]
 
 
 @dataclass
@@ -134,7 +148,7 @@ class RefLarsGroup:
     buffers: list[np.ndarray] = field(default_factory=list)
 
 
-class ReferenceLars:
+class ReferenceLars(_Reference):
     """LARS (You et al. 2017, with seed 002's ‖g + λθ‖ denominator by default) over float64 copies.
 
         u = g + wd * theta
@@ -144,50 +158,19 @@ class ReferenceLars:
         theta = theta - lr * b                      (nesterov: theta - lr * (trust * u + momentum * b))
     """
 
-    def __init__(self, groups: list[RefLarsGroup]):
-        self.groups = groups
-        for group in groups:
-            group.params = [np.array(p, dtype=np.float64, copy=True) for p in group.params]
-            group.buffers = [np.zeros_like(p) for p in group.params]
-        self.trust_ratios: list[list[float]] = []
-        self.magnitude = _largest(p for group in groups for p in group.params)
+    def _init_state(self, group):
+        group.buffers = [np.zeros_like(p) for p in group.params]
 
-    def step(self, grads: list[list[np.ndarray | None]]) -> None:
-        present = [np.asarray(g, dtype=np.float64) for gs in grads for g in gs if g is not None]
-        total_norm = np.sqrt(sum(float(np.sum(g * g)) for g in present))
-        self.trust_ratios = []
-        for group, group_grads in zip(self.groups, grads):
-            ratios = []
-            for i, raw in enumerate(group_grads):
-                if raw is None:
-                    continue
-                g = np.asarray(raw, dtype=np.float64)
-                if group.max_grad_norm is not None and total_norm > group.max_grad_norm:
-                    g = g * (group.max_grad_norm / total_norm)
-                if group.maximize:
-                    g = -g
-                theta = group.params[i]
-                u = g + group.weight_decay * theta
-                w_norm = float(np.sqrt(np.sum(theta * theta)))
-                if group.weight_norm_clip is not None:
-                    w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
-                if group.denominator == "split":
-                    denom = float(np.sqrt(np.sum(g * g))) + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
-                else:
-                    denom = float(np.sqrt(np.sum(u * u)))
-                trust = 1.0
-                if w_norm > 0 and denom > 0:
-                    trust = group.trust_coefficient * w_norm / (denom + group.trust_eps)
-                if group.trust_clip is not None:
-                    trust = min(max(trust, group.trust_clip[0]), group.trust_clip[1])
-                if not adapts(group.adapt, group.weight_decay):
-                    trust = 1.0
-                ratios.append(trust)
-                group.buffers[i] = group.momentum * group.buffers[i] + trust * u
-                if group.nesterov:
-                    move = group.lr * (trust * u + group.momentum * group.buffers[i])
-                else:
-                    move = group.lr * group.buffers[i]
-                group.params[i] = theta - move
-                self.magnitude = max(self.magnitude, _largest([theta, move, trust * u, group.buffers[i]]))
-            self.trust_ratios.append(ratios)
+    def _update(self, group, i, theta, g):
+        u = g + group.weight_decay * theta
+        if group.denominator == "split":
+            denominator = float(np.sqrt(np.sum(g * g))) + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
+        else:
+            denominator = float(np.sqrt(np.sum(u * u)))
+        ratio = trust(group, theta, denominator, group.trust_coefficient)
+        group.buffers[i] = group.momentum * group.buffers[i] + ratio * u
+        if group.nesterov:
+            move = group.lr * (ratio * u + group.momentum * group.buffers[i])
+        else:
+            move = group.lr * group.buffers[i]
+        return theta - move, ratio, [move, ratio * u, group.buffers[i]]
