@@ -10,6 +10,7 @@ It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward o
 
 * ``Lamb(foreach=False)``  -- torchlamb's single-tensor path (a Python loop over tensors),
 * ``Lamb(foreach=True)``   -- torchlamb's multi-tensor path (``torch._foreach_*`` ops),
+* ``Lamb(fused=True)``     -- torchlamb's fused two-pass CPU kernel (compiled at first use, then cached),
 * ``AdamW(foreach=True)``  -- PyTorch's multi-tensor AdamW,
 * ``AdamW(fused=True)``    -- PyTorch's fused AdamW, the baseline every ratio is taken against.
 
@@ -53,6 +54,7 @@ BASELINE = "AdamW(fused=True)"
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False),
     "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True),
+    "Lamb(fused=True)": lambda params: torchlamb.Lamb(params, fused=True),
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
 }

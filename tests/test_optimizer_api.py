@@ -388,3 +388,18 @@ def test_checkpoint_of_another_optimizer_is_rejected():
     with pytest.raises(ValueError, match="lacks options"):
         lamb.load_state_dict(lars.state_dict())
     assert len(lamb.state) == 0
+
+
+@IMPLEMENTATIONS
+@pytest.mark.parametrize("bias_correction", [True, False, "step_size"])
+def test_float32_parameters_keep_float32_updates(foreach, bias_correction):
+    """The float64 bias corrections must not promote a float32 update to float64: a 0-dim parameter's would be."""
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn((), requires_grad=True)]
+    optimizer = Lamb(params, bias_correction=bias_correction, foreach=foreach)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    stats = optimizer.trust_stats[0]
+    assert stats.weight_norm.dtype == stats.update_norm.dtype == stats.trust_ratio.dtype == torch.float32
+    assert all(p.dtype == optimizer.state[p]["exp_avg"].dtype == torch.float32 for p in params)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._base import (
     Adapt,
     LayerwiseOptimizer,
@@ -72,6 +75,9 @@ class Lamb(LayerwiseOptimizer):
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; None picks it when all tensors
             share a device.
+        fused: use the fused two-pass CPU kernel (``torchlamb._fused``, compiled at first use and cached). It
+            falls back to foreach, with one warning, where it cannot be built or the tensors are not dense CPU
+            tensors. None currently means False: the fast path becomes the default once its speed goals hold.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
@@ -96,11 +102,12 @@ class Lamb(LayerwiseOptimizer):
         adapt: Adapt = True,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
                         decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
-                        maximize=maximize, foreach=foreach)
+                        maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     @classmethod
@@ -125,6 +132,17 @@ class Lamb(LayerwiseOptimizer):
             raise TypeError(f"bias_correction must be True, False, 'step_size' or 'step_size_first_moment', "
                             f"got {group['bias_correction']!r}")
         check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
+        check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
+        if group["fused"] and group["foreach"]:
+            raise ValueError("foreach and fused cannot both be True: choose one implementation")
+
+    def _fused_available(self, tensors: list[Tensor]) -> bool:
+        if not _fused.supports(tensors):
+            if not getattr(self, "_warned_fused", False):
+                self._warned_fused = True
+                _warn_once("Lamb(fused=True) runs on dense CPU tensors only; using the foreach implementation")
+            return False
+        return _fused.kernels() is not None
 
     def _new_state(self, param: Tensor) -> dict[str, Tensor]:
         return {
@@ -135,22 +153,36 @@ class Lamb(LayerwiseOptimizer):
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                       grad_scale: Tensor | None, foreach: bool) -> TrustStats:
         states = [self.state[p] for p in params]
-        implementation = _multi_tensor_lamb if foreach else _single_tensor_lamb
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         beta1, beta2 = group["betas"]
+        options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                       bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
+                       maximize=group["maximize"], grad_scale=grad_scale, trust_options=self._trust_options(group))
+        if group["fused"] and self._fused_available(params + grads + exp_avgs + exp_avg_sqs):
+            weight_norm, update_norm, ratio = _fused.fused_lamb(
+                params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], **options,
+                step_size_factor=functools.partial(_step_size_factor, group["bias_correction"], beta1, beta2))
+            return TrustStats(params, weight_norm, update_norm, ratio)
+        implementation = _multi_tensor_lamb if foreach or group["fused"] else _single_tensor_lamb
         weight_norm, update_norm, ratio = implementation(
-            params, grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
-            maximize=group["maximize"], grad_scale=grad_scale,
-            trust_options=self._trust_options(group),
-        )
+            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], **options)
         return TrustStats(params, weight_norm, update_norm, ratio)
+
+
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _precise(step: Tensor) -> Tensor:
     """The step count as float64 where the device has it: 1 − β^t in float32 loses digits (1 − 0.999 keeps 4)."""
     return step if step.device.type == "mps" else step.to(torch.float64)
+
+
+def _per_tensor(values: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``values[i]`` as a 0-dim tensor of ``tensors[i]``'s dtype. Dividing a 0-dim float32 tensor (a scalar
+    parameter's moment) by a float64 0-dim correction would give a float64 update, and float64 norms for the group."""
+    by_dtype = {dtype: values.to(dtype) for dtype in {t.dtype for t in tensors}}
+    return [by_dtype[t.dtype][i] for i, t in enumerate(tensors)]
 
 
 def _step_size_factor(bias_correction: BiasCorrection, beta1: float, beta2: float, step: Tensor) -> Tensor | None:
@@ -179,9 +211,9 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         m_hat, v_hat = exp_avg, exp_avg_sq
         if bias_correction is True:
-            t = _precise(step)
-            m_hat = exp_avg / (1 - beta1**t)
-            v_hat = exp_avg_sq / (1 - beta2**t)
+            t = _precise(step)  # corrections in float64, then in the tensor's dtype (see _per_tensor)
+            m_hat = exp_avg / (1 - beta1**t).to(param.dtype)
+            v_hat = exp_avg_sq / (1 - beta2**t).to(param.dtype)
         update = m_hat / (v_hat.sqrt() + eps)
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
@@ -218,8 +250,8 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device. The
         # corrections of all tensors are one vector op rather than a handful of tiny ops per tensor.
         t = _precise(torch.stack(steps))
-        correction1 = (1 - beta1**t).unbind(0)
-        torch._foreach_div_(denom, (1 - beta2**t).sqrt().unbind(0))
+        correction1 = _per_tensor(1 - beta1**t, params)
+        torch._foreach_div_(denom, _per_tensor((1 - beta2**t).sqrt(), params))
         torch._foreach_add_(denom, eps)
         updates = torch._foreach_div(exp_avgs, correction1)
         torch._foreach_div_(updates, denom)
