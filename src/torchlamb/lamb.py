@@ -140,7 +140,8 @@ class Lamb(LayerwiseOptimizer):
         if not _fused.supports(tensors):
             if not getattr(self, "_warned_fused", False):
                 self._warned_fused = True
-                _warn_once("Lamb(fused=True) runs on dense CPU tensors only; using the foreach implementation")
+                warnings.warn("Lamb(fused=True) runs on dense CPU tensors only; using the foreach implementation",
+                              RuntimeWarning, stacklevel=4)
             return False
         return _fused.kernels() is not None
 
@@ -167,10 +168,6 @@ class Lamb(LayerwiseOptimizer):
         weight_norm, update_norm, ratio = implementation(
             params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], **options)
         return TrustStats(params, weight_norm, update_norm, ratio)
-
-
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _precise(step: Tensor) -> Tensor:
