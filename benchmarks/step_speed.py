@@ -225,6 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, torchlamb {torchlamb.__version__}, python {platform.python_version()}")
     print("ratio = optimizer step time / AdamW(fused=True) step time in the same round; median over rounds")
 
+    if device.type == "cpu":
+        from torchlamb import _fused
+
+        kernels = _fused.kernels()  # built (or loaded from torch's cache) here, so no timed step includes it
+        if kernels is None:
+            print("fused kernel: unavailable, Lamb(fused=True) runs the foreach path")
+        else:
+            print(f"fused kernel: loaded in {kernels.build_seconds:.1f} s (the C++ build on first use; cached after)")
+
     workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]
     for name in workloads:
         run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device)

@@ -66,9 +66,6 @@ class RunConfig:
     seed: int = 0
     monitor_every: int | None = None
 
-    def label(self) -> str:
-        return f"{self.optimizer} lr={self.lr:g} wd={self.weight_decay:g} batch={self.batch_size}"
-
 
 @dataclass
 class RunResult:
@@ -122,7 +119,7 @@ def train(config: RunConfig, data: Data, progress: Any = None, evals_per_epoch: 
     model = mlp()
     optimizer = make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
-    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    total_steps = count_steps(config, len(data.train_x))
     scheduler = warmup_poly(optimizer, round(config.warmup_fraction * total_steps), total_steps,
                             end_factor=config.end_factor)
     monitor = TrustMonitor(model, optimizer, every=config.monitor_every) if config.monitor_every else None
