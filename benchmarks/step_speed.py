@@ -11,6 +11,8 @@ It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward o
 * ``Lamb(foreach=False)``  -- torchlamb's single-tensor path (a Python loop over tensors),
 * ``Lamb(foreach=True)``   -- torchlamb's multi-tensor path (``torch._foreach_*`` ops),
 * ``Lamb(fused=True)``     -- torchlamb's fused two-pass CPU kernel (compiled at first use, then cached),
+* ``Lars(foreach=True)``, ``Lars(fused=True)`` -- torchlamb's LARS, multi-tensor and fused,
+* the LAMBs of pytorch_optimizer, torch-optimizer and timm where they are installed (``--no-public`` drops them),
 * ``AdamW(foreach=True)``  -- PyTorch's multi-tensor AdamW,
 * ``AdamW(fused=True)``    -- PyTorch's fused AdamW, the baseline every ratio is taken against.
 
@@ -55,9 +57,37 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False),
     "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True),
     "Lamb(fused=True)": lambda params: torchlamb.Lamb(params, fused=True),
+    "Lars(foreach=True)": lambda params: torchlamb.Lars(params, foreach=True),
+    "Lars(fused=True)": lambda params: torchlamb.Lars(params, fused=True),
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
 }
+
+
+def public_lambs() -> dict[str, OptimizerFactory]:
+    """Other libraries' LAMBs that are installed here (``make test`` installs them from requirements-compare.txt),
+    each with its default options."""
+    found: dict[str, OptimizerFactory] = {}
+    try:
+        import pytorch_optimizer
+
+        found["pytorch_optimizer.Lamb"] = lambda params: pytorch_optimizer.Lamb(params)
+    except ImportError:
+        pass
+    try:
+        import torch_optimizer
+
+        found["torch_optimizer.Lamb"] = lambda params: torch_optimizer.Lamb(params)
+    except ImportError:
+        pass
+    try:
+        from timm.optim import Lamb as TimmLamb
+
+        found["timm.optim.Lamb"] = lambda params: TimmLamb(params)
+    except ImportError:
+        pass
+    return found
+
 
 QUICK_SCALE = 32  # --quick divides the first dimension of every BERT shape by this
 QUICK_ROUNDS = 3
@@ -124,6 +154,39 @@ def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def rss_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), or None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def step_peak_extra(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
+    """MB by which one step raises the process's resident memory above what it held before the step: the step's
+    temporaries (its state already exists after warm-up). Resets the kernel's peak counter via /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        optimizer.step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = rss_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
+    except OSError:
+        return None
+    optimizer.step()
+    peak = rss_bytes("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 2**20
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
@@ -137,12 +200,13 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device) -> None:
+def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
+                 factories: dict[str, OptimizerFactory]) -> None:
     numel = sum(torch.Size(shape).numel() for shape in shapes)
     print(f"\n== {name}: {len(shapes)} float32 tensors, {numel:,} values, {rounds} rounds, {warmup} warm-up steps ==")
 
     optimizers: dict[str, torch.optim.Optimizer] = {}
-    for opt_name, factory in OPTIMIZERS.items():
+    for opt_name, factory in factories.items():
         progress(f"[{name}] {opt_name}: building params and warming up ({warmup} steps)")
         optimizer = factory(make_params(shapes, device))
         for _ in range(warmup):
@@ -161,15 +225,20 @@ def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, devic
         progress(f"[{name}] round {round_index + 1}/{rounds} (ms): "
                  + ", ".join(f"{opt_name} {1e3 * round_times[opt_name]:.2f}" for opt_name in names))
 
-    header = f"{'optimizer':<22} {'median ms/step':>15} {'ratio to ' + BASELINE:>27} {'ratio IQR':>15} " \
-             f"{'ratio min-max':>15}"
+    progress(f"[{name}] measuring each step's peak extra memory")
+    extra = {opt_name: step_peak_extra(optimizers[opt_name], device) for opt_name in names}
+
+    header = f"{'optimizer':<24} {'median ms/step':>15} {'ratio to ' + BASELINE:>27} {'ratio IQR':>15} " \
+             f"{'ratio min-max':>15} {'step peak extra MB':>19}"
     print(header)
     print("-" * len(header))
     for opt_name in names:
         q1, q3 = quartiles(ratios[opt_name])
-        print(f"{opt_name:<22} {1e3 * statistics.median(times[opt_name]):>15.3f} "
+        memory = "n/a" if extra[opt_name] is None else f"{extra[opt_name]:.0f}"
+        print(f"{opt_name:<24} {1e3 * statistics.median(times[opt_name]):>15.3f} "
               f"{statistics.median(ratios[opt_name]):>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
-              f"{f'{min(ratios[opt_name]):.3f}-{max(ratios[opt_name]):.3f}':>15}")
+              f"{f'{min(ratios[opt_name]):.3f}-{max(ratios[opt_name]):.3f}':>15} {memory:>19}")
+    print(f"(one gradient-sized buffer: {4 * numel / 2**20:.0f} MB)")
 
     sys.stdout.flush()
     del optimizers  # free this workload's params, grads and states before the next one
@@ -200,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny shapes (BERT first dims / {QUICK_SCALE}, 200 x (512,)) for a smoke test")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--no-public", action="store_true",
+                        help="leave out other libraries' LAMBs even where they are installed")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else 20
@@ -228,15 +299,21 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         from torchlamb import _fused
 
+        progress("loading the fused kernels (a first build takes about 30 s)")
         kernels = _fused.kernels()  # built (or loaded from torch's cache) here, so no timed step includes it
         if kernels is None:
-            print("fused kernel: unavailable, Lamb(fused=True) runs the foreach path")
+            print("fused kernels: unavailable, the fused=True rows run the foreach path")
         else:
-            print(f"fused kernel: loaded in {kernels.build_seconds:.1f} s (the C++ build on first use; cached after)")
+            print(f"fused kernels: loaded in {kernels.build_seconds:.1f} s (the C++ build on first use; cached after)")
 
+    factories = dict(OPTIMIZERS)
+    if not args.no_public:
+        factories = {**public_lambs(), **factories}
+    print(f"step peak extra MB: how far one step raises {'allocated GPU memory' if device.type == 'cuda' else 'RSS'}"
+          " above its level before the step (temporaries)")
     workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]
     for name in workloads:
-        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device)
+        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device, factories)
 
 
 if __name__ == "__main__":

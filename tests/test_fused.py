@@ -1,6 +1,6 @@
-"""Lamb(fused=True): the fused CPU kernel against the foreach path, and its fallbacks.
+"""The fused CPU kernels of Lamb and Lars against the foreach path, when they are chosen, and their fallbacks.
 
-The float64 reference tests (test_reference.py) run the fused path on random problems as well.
+The float64 reference tests (test_reference.py) run the fused paths on random problems as well.
 """
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchlamb import PRESETS, Lamb, _fused
+from torchlamb import PRESETS, Lamb, Lars, _fused
 
 pytestmark = pytest.mark.skipif(_fused.kernels() is None, reason="the fused kernel could not be built here")
 
 
-def run(params, grads_per_step, **options):
+def run(params, grads_per_step, optimizer_class=Lamb, **options):
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = Lamb(tensors, **options)
+    optimizer = optimizer_class(tensors, **options)
     for grads in grads_per_step:
         for t, g in zip(tensors, grads):
             t.grad = g.clone()
@@ -56,15 +56,109 @@ def test_fused_equals_foreach_with_options(options):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * max(1.0, b.abs().max().item()))
 
 
-def test_non_contiguous_parameters_fall_back_to_foreach_with_one_warning():
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_non_contiguous_parameters_fall_back_to_foreach_with_one_warning(optimizer_class):
     params, grads = problem()
     transposed = [params[0].t().contiguous().t()]  # same values, column-major
-    with pytest.warns(RuntimeWarning, match="dense CPU tensors"):
-        fused, _ = run(transposed, [[g[0]] for g in grads], lr=0.01, fused=True)
-    multi, _ = run(transposed, [[g[0]] for g in grads], lr=0.01, foreach=True)
+    with pytest.warns(RuntimeWarning, match="dense contiguous CPU tensors") as warned:
+        fused, _ = run(transposed, [[g[0]] for g in grads], optimizer_class, lr=0.01, fused=True)
+    assert len([w for w in warned if "contiguous" in str(w.message)]) == 1  # 4 steps, one warning
+    multi, _ = run(transposed, [[g[0]] for g in grads], optimizer_class, lr=0.01, foreach=True)
     torch.testing.assert_close(fused[0], multi[0], rtol=0, atol=0)
 
 
 def test_fused_and_foreach_together_are_rejected():
     with pytest.raises(ValueError, match="foreach and fused"):
         Lamb([torch.zeros(2, requires_grad=True)], foreach=True, fused=True)
+
+
+LARS_OPTIONS = [dict(), dict(weight_decay=0.01), dict(weight_decay=0.01, nesterov=True),
+                dict(weight_decay=0.01, denominator="split", maximize=True), dict(adapt=False, momentum=0.5),
+                dict(weight_decay=0.1, max_grad_norm=0.5, trust_clip=(0.0, 0.5), weight_norm_clip=(0.1, 5.0))]
+
+
+@pytest.mark.parametrize("options", LARS_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_lars_equals_foreach(options, dtype):
+    params, grads = problem(dtype)
+    fused, fused_opt = run(params, grads, Lars, lr=0.5, fused=True, **options)
+    multi, multi_opt = run(params, grads, Lars, lr=0.5, foreach=True, **options)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(fused, multi):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * max(1.0, b.abs().max().item()))
+    for key in ("weight_norm", "update_norm", "trust_ratio"):
+        torch.testing.assert_close(getattr(fused_opt.trust_stats[0], key), getattr(multi_opt.trust_stats[0], key),
+                                   rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_mixed_dtypes_in_one_group(optimizer_class):
+    torch.manual_seed(1)
+    params = [torch.randn(40_000), torch.randn(300, dtype=torch.float64), torch.randn(500).bfloat16(),
+              torch.randn(7).half()]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    fused, _ = run(params, grads, optimizer_class, lr=0.01, fused=True)
+    multi, _ = run(params, grads, optimizer_class, lr=0.01, foreach=True)
+    for a, b in zip(fused, multi):
+        assert a.dtype == b.dtype
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-6}.get(a.dtype, 1e-2)
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+def test_large_tensors_split_across_threads_match_foreach():
+    # Tensors above the kernels' grain (32768 elements) are reduced in chunks; the sums must not depend on that.
+    params, grads = [torch.randn(3, 70_001)], [[torch.randn(3, 70_001)] for _ in range(3)]
+    for optimizer_class in (Lamb, Lars):
+        fused, _ = run(params, grads, optimizer_class, lr=0.01, fused=True)
+        multi, _ = run(params, grads, optimizer_class, lr=0.01, foreach=True)
+        torch.testing.assert_close(fused[0], multi[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_default_picks_the_fused_kernels_on_cpu(optimizer_class, monkeypatch):
+    calls = []
+    name = "fused_lamb" if optimizer_class is Lamb else "fused_lars"
+    original = getattr(_fused, name)
+    monkeypatch.setattr(_fused, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    params, grads = problem()
+    run(params, grads[:1], optimizer_class)  # fused=None, foreach=None
+    run(params, grads[:1], optimizer_class, foreach=True)
+    run(params, grads[:1], optimizer_class, foreach=False)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_default_falls_back_quietly_where_the_kernels_do_not_apply(optimizer_class, recwarn):
+    params, grads = problem()
+    transposed = [params[0].t()]  # not contiguous
+    fused, _ = run(transposed, [[g[0].t()] for g in grads], optimizer_class, lr=0.01)
+    multi, _ = run(transposed, [[g[0].t()] for g in grads], optimizer_class, lr=0.01, foreach=True)
+    torch.testing.assert_close(fused[0], multi[0], rtol=0, atol=0)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_unbuildable_kernels_mean_foreach(optimizer_class, monkeypatch):
+    monkeypatch.setattr(_fused, "kernels", lambda: None)  # as after a failed build (which warned once)
+    params, grads = problem()
+    for options in (dict(), dict(fused=True)):
+        fused, _ = run(params, grads, optimizer_class, lr=0.01, **options)
+        multi, _ = run(params, grads, optimizer_class, lr=0.01, foreach=True)
+        for a, b in zip(fused, multi):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", broken)
+    _fused.kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*no compiler"):
+            assert _fused.kernels() is None
+        assert _fused.kernels() is None  # cached: no second warning, no second attempt
+    finally:
+        _fused.kernels.cache_clear()

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchlamb import Lamb, Lars, param_groups
+from torchlamb import Lamb, Lars, _fused, param_groups
 
-IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
+# foreach=None (with fused=None) is the default: the fused kernels on the CPU.
+IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True, None], ids=["single_tensor", "foreach", "default"])
 OPTIMIZERS = pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 
 
@@ -177,10 +178,21 @@ def test_add_param_group_with_its_own_options(optimizer_class):
     assert len(optimizer.param_groups) == 2
 
 
-def test_foreach_none_picks_multi_tensor_when_one_device():  # the choice lives in the shared base
-    group = {"foreach": None}
-    assert Lamb._choose_foreach(group, [torch.zeros(1), torch.zeros(2)])
-    assert not Lamb._choose_foreach({"foreach": False}, [torch.zeros(1)])
+@OPTIMIZERS
+def test_implementation_choice(optimizer_class):  # the choice lives in the shared base
+    params = [torch.zeros(1, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    grads = [torch.zeros(1), torch.zeros(2)]
+
+    def chosen(**options):
+        optimizer = optimizer_class(params, **options)
+        return optimizer._choose_implementation(optimizer.param_groups[0], params, grads)
+
+    assert chosen(foreach=True) == "foreach"
+    assert chosen(foreach=False) == "single_tensor"
+    if _fused.kernels() is not None:
+        assert chosen() == "fused"  # dense CPU tensors: the fused kernels by default
+        assert chosen(fused=True) == "fused"
+    assert chosen(fused=False) == "foreach"  # foreach=None: one device
 
 
 @IMPLEMENTATIONS
@@ -223,7 +235,8 @@ class _HostSyncDetector(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@IMPLEMENTATIONS
+# The paths that also run on accelerators; the fused kernels run on the CPU only, where reading a value is free.
+@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
 @OPTIMIZERS
 def test_step_never_reads_device_values_on_the_host(optimizer_class, foreach):
     model = make_model()

@@ -102,7 +102,7 @@ def to_torch(array, dtype):
     return torch.tensor(array, dtype=torch.float64).to(dtype)
 
 
-# How each implementation path is selected; the fused kernel exists for Lamb on the CPU.
+# How each implementation path is selected; the fused kernels run on the CPU.
 PATHS = {"single_tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
@@ -156,8 +156,7 @@ def assert_close_to_reference(actual: torch.Tensor, expected: np.ndarray, dtype,
     np.testing.assert_allclose(actual.detach().double().numpy(), expected, rtol=rtol, atol=atol * scale)
 
 
-@pytest.mark.parametrize(("name", "path"), [("lamb", "single_tensor"), ("lamb", "foreach"), ("lamb", "fused"),
-                                            ("lars", "single_tensor"), ("lars", "foreach")])
+@pytest.mark.parametrize(("name", "path"), [(name, path) for name in ("lamb", "lars") for path in PATHS])
 @given(data=st.data())
 def test_matches_float64_reference(name, path, data):
     _, dtype, groups, grads = data.draw(problems(name))
@@ -179,16 +178,16 @@ def test_matches_float64_reference(name, path, data):
         np.testing.assert_allclose(stats.trust_ratio.double().numpy(), expected, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(("name", "path"), [(name, path) for name in CASES for path in ("single_tensor", "fused")])
 @given(data=st.data())
-def test_single_tensor_and_foreach_agree(name, data):
+def test_every_path_agrees_with_foreach(name, path, data):
     _, dtype, groups, grads = data.draw(problems(name))
-    single, _ = run_optimizer(name, dtype, groups, grads, foreach=False)
-    multi, _ = run_optimizer(name, dtype, groups, grads, foreach=True)
+    other, _ = run_optimizer(name, dtype, groups, grads, path=path)
+    multi, _ = run_optimizer(name, dtype, groups, grads, path="foreach")
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
     # bfloat16 rounding scales with the largest magnitude on the way (see assert_close_to_reference).
     magnitude = run_reference(name, dtype, groups, grads).magnitude if dtype == torch.bfloat16 else 0.0
-    for a_group, b_group in zip(single, multi):
+    for a_group, b_group in zip(other, multi):
         for a, b in zip(a_group, b_group):
             scale = max(1.0, magnitude, float(b.detach().double().abs().max()) if b.numel() else 0.0)
             torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * scale)

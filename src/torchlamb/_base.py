@@ -8,16 +8,20 @@ the trust stage in :mod:`torchlamb.trust`). Everything else lives here once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
+from . import _fused
 from .trust import TrustStats, clip_factor, global_norm
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
 Adapt = Union[bool, Literal["if_decayed"]]
+# How a group's update runs: a Python loop over tensors, torch._foreach_* ops, or the fused CPU kernels.
+Implementation = Literal["single_tensor", "foreach", "fused"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyper-parameter checks. Each raises ValueError/TypeError naming the argument and the allowed range.
@@ -132,6 +136,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                             f"got {group['adapt']!r}{_where(group_index)}")
         check_bool("maximize", group["maximize"], group_index=group_index)
         check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
+        check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
+        if group["fused"] and group["foreach"]:
+            raise ValueError("foreach and fused cannot both be True: choose one implementation")
 
     def _new_state(self, param: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -144,7 +151,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     trust_eps=group["trust_eps"])
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
         raise NotImplementedError
 
     # -- parameter groups ----------------------------------------------------------------------------------
@@ -250,12 +257,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grads.append(grad)
         return params, grads
 
-    @staticmethod
-    def _choose_foreach(group: dict[str, Any], tensors: Iterable[Tensor]) -> bool:
-        if group["foreach"] is not None:
-            return group["foreach"]
-        devices = {t.device for t in tensors}
-        return len(devices) == 1 and not torch.jit.is_scripting()
+    def _choose_implementation(self, group: dict[str, Any], params: list[Tensor],
+                               grads: list[Tensor]) -> Implementation:
+        """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
+        tensors, kernels built); else foreach=None picks foreach when all tensors share a device."""
+        fused, foreach = group["fused"], group["foreach"]
+        tensors = params + grads + [value for p in params for key, value in self.state[p].items() if key != "step"]
+        if fused or (fused is None and foreach is None):
+            if _fused.supports(tensors) and _fused.kernels() is not None:
+                return "fused"
+            if fused:
+                if not _fused.supports(tensors) and not getattr(self, "_warned_fused", False):
+                    self._warned_fused = True
+                    warnings.warn(f"{type(self).__name__}(fused=True) runs on dense contiguous CPU tensors only; "
+                                  "using the foreach implementation", RuntimeWarning, stacklevel=3)
+                return "foreach"
+        if foreach is None:
+            foreach = len({t.device for t in tensors}) == 1 and not torch.jit.is_scripting()
+        return "foreach" if foreach else "single_tensor"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -284,7 +303,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grad_scale = None
             if self.grad_norm is not None:
                 grad_scale = clip_factor(self.grad_norm, group["max_grad_norm"])
-            foreach = self._choose_foreach(group, params + grads)
-            self.trust_stats.append(self._update_group(group, params, grads, grad_scale, foreach))
+            implementation = self._choose_implementation(group, params, grads)
+            self.trust_stats.append(self._update_group(group, params, grads, grad_scale, implementation))
         return loss
 

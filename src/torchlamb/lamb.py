@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
@@ -13,6 +12,7 @@ from torch import Tensor
 from . import _fused
 from ._base import (
     Adapt,
+    Implementation,
     LayerwiseOptimizer,
     check_bool,
     check_number,
@@ -73,11 +73,11 @@ class Lamb(LayerwiseOptimizer):
             ``p.grad`` is left untouched.
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
-        foreach: use the multi-tensor (``torch._foreach_*``) implementation; None picks it when all tensors
-            share a device.
-        fused: use the fused two-pass CPU kernel (``torchlamb._fused``, compiled at first use and cached). It
-            falls back to foreach, with one warning, where it cannot be built or the tensors are not dense CPU
-            tensors. None currently means False: the fast path becomes the default once its speed goals hold.
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
+        fused: use the fused two-pass CPU kernels (:mod:`torchlamb._fused`: compiled at first use, about 30 s,
+            and cached across processes). With ``fused`` and ``foreach`` both None (the default) the fused kernels
+            run wherever they apply — dense contiguous CPU tensors — and foreach elsewhere (e.g. on CUDA). Where
+            the kernels cannot be built, one warning says so and foreach runs.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
@@ -132,18 +132,6 @@ class Lamb(LayerwiseOptimizer):
             raise TypeError(f"bias_correction must be True, False, 'step_size' or 'step_size_first_moment', "
                             f"got {group['bias_correction']!r}")
         check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
-        check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
-        if group["fused"] and group["foreach"]:
-            raise ValueError("foreach and fused cannot both be True: choose one implementation")
-
-    def _fused_available(self, tensors: list[Tensor]) -> bool:
-        if not _fused.supports(tensors):
-            if not getattr(self, "_warned_fused", False):
-                self._warned_fused = True
-                warnings.warn("Lamb(fused=True) runs on dense CPU tensors only; using the foreach implementation",
-                              RuntimeWarning, stacklevel=4)
-            return False
-        return _fused.kernels() is not None
 
     def _new_state(self, param: Tensor) -> dict[str, Tensor]:
         return {
@@ -152,22 +140,22 @@ class Lamb(LayerwiseOptimizer):
         }
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
         states = [self.state[p] for p in params]
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         beta1, beta2 = group["betas"]
         options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                        bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
                        maximize=group["maximize"], grad_scale=grad_scale, trust_options=self._trust_options(group))
-        if group["fused"] and self._fused_available(params + grads + exp_avgs + exp_avg_sqs):
-            weight_norm, update_norm, ratio = _fused.fused_lamb(
-                params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], **options,
-                step_size_factor=functools.partial(_step_size_factor, group["bias_correction"], beta1, beta2))
-            return TrustStats(params, weight_norm, update_norm, ratio)
-        implementation = _multi_tensor_lamb if foreach or group["fused"] else _single_tensor_lamb
-        weight_norm, update_norm, ratio = implementation(
-            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], **options)
-        return TrustStats(params, weight_norm, update_norm, ratio)
+        steps = [s["step"] for s in states]
+        if implementation == "fused":
+            step_size_factor = functools.partial(_step_size_factor, group["bias_correction"], beta1, beta2)
+            result = _fused.fused_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, **options,
+                                       step_size_factor=step_size_factor)
+        else:
+            update = _multi_tensor_lamb if implementation == "foreach" else _single_tensor_lamb
+            result = update(params, grads, exp_avgs, exp_avg_sqs, steps, **options)
+        return TrustStats(params, *result)
 
 
 def _precise(step: Tensor) -> Tensor:

@@ -8,8 +8,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._base import (
     Adapt,
+    Implementation,
     LayerwiseOptimizer,
     check_bool,
     check_number,
@@ -58,7 +60,9 @@ class Lars(LayerwiseOptimizer):
         max_grad_norm: clip the global gradient norm to this before the update (``p.grad`` is left untouched).
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
-        foreach: use the multi-tensor implementation; None picks it when all tensors share a device.
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
+        fused: use the fused two-pass CPU kernels, as for :class:`~torchlamb.Lamb` (the default, None, picks them
+            for dense contiguous CPU tensors and foreach elsewhere).
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, the ratio's denominator and the ratio.
     Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters.
@@ -83,11 +87,12 @@ class Lars(LayerwiseOptimizer):
         adapt: Adapt = True,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
                         trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
-                        maximize=maximize, foreach=foreach)
+                        maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
@@ -108,17 +113,18 @@ class Lars(LayerwiseOptimizer):
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, foreach: bool) -> TrustStats:
+                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
         states = [self.state[p] for p in params]
-        implementation = _multi_tensor_lars if foreach else _single_tensor_lars
-        weight_norm, update_norm, ratio = implementation(
+        update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
+                  "single_tensor": _single_tensor_lars}[implementation]
+        result = update(
             params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states],
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], split_denominator=group["denominator"] == "split",
             maximize=group["maximize"], grad_scale=grad_scale,
             trust_options=self._trust_options(group),
         )
-        return TrustStats(params, weight_norm, update_norm, ratio)
+        return TrustStats(params, *result)
 
 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
