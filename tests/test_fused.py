@@ -74,6 +74,7 @@ def test_fused_and_foreach_together_are_rejected():
 
 LARS_OPTIONS = [dict(), dict(weight_decay=0.01), dict(weight_decay=0.01, nesterov=True),
                 dict(weight_decay=0.01, denominator="split", maximize=True), dict(adapt=False, momentum=0.5),
+                dict(weight_decay=0.01, trust_eps=1e-3, trust_coefficient=0.02),
                 dict(weight_decay=0.1, max_grad_norm=0.5, trust_clip=(0.0, 0.5), weight_norm_clip=(0.1, 5.0))]
 
 
@@ -162,3 +163,34 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
         assert _fused.kernels() is None  # cached: no second warning, no second attempt
     finally:
         _fused.kernels.cache_clear()
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_resuming_from_a_checkpoint_is_bitwise_identical(optimizer_class):
+    params, grads = problem(steps=5)
+    straight, _ = run(params, grads, optimizer_class, lr=0.01, fused=True)
+    first, first_opt = run(params, grads[:3], optimizer_class, lr=0.01, fused=True)
+    resumed = [t.detach().clone().requires_grad_() for t in first]
+    optimizer = optimizer_class(resumed, lr=0.01, fused=True)
+    optimizer.load_state_dict(first_opt.state_dict())
+    for step_grads in grads[3:]:
+        for t, g in zip(resumed, step_grads):
+            t.grad = g.clone()
+        optimizer.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def test_loaded_state_takes_its_parameters_layout():
+    # A checkpoint whose moments are laid out differently (here column-major) still feeds the fused kernels.
+    params, grads = problem()
+    tensors, optimizer = run(params[:1], [g[:1] for g in grads[:2]], Lamb, lr=0.01, fused=True)
+    state = optimizer.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = state["state"][0][key]
+        state["state"][0][key] = value.t().contiguous().t()
+    optimizer.load_state_dict(state)
+    assert all(optimizer.state[tensors[0]][key].is_contiguous() for key in ("exp_avg", "exp_avg_sq"))
+    tensors[0].grad = grads[2][0].clone()
+    optimizer.step()
+    assert optimizer.trust_stats[0].trust_ratio.isfinite().all()

@@ -190,6 +190,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for param, state in self.state.items():
             if isinstance(param, Tensor) and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+            # State keeps its parameter's memory layout, as when it is created, so the fused kernels can take it.
+            for key in self._state_keys:
+                if isinstance(param, Tensor) and key in state and state[key].stride() != param.stride():
+                    state[key] = torch.empty_like(param).copy_(state[key])
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -262,12 +266,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
         tensors, kernels built); else foreach=None picks foreach when all tensors share a device."""
         fused, foreach = group["fused"], group["foreach"]
-        tensors = params + grads + [value for p in params for key, value in self.state[p].items() if key != "step"]
+        tensors = params + grads
         if fused or (fused is None and foreach is None):
-            if _fused.supports(tensors) and _fused.kernels() is not None:
+            # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
+            # step makes gradients contiguous where they are not.
+            if _fused.supports(params) and _fused.kernels() is not None:
                 return "fused"
             if fused:
-                if not _fused.supports(tensors) and not getattr(self, "_warned_fused", False):
+                if not _fused.supports(params) and not getattr(self, "_warned_fused", False):
                     self._warned_fused = True
                     warnings.warn(f"{type(self).__name__}(fused=True) runs on dense contiguous CPU tensors only; "
                                   "using the foreach implementation", RuntimeWarning, stacklevel=3)

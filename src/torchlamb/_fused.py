@@ -1,18 +1,21 @@
-"""The fused CPU steps of LAMB and LARS: two passes over memory instead of a dozen ``torch._foreach_*`` passes.
+"""The fused CPU steps of LAMB and LARS: two passes over each tensor instead of a dozen ``torch._foreach_*`` passes.
 
-LAMB. Pass 1, per tensor, in one sweep: update the moments in place and accumulate ‖θ‖² and ‖u‖², where
-u = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε) + λθ, without storing u. Between the passes the trust stage
-(:func:`torchlamb.trust.trust_ratio`, the same code every path uses) turns the norms into ratios. Pass 2 recomputes
-u from θ, m and v — the same arithmetic, so the same values — and applies θ ← θ + scale·u with scale = −lr·r.
-That reads θ, g, m, v and writes m, v, then reads θ, m, v and writes θ: about 40 bytes per float32 element,
-against 28 for AdamW.
+For each tensor, in C++: pass 1 reads it once and accumulates the norms the trust ratio needs; the trust stage (the
+rule of :func:`torchlamb.trust.trust_ratio`, re-stated in C++ and held to the same values by the tests) turns them
+into the ratio r; pass 2 applies the update. Pass 2 walks each thread's range backwards, so it starts on the
+elements pass 1 touched last, which are still in cache; step counts and bias corrections are done in C++ too.
+
+LAMB. Pass 1 updates the moments in place and sums ‖θ‖² and ‖u‖², u = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε) + λθ,
+without storing u. Pass 2 recomputes u from θ, m and v — the same arithmetic, so the same values — and applies
+θ ← θ − lr·r·u. That reads θ, g, m, v and writes m, v, then reads θ, m, v and writes θ: at most 40 bytes per float32
+element from memory, against 28 for AdamW.
 
 LARS. Pass 1 reads θ and g for ‖θ‖², ‖g‖² and ‖g + λθ‖²; pass 2 updates the momentum buffer and θ: 28 bytes per
 element, as AdamW.
 
 Neither pass allocates a full-size temporary: writing into fresh memory costs page faults that run several times
 slower than the arithmetic, which is what makes the foreach paths slow on the CPU. Large tensors are split across
-threads; small ones are processed whole, several tensors at once, so per-tensor overhead stays at ~1 µs.
+threads; small ones are processed whole, several tensors at once, so per-tensor overhead stays near a microsecond.
 
 The kernels are C++ compiled at first use with ``torch.utils.cpp_extension.load_inline`` (ninja, gcc; about 30 s)
 and cached by torch across processes. When they cannot be built, :func:`kernels` warns once and returns None, and
@@ -24,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import platform
 import time
 import warnings
@@ -32,8 +36,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from .trust import trust_ratio
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -51,19 +54,49 @@ namespace {
 constexpr int64_t kGrain = 32768;
 // Norms are summed in the compute type over blocks of kBlock elements (those sums vectorise), blocks in double.
 constexpr int64_t kBlock = 1024;
+// Pass 2 walks each thread's range backwards in chunks of kChunk elements, so it starts on the elements pass 1
+// touched last, which are still in cache.
+constexpr int64_t kChunk = 16384;
 
 using Sums = std::array<double, 3>;
 
 Sums add(const Sums& a, const Sums& b) { return {a[0] + b[0], a[1] + b[1], a[2] + b[2]}; }
 
-// Calls range(i, begin, end) -> Sums over every element of every tensor and returns the per-tensor totals as an
-// [n, 3] float64 tensor. The range functions take raw __restrict__ pointers as arguments: captured by reference
-// in a lambda, the pointers would be reloaded after every store and the loops would not vectorise.
-template <typename Range>
-torch::Tensor over_tensors(const std::vector<torch::Tensor>& params, const Range& range) {
+// The trust stage of torchlamb.trust.trust_ratio, for one tensor (the tests hold the two to the same values).
+struct Trust {
+  bool adapt;
+  double weight_lo, weight_hi, ratio_lo, ratio_hi, coefficient, eps;
+
+  double ratio(double weight_norm, double update_norm) const {
+    if (!adapt) return 1.0;
+    const double weight = std::min(std::max(weight_norm, weight_lo), weight_hi);
+    const double r = (weight > 0 && update_norm > 0) ? coefficient * weight / (update_norm + eps) : 1.0;
+    return std::min(std::max(r, ratio_lo), ratio_hi);
+  }
+};
+
+// What pass 1 of tensor i found and pass 2 needs: its norms, its ratio and the numbers of its update.
+struct Stats {
+  double weight_norm = 0, update_norm = 0, ratio = 1, c1 = 1, c2 = 1, scale = 0;
+};
+
+// The driver: for every tensor i, pass 1 (sums = Σ norms(i, begin, end) over its elements), then
+// finish(i, sums) -> Stats (ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
+// Returns [n, 3] float64: ‖θ‖, the ratio's denominator and r per tensor.
+//
+// The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
+// pointers would be reloaded after every store and the loops would not vectorise.
+template <typename Norms, typename Finish, typename Apply>
+torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, const Norms& norms, const Finish& finish,
+                          const Apply& apply) {
   const int64_t n = static_cast<int64_t>(params.size());
-  auto sums = torch::zeros({n, 3}, torch::kFloat64);
-  double* out = sums.data_ptr<double>();
+  auto result = torch::empty({n, 3}, torch::kFloat64);
+  double* out = result.data_ptr<double>();
+  auto record = [&](int64_t i, const Stats& stats) {
+    out[3 * i] = stats.weight_norm;
+    out[3 * i + 1] = stats.update_norm;
+    out[3 * i + 2] = stats.ratio;
+  };
   std::vector<int64_t> small;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].numel();
@@ -71,27 +104,69 @@ torch::Tensor over_tensors(const std::vector<torch::Tensor>& params, const Range
       small.push_back(i);
       continue;
     }
-    const Sums total = at::parallel_reduce(
+    const Sums sums = at::parallel_reduce(
         0, numel, kGrain, Sums{0, 0, 0},
-        [&](int64_t begin, int64_t end, Sums acc) { return add(acc, range(i, begin, end)); }, add);
-    std::copy(total.begin(), total.end(), out + 3 * i);
+        [&](int64_t begin, int64_t end, Sums acc) { return add(acc, norms(i, begin, end)); }, add);
+    const Stats stats = finish(i, sums);
+    record(i, stats);
+    // The same grain splits the range among threads as pass 1 did; each thread then walks its part backwards.
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t hi = end; hi > begin; hi -= kChunk) apply(i, std::max(begin, hi - kChunk), hi, stats);
+    });
   }
   at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t i = small[j];
-      const Sums total = range(i, 0, params[i].numel());
-      std::copy(total.begin(), total.end(), out + 3 * i);
+      const Stats stats = finish(i, norms(i, 0, params[i].numel()));
+      record(i, stats);
+      apply(i, 0, params[i].numel(), stats);
     }
   });
-  return sums;
+  return result;
 }
 
 template <typename T>
 T* ptr(const torch::Tensor& t, int64_t offset) { return t.data_ptr<T>() + offset; }
 
+// steps[i] += 1 and return the new count. Steps are float32 0-dim CPU tensors (checked before the passes).
+double next_step(const torch::Tensor& step) {
+  float* value = step.data_ptr<float>();
+  *value += 1.0f;
+  return *value;
+}
+
+// Every tensor the kernels read with parameter i's index must have its dtype, its size and contiguous memory.
+void check_like_params(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& others,
+                       const char* name) {
+  TORCH_CHECK(others.size() == params.size(), "torchlamb fused: ", name, " has ", others.size(),
+              " tensors for ", params.size(), " parameters");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].is_contiguous() && params[i].device().is_cpu(), "torchlamb fused: parameter ", i,
+                " is not a contiguous CPU tensor");
+    TORCH_CHECK(others[i].is_contiguous() && others[i].device().is_cpu() &&
+                    others[i].scalar_type() == params[i].scalar_type() && others[i].numel() == params[i].numel(),
+                "torchlamb fused: ", name, "[", i, "] does not match its parameter's dtype, size and layout");
+  }
+}
+
+void check_steps(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& steps) {
+  TORCH_CHECK(steps.size() == params.size(), "torchlamb fused: one step count per parameter expected");
+  for (const auto& step : steps) {
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == torch::kFloat32 && step.device().is_cpu(),
+                "torchlamb fused: step counts must be one-element float32 CPU tensors");
+  }
+}
+
+#define TORCHLAMB_DISPATCH(tensor, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (tensor).scalar_type(), name, __VA_ARGS__)
+
 // ---- LAMB ----------------------------------------------------------------------------------------------------
+// bias_correction: 0 none, 1 inside u (m̂, v̂), 2 "step_size" (√(1−β2^t)/(1−β1^t) on the step), 3
+// "step_size_first_moment" (1/(1−β1^t) on the step).
 struct LambArgs {
-  double grad_scale, beta1, beta2, eps, decay_in_update, theta_factor;
+  double lr, beta1, beta2, eps, weight_decay, grad_factor;
+  int64_t bias_correction;
+  bool decay_outside_ratio;
 };
 
 // u = (m·c1) / (√v·c2 + ε) + decay·θ ; c1 = 1/(1−β1^t), c2 = 1/√(1−β2^t) (or 1, 1 without bias correction).
@@ -104,13 +179,13 @@ inline T lamb_direction(T m, T v, T theta, T c1, T c2, T eps, T decay) {
 // returns ‖θ‖², ‖u‖² of the range.
 template <typename T>
 Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                  int64_t n, const LambArgs& a, double c1_, double c2_) {
+                  int64_t n, double grad_factor, double beta1, double beta2, double eps_, double decay_,
+                  double theta_factor, double c1_, double c2_) {
   using opmath_t = at::opmath_type<T>;
   // 1 − β in double first: 1 − 0.999f in float32 is off by 1.3e-5, which shifts v and u by ~7e-6.
-  const opmath_t one_minus_b1 = 1.0 - a.beta1, one_minus_b2 = 1.0 - a.beta2, b2 = a.beta2;
-  const opmath_t c1 = c1_, c2 = c2_, eps = a.eps, decay = a.decay_in_update, scale = a.grad_scale;
-  const opmath_t factor = a.theta_factor;
-  const bool rescale_theta = a.theta_factor != 1.0;
+  const opmath_t one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2, b2 = beta2;
+  const opmath_t c1 = c1_, c2 = c2_, eps = eps_, decay = decay_, scale = grad_factor, factor = theta_factor;
+  const bool rescale_theta = theta_factor != 1.0;
   Sums sums{0, 0, 0};
   for (int64_t block = 0; block < n; block += kBlock) {
     const int64_t end = std::min(n, block + kBlock);
@@ -139,10 +214,10 @@ Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, T* __restrict_
 
 // Pass 2 on elements [0, n): θ ← θ + scale·u, u recomputed exactly as in pass 1.
 template <typename T>
-void lamb_apply(T* __restrict__ theta, const T* __restrict__ m, const T* __restrict__ v, int64_t n,
-                const LambArgs& a, double c1_, double c2_, double scale_) {
+void lamb_apply(T* __restrict__ theta, const T* __restrict__ m, const T* __restrict__ v, int64_t n, double eps_,
+                double decay_, double c1_, double c2_, double scale_) {
   using opmath_t = at::opmath_type<T>;
-  const opmath_t c1 = c1_, c2 = c2_, eps = a.eps, decay = a.decay_in_update, scale = scale_;
+  const opmath_t c1 = c1_, c2 = c2_, eps = eps_, decay = decay_, scale = scale_;
   for (int64_t k = 0; k < n; ++k) {
     const opmath_t t = static_cast<opmath_t>(theta[k]);
     const opmath_t u = lamb_direction<opmath_t>(m[k], v[k], t, c1, c2, eps, decay);
@@ -151,16 +226,12 @@ void lamb_apply(T* __restrict__ theta, const T* __restrict__ m, const T* __restr
 }
 
 // ---- LARS ----------------------------------------------------------------------------------------------------
-struct LarsArgs {
-  double grad_scale, weight_decay, momentum;
-  bool nesterov;
-};
-
-// Pass 1 on elements [0, n): ‖θ‖², ‖g‖², ‖g + λθ‖² of the range (g already scaled). Reads only.
+// Pass 1 on elements [0, n): ‖θ‖², ‖g‖², ‖g + λθ‖² of the range (g times grad_factor). Reads only.
 template <typename T>
-Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n, const LarsArgs& a) {
+Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n, double grad_factor,
+                double weight_decay) {
   using opmath_t = at::opmath_type<T>;
-  const opmath_t scale = a.grad_scale, decay = a.weight_decay;
+  const opmath_t scale = grad_factor, decay = weight_decay;
   Sums sums{0, 0, 0};
   for (int64_t block = 0; block < n; block += kBlock) {
     const int64_t end = std::min(n, block + kBlock);
@@ -182,11 +253,10 @@ Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n,
 
 // Pass 2 on elements [0, n): b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov).
 template <typename T>
-void lars_apply(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ b, int64_t n, const LarsArgs& a,
-                double ratio_, double lr_) {
+void lars_apply(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ b, int64_t n, double grad_factor,
+                double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
   using opmath_t = at::opmath_type<T>;
-  const opmath_t scale = a.grad_scale, decay = a.weight_decay, mu = a.momentum, ratio = ratio_, lr = lr_;
-  const bool nesterov = a.nesterov;
+  const opmath_t scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_, lr = lr_;
   for (int64_t k = 0; k < n; ++k) {
     const opmath_t t = static_cast<opmath_t>(theta[k]);
     const opmath_t scaled = (static_cast<opmath_t>(g[k]) * scale + decay * t) * ratio;
@@ -197,71 +267,105 @@ void lars_apply(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ 
   }
 }
 
-#define TORCHLAMB_DISPATCH(tensor, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (tensor).scalar_type(), name, __VA_ARGS__)
+Trust make_trust(bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
+                 double coefficient, double eps) {
+  return Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, coefficient, eps};
+}
 }  // namespace
 
-// Returns [n, 3] float64: ‖θ‖², ‖u‖², 0 per tensor.
-torch::Tensor lamb_pass1(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                         std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
-                         torch::Tensor c1s, torch::Tensor c2s, double grad_scale, double beta1, double beta2,
-                         double eps, double decay_in_update, double theta_factor) {
-  const LambArgs args{grad_scale, beta1, beta2, eps, decay_in_update, theta_factor};
-  const double* c1 = c1s.data_ptr<double>();
-  const double* c2 = c2s.data_ptr<double>();
-  return over_tensors(params, [&](int64_t i, int64_t begin, int64_t end) {
-    Sums sums;
-    TORCHLAMB_DISPATCH(params[i], "lamb_pass1", [&] {
-      sums = lamb_moments<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
-                                    ptr<scalar_t>(exp_avgs[i], begin), ptr<scalar_t>(exp_avg_sqs[i], begin),
-                                    end - begin, args, c1[i], c2[i]);
-    });
-    return sums;
-  });
+// One LAMB step over all tensors (steps incremented here). Returns [n, 3] float64: ‖θ‖, ‖u‖, r.
+torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                        std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
+                        std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, int64_t bias_correction, bool decay_outside_ratio, double grad_factor,
+                        bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
+                        double trust_eps) {
+  check_like_params(params, grads, "grads");
+  check_like_params(params, exp_avgs, "exp_avgs");
+  check_like_params(params, exp_avg_sqs, "exp_avg_sqs");
+  check_steps(params, steps);
+  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
+  const double decay = decay_outside_ratio ? 0.0 : weight_decay;
+  const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
+  // Bias corrections need the step count, which pass 1 already uses: count first, in finish's place, for all.
+  std::vector<Stats> before(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double t = next_step(steps[i]);
+    const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
+    Stats& s = before[i];
+    s.scale = -lr;
+    if (bias_correction == 1) {
+      s.c1 = 1.0 / debias1;
+      s.c2 = 1.0 / std::sqrt(debias2);
+    } else if (bias_correction == 2) {
+      s.scale *= std::sqrt(debias2) / debias1;
+    } else if (bias_correction == 3) {
+      s.scale /= debias1;
+    }
+  }
+  return each_tensor(
+      params,
+      [&](int64_t i, int64_t begin, int64_t end) {
+        Sums sums;
+        TORCHLAMB_DISPATCH(params[i], "lamb_moments", [&] {
+          sums = lamb_moments<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
+                                        ptr<scalar_t>(exp_avgs[i], begin), ptr<scalar_t>(exp_avg_sqs[i], begin),
+                                        end - begin, grad_factor, beta1, beta2, eps, decay, theta_factor,
+                                        before[i].c1, before[i].c2);
+        });
+        return sums;
+      },
+      [&](int64_t i, const Sums& sums) {
+        Stats s = before[i];
+        s.weight_norm = std::sqrt(sums[0]);
+        s.update_norm = std::sqrt(sums[1]);
+        s.ratio = trust.ratio(s.weight_norm, s.update_norm);
+        s.scale *= s.ratio;
+        return s;
+      },
+      [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
+        TORCHLAMB_DISPATCH(params[i], "lamb_apply", [&] {
+          lamb_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(exp_avgs[i], begin),
+                               ptr<scalar_t>(exp_avg_sqs[i], begin), end - begin, eps, decay, s.c1, s.c2, s.scale);
+        });
+      });
 }
 
-void lamb_pass2(std::vector<torch::Tensor> params, std::vector<torch::Tensor> exp_avgs,
-                std::vector<torch::Tensor> exp_avg_sqs, torch::Tensor c1s, torch::Tensor c2s, torch::Tensor scales,
-                double eps, double decay_in_update) {
-  const LambArgs args{1.0, 0.0, 0.0, eps, decay_in_update, 1.0};
-  const double* c1 = c1s.data_ptr<double>();
-  const double* c2 = c2s.data_ptr<double>();
-  const double* scale = scales.data_ptr<double>();
-  over_tensors(params, [&](int64_t i, int64_t begin, int64_t end) {
-    TORCHLAMB_DISPATCH(params[i], "lamb_pass2", [&] {
-      lamb_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(exp_avgs[i], begin),
-                           ptr<scalar_t>(exp_avg_sqs[i], begin), end - begin, args, c1[i], c2[i], scale[i]);
-    });
-    return Sums{0, 0, 0};
-  });
-}
-
-// Returns [n, 3] float64: ‖θ‖², ‖g‖², ‖g + λθ‖² per tensor.
-torch::Tensor lars_pass1(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads, double grad_scale,
-                         double weight_decay) {
-  const LarsArgs args{grad_scale, weight_decay, 0.0, false};
-  return over_tensors(params, [&](int64_t i, int64_t begin, int64_t end) {
-    Sums sums;
-    TORCHLAMB_DISPATCH(params[i], "lars_pass1", [&] {
-      sums = lars_norms<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), end - begin,
-                                  args);
-    });
-    return sums;
-  });
-}
-
-void lars_pass2(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                std::vector<torch::Tensor> momentum_buffers, torch::Tensor ratios, double lr, double grad_scale,
-                double weight_decay, double momentum, bool nesterov) {
-  const LarsArgs args{grad_scale, weight_decay, momentum, nesterov};
-  const double* ratio = ratios.data_ptr<double>();
-  over_tensors(params, [&](int64_t i, int64_t begin, int64_t end) {
-    TORCHLAMB_DISPATCH(params[i], "lars_pass2", [&] {
-      lars_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
-                           ptr<scalar_t>(momentum_buffers[i], begin), end - begin, args, ratio[i], lr);
-    });
-    return Sums{0, 0, 0};
-  });
+// One LARS step over all tensors (steps incremented here). Returns [n, 3] float64: ‖θ‖, the denominator, r.
+torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                        std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
+                        double momentum, double weight_decay, bool nesterov, bool split_denominator,
+                        double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
+                        double ratio_hi, double trust_coefficient, double trust_eps) {
+  check_like_params(params, grads, "grads");
+  check_like_params(params, momentum_buffers, "momentum_buffers");
+  check_steps(params, steps);
+  for (const auto& step : steps) next_step(step);
+  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
+  return each_tensor(
+      params,
+      [&](int64_t i, int64_t begin, int64_t end) {
+        Sums sums;
+        TORCHLAMB_DISPATCH(params[i], "lars_norms", [&] {
+          sums = lars_norms<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), end - begin,
+                                      grad_factor, weight_decay);
+        });
+        return sums;
+      },
+      [&](int64_t i, const Sums& sums) {
+        Stats s;
+        s.weight_norm = std::sqrt(sums[0]);
+        s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
+        s.ratio = trust.ratio(s.weight_norm, s.update_norm);
+        return s;
+      },
+      [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
+        TORCHLAMB_DISPATCH(params[i], "lars_apply", [&] {
+          lars_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
+                               ptr<scalar_t>(momentum_buffers[i], begin), end - begin, grad_factor, weight_decay,
+                               momentum, nesterov, s.ratio, lr);
+        });
+      });
 }
 """
 
@@ -297,8 +401,8 @@ def kernels() -> Any | None:
 
         start = time.perf_counter()
         log.info("torchlamb: loading the fused CPU kernels (a first build takes about 30 s, then it is cached)")
-        module = load_inline(f"torchlamb_fused_cpu_v7_{_machine_tag()}", cpp_sources=_SOURCE,
-                             functions=["lamb_pass1", "lamb_pass2", "lars_pass1", "lars_pass2"],
+        module = load_inline(f"torchlamb_fused_cpu_v8_{_machine_tag()}", cpp_sources=_SOURCE,
+                             functions=["lamb_step", "lars_step"],
                              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         module.build_seconds = time.perf_counter() - start
         log.info("torchlamb: fused CPU kernels ready after %.1f s", module.build_seconds)
@@ -311,7 +415,7 @@ def kernels() -> Any | None:
 
 def supports(tensors: list[Tensor]) -> bool:
     """Whether the fused kernels can take these tensors: dense, contiguous, on the CPU."""
-    return all(t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.layout == torch.strided and t.is_contiguous() for t in tensors)
 
 
 def _kernel_grads(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
@@ -326,50 +430,45 @@ def _grad_factor(maximize: bool, grad_scale: Tensor | None) -> float:
     return (-1.0 if maximize else 1.0) * (1.0 if grad_scale is None else float(grad_scale))
 
 
-def _norms(sums: Tensor, params: list[Tensor]) -> Tensor:
-    """√ of the kernels' float64 sums of squares, in the dtype the other paths give norms in."""
+def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_eps: float,
+                     trust_coefficient: float | None = None) -> list[Any]:
+    """:func:`torchlamb.trust.trust_ratio`'s options as the kernels take them: no clip is the range (−∞, ∞)."""
+    unbounded = (-math.inf, math.inf)
+    weight_lo, weight_hi = weight_norm_clip or unbounded
+    ratio_lo, ratio_hi = trust_clip or unbounded
+    numbers = [float(x) for x in (weight_lo, weight_hi, ratio_lo, ratio_hi)]
+    coefficient = [] if trust_coefficient is None else [float(trust_coefficient)]
+    return [adapt, *numbers, *coefficient, float(trust_eps)]
+
+
+def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' float64 [n, 3] result as ‖θ‖, denominator and r, in the dtype the other paths give them."""
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return sums.sqrt().to(dtype)
+    weight_norm, update_norm, ratio = result.to(dtype).unbind(1)
+    return weight_norm, update_norm, ratio
+
+
+_BIAS_CORRECTION_CODES = {False: 0, True: 1, "step_size": 2, "step_size_first_moment": 3}
 
 
 def fused_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-               grad_scale: Tensor | None, trust_options: dict[str, Any], step_size_factor: Any
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Lamb update in two fused passes; same arguments and result as the foreach implementation."""
-    module = kernels()
-    torch._foreach_add_(steps, 1)
-    t = torch.stack(steps).to(torch.float64)
-    ones = torch.ones_like(t)
-    c1, c2 = (1 / (1 - beta1**t), (1 - beta2**t).rsqrt()) if bias_correction is True else (ones, ones)
-    decay_in_update = 0.0 if decay_outside_ratio else weight_decay
-    theta_factor = float(1 - lr * weight_decay) if decay_outside_ratio else 1.0
-    sums = module.lamb_pass1(params, _kernel_grads(params, grads), exp_avgs, exp_avg_sqs, c1, c2,
-                             _grad_factor(maximize, grad_scale), beta1, beta2, eps, decay_in_update, theta_factor)
-    weight_norm, update_norm = _norms(sums[:, :2], params).unbind(1)
-    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-    step_scale = (ratio * -lr).to(torch.float64)
-    factor = step_size_factor(torch.stack(steps))
-    if factor is not None:
-        step_scale = step_scale * factor
-    module.lamb_pass2(params, exp_avgs, exp_avg_sqs, c1, c2, step_scale, eps, decay_in_update)
-    return weight_norm, update_norm, ratio
+               grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The Lamb update in two fused passes per tensor; same arguments and result as the foreach implementation."""
+    result = kernels().lamb_step(
+        params, _kernel_grads(params, grads), exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps,
+        weight_decay, _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _grad_factor(maximize, grad_scale),
+        *_trust_arguments(**trust_options))
+    return _stats(result, params)
 
 
 def fused_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor], *,
                lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool,
                maximize: bool, grad_scale: Tensor | None, trust_options: dict[str, Any]
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Lars update in two fused passes; same arguments and result as the foreach implementation."""
-    module = kernels()
-    torch._foreach_add_(steps, 1)
-    grads = _kernel_grads(params, grads)
-    factor = _grad_factor(maximize, grad_scale)
-    weight_norm, grad_norm, combined_norm = _norms(module.lars_pass1(params, grads, factor, weight_decay),
-                                                   params).unbind(1)
-    update_norm = grad_norm + weight_decay * weight_norm if split_denominator else combined_norm
-    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-    module.lars_pass2(params, grads, momentum_buffers, ratio.to(torch.float64), float(lr), factor, weight_decay,
-                      momentum, nesterov)
-    return weight_norm, update_norm, ratio
+    """The Lars update in two fused passes per tensor; same arguments and result as the foreach implementation."""
+    result = kernels().lars_step(
+        params, _kernel_grads(params, grads), momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov,
+        split_denominator, _grad_factor(maximize, grad_scale), *_trust_arguments(**trust_options))
+    return _stats(result, params)

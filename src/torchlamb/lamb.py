@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
@@ -148,13 +147,9 @@ class Lamb(LayerwiseOptimizer):
                        bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
                        maximize=group["maximize"], grad_scale=grad_scale, trust_options=self._trust_options(group))
         steps = [s["step"] for s in states]
-        if implementation == "fused":
-            step_size_factor = functools.partial(_step_size_factor, group["bias_correction"], beta1, beta2)
-            result = _fused.fused_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, **options,
-                                       step_size_factor=step_size_factor)
-        else:
-            update = _multi_tensor_lamb if implementation == "foreach" else _single_tensor_lamb
-            result = update(params, grads, exp_avgs, exp_avg_sqs, steps, **options)
+        update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
+                  "single_tensor": _single_tensor_lamb}[implementation]
+        result = update(params, grads, exp_avgs, exp_avg_sqs, steps, **options)
         return TrustStats(params, *result)
 
 
