@@ -118,7 +118,7 @@ def test_large_tensors_split_across_threads_match_foreach():
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 def test_default_picks_the_fused_kernels_on_cpu(optimizer_class, monkeypatch):
     calls = []
-    name = "fused_lamb" if optimizer_class is Lamb else "fused_lars"
+    name = "fused_lamb_step" if optimizer_class is Lamb else "fused_lars_step"
     original = getattr(_fused, name)
     monkeypatch.setattr(_fused, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     params, grads = problem()

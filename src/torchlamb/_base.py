@@ -15,8 +15,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused
-from .trust import TrustStats, clip_factor, global_norm
+from . import _fused, distributed
+from .trust import FirstPass, TrustStats, clip_factor, global_norm, trust_ratio
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
 Adapt = Union[bool, Literal["if_decayed"]]
@@ -114,9 +114,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # The keys that each parameter's state holds, besides 'step'; set by subclasses.
     _state_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], partition_group: Any | None = None) -> None:
         # The constructor's arguments are checked like any later group: add_param_group sees them as defaults.
         self._validate_group(defaults, None)
+        # Not an option of the groups: a process group cannot go into a state_dict.
+        self.partition_group = partition_group
         super().__init__(params, defaults)
         self.trust_stats: list[TrustStats] = []
         self.grad_norm: Tensor | None = None
@@ -150,9 +152,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return dict(adapt=adapt, weight_norm_clip=group["weight_norm_clip"], trust_clip=group["trust_clip"],
                     trust_eps=group["trust_eps"])
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
+        """Update the state of ``params`` (this process's parts, see :func:`torchlamb.distributed.local`) and
+        return the sums of squares the trust stage needs, with the function that completes the update."""
         raise NotImplementedError
+
+    def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
+        """The ratio's denominator per tensor from the square roots of :class:`FirstPass` ``squares``."""
+        raise NotImplementedError
+
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None) -> TrustStats:
+        """The fused step in one call, trust stage included, for tensors that are whole on this process."""
+        raise NotImplementedError
+
+    def _states(self, params: list[Tensor], key: str) -> list[Tensor]:
+        """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them)."""
+        return distributed.local([self.state[p][key] for p in params])
 
     # -- parameter groups ----------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -166,6 +183,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         members = param_group["params"]
         for item in [members] if isinstance(members, Tensor) else members:
             tensor = item[1] if isinstance(item, tuple) else item
+            if isinstance(tensor, Tensor):
+                distributed.check_not_fsdp1(tensor, f"a parameter of param group {index}")
             if isinstance(tensor, Tensor) and tensor.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters yet "
                                 f"(param group {index}, shape {tuple(tensor.shape)}); "
@@ -284,7 +303,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Each group's update runs up to the trust stage (:meth:`_first_pass`); the per-tensor sums of squares of all
+        groups are made whole-tensor sums — one all-reduce for sharded (FSDP2) parameters, nothing otherwise —
+        turned into trust ratios, and the updates completed. Fused groups of whole tensors do all that in one call.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -292,14 +316,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         # Check every gradient before touching any state, so a bad one leaves the optimizer as it was.
         gathered = [self._params_with_grads(group, index) for index, group in enumerate(self.param_groups)]
+        all_params = [param for params, _ in gathered for param in params]
         all_grads = [grad for _, grads in gathered for grad in grads]
+        sharded = distributed.any_sharded(all_params)
 
         self.grad_norm = None
-        if all_grads and any(group["max_grad_norm"] is not None for group in self.param_groups):
-            self.grad_norm = global_norm(all_grads, foreach=len({g.device for g in all_grads}) == 1)
+        if any(group["max_grad_norm"] is not None for group in self.param_groups):
+            if sharded or self.partition_group is not None:  # every process takes part, with or without gradients
+                device = all_params[0].device if all_params else torch.device("cpu")
+                self.grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group,
+                                                       device=device)
+            elif all_grads:
+                self.grad_norm = global_norm(all_grads, foreach=len({g.device for g in all_grads}) == 1)
 
-        self.trust_stats = []
-        for group, (params, grads) in zip(self.param_groups, gathered):
+        stats: dict[int, TrustStats] = {}
+        pending: list[tuple[int, list[Tensor], FirstPass]] = []
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
             if not params:
                 continue
             for param in params:
@@ -309,7 +341,37 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grad_scale = None
             if self.grad_norm is not None:
                 grad_scale = clip_factor(self.grad_norm, group["max_grad_norm"])
-            implementation = self._choose_implementation(group, params, grads)
-            self.trust_stats.append(self._update_group(group, params, grads, grad_scale, implementation))
+            local_params, local_grads = distributed.local(params), distributed.local(grads)
+            implementation = self._choose_implementation(group, local_params, local_grads)
+            if implementation == "fused" and not sharded:
+                stats[index] = self._whole_step(group, params, grads, grad_scale)
+            else:
+                pending.append((index, params, self._first_pass(group, params, grads, grad_scale, implementation)))
+
+        if pending:
+            squares = [first.squares for _, _, first in pending]
+            if sharded:  # one all-reduce of all groups' squares together
+                devices = [s.device for s in squares]
+                packed = distributed.sum_over_shards_(
+                    torch.cat([s.to(devices[0]) for s in squares]),
+                    [p for _, params, _ in pending for p in params])
+                squares = [part.to(device) for part, device in zip(packed.split([len(s) for s in squares]), devices)]
+            for (index, params, first), group_squares in zip(pending, squares):
+                group = self.param_groups[index]
+                norms = group_squares.sqrt().to(_norm_dtype(params))
+                weight_norm, update_norm = norms[:, 0], self._update_norm(group, norms)
+                ratio = trust_ratio(weight_norm, update_norm, **self._trust_options(group))
+                first.finish(ratio)
+                stats[index] = TrustStats(params, weight_norm, update_norm, ratio)
+        self.trust_stats = [stats[index] for index in sorted(stats)]
         return loss
 
+
+def _norm_dtype(params: list[Tensor]) -> torch.dtype:
+    """The dtype of per-tensor norms and ratios: float64 if any parameter is float64, else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def squares_of(*columns: Tensor) -> Tensor:
+    """Per-tensor norms (1-D tensors, one per column) as the float64 [n, k] sums of squares of a FirstPass."""
+    return torch.stack(columns, 1).to(torch.float64).square()

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .trust import FirstPass
+
 log = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -75,52 +77,68 @@ struct Trust {
   }
 };
 
-// What pass 1 of tensor i found and pass 2 needs: its norms, its ratio and the numbers of its update.
+// What pass 2 of tensor i needs: its norms, its ratio and the numbers of its update.
 struct Stats {
   double weight_norm = 0, update_norm = 0, ratio = 1, c1 = 1, c2 = 1, scale = 0;
 };
 
-// The driver: for every tensor i, pass 1 (sums = Σ norms(i, begin, end) over its elements), then
-// finish(i, sums) -> Stats (ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
-// Returns [n, 3] float64: ‖θ‖, the ratio's denominator and r per tensor.
+// A step runs in one call (kWhole) where every tensor is whole on this process. Where tensors are sharded across
+// processes, their norms must be summed over all shards between the passes: kNorms runs pass 1 and returns the
+// local sums of squares, the caller all-reduces them and computes the ratios, and kApply runs pass 2 with them.
+enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
+
+// The driver. For every tensor i: pass 1 (sums = Σ norms(i, begin, end) over its elements), then
+// finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
+// kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the sums of
+// pass 1; kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
 //
 // The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
 // pointers would be reloaded after every store and the loops would not vectorise.
 template <typename Norms, typename Finish, typename Apply>
-torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, const Norms& norms, const Finish& finish,
-                          const Apply& apply) {
+torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Norms& norms,
+                          const Finish& finish, const Apply& apply) {
   const int64_t n = static_cast<int64_t>(params.size());
-  auto result = torch::empty({n, 3}, torch::kFloat64);
+  auto result = torch::zeros({phase == kApply ? 0 : n, 3}, torch::kFloat64);
   double* out = result.data_ptr<double>();
-  auto record = [&](int64_t i, const Stats& stats) {
-    out[3 * i] = stats.weight_norm;
-    out[3 * i + 1] = stats.update_norm;
-    out[3 * i + 2] = stats.ratio;
-  };
-  std::vector<int64_t> small;
-  for (int64_t i = 0; i < n; ++i) {
+  // One tensor, or a range of it split among threads by `split` (parallel_reduce and parallel_for split alike).
+  auto run = [&](int64_t i, bool split) {
     const int64_t numel = params[i].numel();
-    if (numel < kGrain) {
-      small.push_back(i);
-      continue;
+    Sums sums{0, 0, 0};
+    if (phase != kApply) {
+      sums = split ? at::parallel_reduce(
+                         0, numel, kGrain, Sums{0, 0, 0},
+                         [&](int64_t begin, int64_t end, Sums acc) { return add(acc, norms(i, begin, end)); }, add)
+                   : norms(i, 0, numel);
     }
-    const Sums sums = at::parallel_reduce(
-        0, numel, kGrain, Sums{0, 0, 0},
-        [&](int64_t begin, int64_t end, Sums acc) { return add(acc, norms(i, begin, end)); }, add);
+    if (phase == kNorms) {
+      std::copy(sums.begin(), sums.end(), out + 3 * i);
+      return;
+    }
     const Stats stats = finish(i, sums);
-    record(i, stats);
-    // The same grain splits the range among threads as pass 1 did; each thread then walks its part backwards.
+    if (phase == kWhole) {
+      out[3 * i] = stats.weight_norm;
+      out[3 * i + 1] = stats.update_norm;
+      out[3 * i + 2] = stats.ratio;
+    }
+    if (!split) {
+      apply(i, 0, numel, stats);
+      return;
+    }
+    // Each thread walks its part backwards: after pass 1 the end of its part is what is still in cache.
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t hi = end; hi > begin; hi -= kChunk) apply(i, std::max(begin, hi - kChunk), hi, stats);
     });
+  };
+  std::vector<int64_t> small;
+  for (int64_t i = 0; i < n; ++i) {
+    if (params[i].numel() < kGrain) {
+      small.push_back(i);
+    } else {
+      run(i, true);
+    }
   }
   at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t i = small[j];
-      const Stats stats = finish(i, norms(i, 0, params[i].numel()));
-      record(i, stats);
-      apply(i, 0, params[i].numel(), stats);
-    }
+    for (int64_t j = begin; j < end; ++j) run(small[j], false);
   });
   return result;
 }
@@ -128,11 +146,22 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, const Norms&
 template <typename T>
 T* ptr(const torch::Tensor& t, int64_t offset) { return t.data_ptr<T>() + offset; }
 
-// steps[i] += 1 and return the new count. Steps are float32 0-dim CPU tensors (checked before the passes).
-double next_step(const torch::Tensor& step) {
+// The step count of a parameter, first incremented unless this is the apply phase of a sharded step (whose norms
+// phase counted it). Steps are float32 0-dim CPU tensors (checked before the passes).
+double count_step(const torch::Tensor& step, Phase phase) {
   float* value = step.data_ptr<float>();
-  *value += 1.0f;
+  if (phase != kApply) *value += 1.0f;
   return *value;
+}
+
+// The caller's ratios, for the apply phase.
+const double* given_ratios(const std::vector<torch::Tensor>& params, Phase phase, const torch::Tensor& ratios) {
+  TORCH_CHECK(phase >= kWhole && phase <= kApply, "torchlamb fused: unknown phase ", static_cast<int64_t>(phase));
+  if (phase != kApply) return nullptr;
+  TORCH_CHECK(ratios.scalar_type() == torch::kFloat64 && ratios.is_contiguous() &&
+                  ratios.numel() == static_cast<int64_t>(params.size()),
+              "torchlamb fused: the apply phase needs one float64 ratio per parameter");
+  return ratios.data_ptr<double>();
 }
 
 // Every tensor the kernels read with parameter i's index must have its dtype, its size and contiguous memory.
@@ -273,24 +302,27 @@ Trust make_trust(bool adapt, double weight_lo, double weight_hi, double ratio_lo
 }
 }  // namespace
 
-// One LAMB step over all tensors (steps incremented here). Returns [n, 3] float64: ‖θ‖, ‖u‖, r.
+// One LAMB step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
+// apply phase only. Returns what each_tensor returns.
 torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                         std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
                         std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t bias_correction, bool decay_outside_ratio, double grad_factor,
                         bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                        double trust_eps) {
-  check_like_params(params, grads, "grads");
+                        double trust_eps, int64_t phase_, torch::Tensor ratios) {
+  const Phase phase = static_cast<Phase>(phase_);
+  const double* given = given_ratios(params, phase, ratios);
   check_like_params(params, exp_avgs, "exp_avgs");
   check_like_params(params, exp_avg_sqs, "exp_avg_sqs");
+  if (phase != kApply) check_like_params(params, grads, "grads");
   check_steps(params, steps);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
   const double decay = decay_outside_ratio ? 0.0 : weight_decay;
   const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  // Bias corrections need the step count, which pass 1 already uses: count first, in finish's place, for all.
+  // Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
   std::vector<Stats> before(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const double t = next_step(steps[i]);
+    const double t = count_step(steps[i], phase);
     const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
     Stats& s = before[i];
     s.scale = -lr;
@@ -304,7 +336,7 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
     }
   }
   return each_tensor(
-      params,
+      params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
         TORCHLAMB_DISPATCH(params[i], "lamb_moments", [&] {
@@ -319,7 +351,7 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         Stats s = before[i];
         s.weight_norm = std::sqrt(sums[0]);
         s.update_norm = std::sqrt(sums[1]);
-        s.ratio = trust.ratio(s.weight_norm, s.update_norm);
+        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
         s.scale *= s.ratio;
         return s;
       },
@@ -331,19 +363,23 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
       });
 }
 
-// One LARS step over all tensors (steps incremented here). Returns [n, 3] float64: ‖θ‖, the denominator, r.
+// One LARS step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
+// apply phase only. kNorms returns ‖θ‖², ‖g‖², ‖g + λθ‖²; kWhole returns ‖θ‖, the denominator and r.
 torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                         std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
                         double momentum, double weight_decay, bool nesterov, bool split_denominator,
                         double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
-                        double ratio_hi, double trust_coefficient, double trust_eps) {
+                        double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase_,
+                        torch::Tensor ratios) {
+  const Phase phase = static_cast<Phase>(phase_);
+  const double* given = given_ratios(params, phase, ratios);
   check_like_params(params, grads, "grads");
   check_like_params(params, momentum_buffers, "momentum_buffers");
   check_steps(params, steps);
-  for (const auto& step : steps) next_step(step);
+  for (const auto& step : steps) count_step(step, phase);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
   return each_tensor(
-      params,
+      params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
         TORCHLAMB_DISPATCH(params[i], "lars_norms", [&] {
@@ -356,7 +392,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         Stats s;
         s.weight_norm = std::sqrt(sums[0]);
         s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
-        s.ratio = trust.ratio(s.weight_norm, s.update_norm);
+        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
         return s;
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
@@ -401,7 +437,7 @@ def kernels() -> Any | None:
 
         start = time.perf_counter()
         log.info("torchlamb: loading the fused CPU kernels (a first build takes about 30 s, then it is cached)")
-        module = load_inline(f"torchlamb_fused_cpu_v8_{_machine_tag()}", cpp_sources=_SOURCE,
+        module = load_inline(f"torchlamb_fused_cpu_v9_{_machine_tag()}", cpp_sources=_SOURCE,
                              functions=["lamb_step", "lars_step"],
                              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         module.build_seconds = time.perf_counter() - start
@@ -448,27 +484,55 @@ def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor
     return weight_norm, update_norm, ratio
 
 
+# The kernels' phases (enum Phase in the C++ source): a whole step, or pass 1 and pass 2 of a sharded one.
+_WHOLE, _NORMS, _APPLY = 0, 1, 2
+_NO_RATIOS = torch.empty(0, dtype=torch.float64)
+_NO_TRUST = dict(adapt=True, weight_norm_clip=None, trust_clip=None, trust_eps=0.0)  # unused outside _WHOLE
 _BIAS_CORRECTION_CODES = {False: 0, True: 1, "step_size": 2, "step_size_first_moment": 3}
 
 
-def fused_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-               weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-               grad_scale: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """The Lamb update in two fused passes per tensor; same arguments and result as the foreach implementation."""
-    result = kernels().lamb_step(
-        params, _kernel_grads(params, grads), exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps,
-        weight_decay, _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _grad_factor(maximize, grad_scale),
-        *_trust_arguments(**trust_options))
-    return _stats(result, params)
+def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+          exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
+          eps: float, weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
+          grad_scale: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+    return kernels().lamb_step(
+        params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps, weight_decay,
+        _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _grad_factor(maximize, grad_scale),
+        *_trust_arguments(**trust_options), phase, ratios)
 
 
-def fused_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor], *,
-               lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool,
-               maximize: bool, grad_scale: Tensor | None, trust_options: dict[str, Any]
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Lars update in two fused passes per tensor; same arguments and result as the foreach implementation."""
-    result = kernels().lars_step(
-        params, _kernel_grads(params, grads), momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov,
-        split_denominator, _grad_factor(maximize, grad_scale), *_trust_arguments(**trust_options))
-    return _stats(result, params)
+def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+          steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
+          split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
+          trust_options: dict[str, Any]) -> Tensor:
+    return kernels().lars_step(
+        params, grads, momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov, split_denominator,
+        _grad_factor(maximize, grad_scale), *_trust_arguments(**trust_options), phase, ratios)
+
+
+def fused_lamb_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+                    **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole Lamb step in one call (``states``: exp_avgs, exp_avg_sqs, steps); returns ‖θ‖, ‖u‖ and r."""
+    return _stats(_lamb(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
+
+
+def fused_lars_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+                    **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole Lars step in one call (``states``: momentum_buffers, steps); returns ‖θ‖, the denominator and r."""
+    return _stats(_lars(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
+
+
+def fused_lamb(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], **options: Any) -> FirstPass:
+    """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors."""
+    grads = _kernel_grads(params, grads)
+    squares = _lamb(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=_NO_TRUST)[:, :2]
+    return FirstPass(squares, lambda ratio: _lamb(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
+                                                  *states, **options, trust_options=_NO_TRUST))
+
+
+def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], **options: Any) -> FirstPass:
+    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``finish``, for sharded tensors."""
+    grads = _kernel_grads(params, grads)
+    squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=_NO_TRUST)
+    return FirstPass(squares, lambda ratio: _lars(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
+                                                  *states, **options, trust_options=_NO_TRUST))

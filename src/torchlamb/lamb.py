@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, distributed
 from ._base import (
     Adapt,
     Implementation,
@@ -17,10 +17,11 @@ from ._base import (
     check_number,
     effective_grad,
     effective_grads,
+    squares_of,
     stack_per_tensor,
 )
 from .presets import PRESETS
-from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
+from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
 
 # True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
 BiasCorrection = Union[bool, Literal["step_size", "step_size_first_moment"]]
@@ -77,6 +78,10 @@ class Lamb(LayerwiseOptimizer):
             and cached across processes). With ``fused`` and ``foreach`` both None (the default) the fused kernels
             run wherever they apply — dense contiguous CPU tensors — and foreach elsewhere (e.g. on CUDA). Where
             the kernels cannot be built, one warning says so and foreach runs.
+        partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
+            holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
+            norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
+            DTensor parameters are handled by themselves: see :mod:`torchlamb.distributed`).
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
@@ -102,12 +107,13 @@ class Lamb(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        partition_group: Any | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
                         decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, partition_group)
 
     @classmethod
     def from_preset(cls, name: str, params: Any, **overrides: Any) -> Lamb:
@@ -138,19 +144,31 @@ class Lamb(LayerwiseOptimizer):
             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
         }
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
-        states = [self.state[p] for p in params]
-        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        beta1, beta2 = group["betas"]
-        options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
-                       maximize=group["maximize"], grad_scale=grad_scale, trust_options=self._trust_options(group))
-        steps = [s["step"] for s in states]
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
         update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
                   "single_tensor": _single_tensor_lamb}[implementation]
-        result = update(params, grads, exp_avgs, exp_avg_sqs, steps, **options)
+        return update(distributed.local(params), distributed.local(grads), self._states(params, "exp_avg"),
+                      self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
+                      grad_scale=grad_scale)
+
+    def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
+        return norms[:, 1]  # ‖u‖
+
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None) -> TrustStats:
+        result = _fused.fused_lamb_step(params, grads, self._states(params, "exp_avg"),
+                                        self._states(params, "exp_avg_sq"), self._states(params, "step"),
+                                        **self._options(group), grad_scale=grad_scale,
+                                        trust_options=self._trust_options(group))
         return TrustStats(params, *result)
+
+    @staticmethod
+    def _options(group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
+                    maximize=group["maximize"])
 
 
 def _precise(step: Tensor) -> Tensor:
@@ -178,10 +196,9 @@ def _step_size_factor(bias_correction: BiasCorrection, beta1: float, beta2: floa
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                         beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
-                        decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None,
-                        trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """LAMB one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, ‖u‖ and r."""
-    weight_norms, update_norms, ratios = [], [], []
+                        decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None) -> FirstPass:
+    """LAMB one tensor at a time, written as the math reads. The updates u wait for their ratios in a list."""
+    updates, weight_norms, update_norms = [], [], []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         grad = effective_grad(grad, maximize, grad_scale)
         step += 1
@@ -197,25 +214,25 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         update = m_hat / (v_hat.sqrt() + eps)
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
-        weight_norm = tensor_norms([param])[0]
-        update_norm = tensor_norms([update])[0]
-        ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-        scale = ratio * -lr
-        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, step)
-        if step_size_factor is not None:
-            scale = scale * step_size_factor
-        param.add_(update * scale)
-        weight_norms.append(weight_norm)
-        update_norms.append(update_norm)
-        ratios.append(ratio)
-    return stack_per_tensor(weight_norms, update_norms, ratios)
+        updates.append(update)
+        weight_norms.append(tensor_norms([param])[0])
+        update_norms.append(tensor_norms([update])[0])
+
+    def finish(ratio: Tensor) -> None:
+        for param, update, step, r in zip(params, updates, steps, ratio.unbind(0)):
+            scale = r.to(param.device) * -lr
+            step_size_factor = _step_size_factor(bias_correction, beta1, beta2, step)
+            if step_size_factor is not None:
+                scale = scale * step_size_factor
+            param.add_(update * scale)
+
+    return FirstPass(squares_of(*stack_per_tensor(weight_norms, update_norms)), finish)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                        beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
-                       decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None,
-                       trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                       decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None) -> FirstPass:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
     grads = effective_grads(grads, maximize, grad_scale)
     torch._foreach_add_(steps, 1)
@@ -242,13 +259,12 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     if weight_decay != 0 and not decay_outside_ratio:
         torch._foreach_add_(updates, params, alpha=weight_decay)
 
-    weight_norm = tensor_norms(params, foreach=True)
-    update_norm = tensor_norms(updates, foreach=True)
-    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-    scale = ratio * -lr
-    step_size_factor = _step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
-    if step_size_factor is not None:
-        scale = scale * step_size_factor
-    torch._foreach_mul_(updates, list(scale.unbind(0)))
-    torch._foreach_add_(params, updates)
-    return weight_norm, update_norm, ratio
+    def finish(ratio: Tensor) -> None:
+        scale = ratio.to(params[0].device) * -lr
+        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
+        if step_size_factor is not None:
+            scale = scale * step_size_factor
+        torch._foreach_mul_(updates, list(scale.unbind(0)))
+        torch._foreach_add_(params, updates)
+
+    return FirstPass(squares_of(tensor_norms(params, foreach=True), tensor_norms(updates, foreach=True)), finish)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, distributed
 from ._base import (
     Adapt,
     Implementation,
@@ -17,9 +17,10 @@ from ._base import (
     check_number,
     effective_grad,
     effective_grads,
+    squares_of,
     stack_per_tensor,
 )
-from .trust import ClipRange, TrustStats, tensor_norms, trust_ratio
+from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
 
 Denominator = Literal["combined", "split"]
 
@@ -63,6 +64,7 @@ class Lars(LayerwiseOptimizer):
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
         fused: use the fused two-pass CPU kernels, as for :class:`~torchlamb.Lamb` (the default, None, picks them
             for dense contiguous CPU tensors and foreach elsewhere).
+        partition_group: the process group under ``ZeroRedundancyOptimizer``, as for :class:`~torchlamb.Lamb`.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, the ratio's denominator and the ratio.
     Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters.
@@ -88,12 +90,13 @@ class Lars(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        partition_group: Any | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
                         trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, partition_group)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
         super()._validate_group(group, group_index)
@@ -112,73 +115,84 @@ class Lars(LayerwiseOptimizer):
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      grad_scale: Tensor | None, implementation: Implementation) -> TrustStats:
-        states = [self.state[p] for p in params]
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
         update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
                   "single_tensor": _single_tensor_lars}[implementation]
-        result = update(
-            params, grads, [s["momentum_buffer"] for s in states], [s["step"] for s in states],
-            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], split_denominator=group["denominator"] == "split",
-            maximize=group["maximize"], grad_scale=grad_scale,
-            trust_options=self._trust_options(group),
-        )
+        return update(distributed.local(params), distributed.local(grads), self._states(params, "momentum_buffer"),
+                      self._states(params, "step"), **self._options(group), grad_scale=grad_scale)
+
+    def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
+        # Columns: ‖θ‖, ‖g‖, ‖g + λθ‖.
+        if group["denominator"] == "split":
+            return norms[:, 1] + group["weight_decay"] * norms[:, 0]
+        return norms[:, 2]
+
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    grad_scale: Tensor | None) -> TrustStats:
+        result = _fused.fused_lars_step(params, grads, self._states(params, "momentum_buffer"),
+                                        self._states(params, "step"), **self._options(group), grad_scale=grad_scale,
+                                        trust_options=self._trust_options(group))
         return TrustStats(params, *result)
+
+    @staticmethod
+    def _options(group: dict[str, Any]) -> dict[str, Any]:
+        return dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], split_denominator=group["denominator"] == "split",
+                    maximize=group["maximize"])
 
 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                         steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
-                        nesterov: bool, split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
-                        trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """LARS one tensor at a time, written as the math reads. Returns the stacked ‖θ‖, denominator and r."""
-    weight_norms, update_norms, ratios = [], [], []
-    for param, grad, buffer, step in zip(params, grads, momentum_buffers, steps):
+                        nesterov: bool, split_denominator: bool, maximize: bool,
+                        grad_scale: Tensor | None) -> FirstPass:
+    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list."""
+    updates, weight_norms, grad_norms, update_norms = [], [], [], []
+    for param, grad, step in zip(params, grads, steps):
         grad = effective_grad(grad, maximize, grad_scale)
         step += 1
         update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
-        weight_norm = tensor_norms([param])[0]
-        if split_denominator:
-            update_norm = tensor_norms([grad])[0] + weight_decay * weight_norm
-        else:
-            update_norm = tensor_norms([update])[0]
-        ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-        scaled_update = update * ratio
-        buffer.mul_(momentum).add_(scaled_update)
-        direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
-        _subtract_scaled_([param], [direction], lr)
-        weight_norms.append(weight_norm)
-        update_norms.append(update_norm)
-        ratios.append(ratio)
-    return stack_per_tensor(weight_norms, update_norms, ratios)
+        updates.append(update)
+        weight_norms.append(tensor_norms([param])[0])
+        grad_norms.append(tensor_norms([grad])[0])
+        update_norms.append(tensor_norms([update])[0])
+
+    def finish(ratio: Tensor) -> None:
+        for param, update, buffer, r in zip(params, updates, momentum_buffers, ratio.unbind(0)):
+            scaled_update = update * r.to(param.device)
+            buffer.mul_(momentum).add_(scaled_update)
+            direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
+            _subtract_scaled_([param], [direction], lr)
+
+    return FirstPass(squares_of(*stack_per_tensor(weight_norms, grad_norms, update_norms)), finish)
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
-                       nesterov: bool, split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
-                       trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                       nesterov: bool, split_denominator: bool, maximize: bool,
+                       grad_scale: Tensor | None) -> FirstPass:
     """The same update with ``torch._foreach_*`` ops."""
     grads = effective_grads(grads, maximize, grad_scale)
     torch._foreach_add_(steps, 1)
     # A new list: p.grad itself is never modified.
     updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
-
     weight_norm = tensor_norms(params, foreach=True)
-    if split_denominator:
-        update_norm = tensor_norms(grads, foreach=True) + weight_decay * weight_norm
-    else:
-        update_norm = tensor_norms(updates, foreach=True)
-    ratio = trust_ratio(weight_norm, update_norm, **trust_options)
-    scaled_updates = torch._foreach_mul(updates, list(ratio.unbind(0)))
-    torch._foreach_mul_(momentum_buffers, momentum)
-    torch._foreach_add_(momentum_buffers, scaled_updates)
-    if nesterov:
-        torch._foreach_add_(scaled_updates, momentum_buffers, alpha=momentum)
-        directions = scaled_updates
-    else:
-        directions = momentum_buffers
-    _subtract_scaled_(params, directions, lr)
-    return weight_norm, update_norm, ratio
+    # Only the denominator in use is computed; the other column stays 0.
+    grad_norm = tensor_norms(grads, foreach=True) if split_denominator else torch.zeros_like(weight_norm)
+    update_norm = torch.zeros_like(weight_norm) if split_denominator else tensor_norms(updates, foreach=True)
+
+    def finish(ratio: Tensor) -> None:
+        scaled_updates = torch._foreach_mul(updates, list(ratio.to(params[0].device).unbind(0)))
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, scaled_updates)
+        if nesterov:
+            torch._foreach_add_(scaled_updates, momentum_buffers, alpha=momentum)
+            directions = scaled_updates
+        else:
+            directions = momentum_buffers
+        _subtract_scaled_(params, directions, lr)
+
+    return FirstPass(squares_of(weight_norm, grad_norm, update_norm), finish)
 
 
 def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor) -> None:

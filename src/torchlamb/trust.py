@@ -19,7 +19,7 @@ uses it issues no host-device synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +55,18 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = False) -> Tensor:
 
     Tensors may live on several devices; the result lives on the first tensor's device.
     """
-    device = tensors[0].device
+    return squared_norm(tensors, device=tensors[0].device, foreach=foreach).sqrt()
+
+
+def squared_norm(tensors: Sequence[Tensor], *, device: torch.device, foreach: bool = False) -> Tensor:
+    """Return ``Σ_i ‖x_i‖²`` as a 0-dim tensor on ``device`` (float32, or float64 with float64 input; 0 for none)."""
+    if not tensors:
+        return torch.zeros((), device=device)
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     squares = [tensor_norms(ts, foreach=foreach).square().sum().to(device) for ts in by_device.values()]
-    return torch.stack(squares).sum().sqrt()
+    return torch.stack(squares).sum()
 
 
 def clip_factor(total_norm: Tensor, max_norm: float | None) -> Tensor | None:
@@ -114,3 +120,15 @@ class TrustStats:
     weight_norm: Tensor
     update_norm: Tensor
     trust_ratio: Tensor
+
+
+@dataclass
+class FirstPass:
+    """A group's update up to the trust stage, from an optimizer's ``_first_pass``.
+
+    ``squares[i]``: this process's float64 sums of squares for tensor i (column 0 ‖θ‖², the others whatever the
+    optimizer's ``_update_norm`` reads). ``finish(ratio)`` applies the update with the per-tensor trust ratios.
+    """
+
+    squares: Tensor
+    finish: Callable[[Tensor], None]
