@@ -533,6 +533,7 @@ def fused_lamb(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
 def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], **options: Any) -> FirstPass:
     """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``finish``, for sharded tensors."""
     grads = _kernel_grads(params, grads)
-    squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=_NO_TRUST)
+    no_trust = {**_NO_TRUST, "trust_coefficient": 1.0}
+    squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=no_trust)
     return FirstPass(squares, lambda ratio: _lars(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
-                                                  *states, **options, trust_options=_NO_TRUST))
+                                                  *states, **options, trust_options=no_trust))

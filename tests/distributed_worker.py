@@ -1,0 +1,192 @@
+"""The processes test_distributed.py starts: short training runs under DDP, FSDP2 and ZeRO, gloo on the CPU.
+
+Every run trains the same small model on the same data for a few steps: a global batch split evenly among the
+processes, so that the averaged gradients equal the one-process full-batch gradients. Rank 0 saves the final
+parameters (whole tensors) with torch.save for the test to compare with a one-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchlamb
+
+GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 processes
+OPTIMIZERS = {
+    "lamb": (torchlamb.Lamb, dict(lr=0.02, max_grad_norm=0.5)),
+    "lars": (torchlamb.Lars, dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, max_grad_norm=0.5)),
+}
+PATHS = {"single_tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_model() -> nn.Module:
+    """First dimensions 5 and 3: uneven over 2 and 3 processes (one 3-way shard of the last bias is empty)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    nn.init.zeros_(model[2].bias)  # a zero-initialised tensor: the zero-norm fallback
+    return model
+
+
+def groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weights with weight decay and the trust ratio; biases without either (an adapt=False group)."""
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    return [{"params": weights, "weight_decay": 0.01}, {"params": biases, "weight_decay": 0.0, "adapt": False}]
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randn(GLOBAL_BATCH, 3, generator=generator)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
+    share = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = batch(step)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def full_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return [(p.full_tensor() if torchlamb.distributed.is_sharded(p) else p).detach().clone()
+            for p in model.parameters()]
+
+
+def one_process(name: str, path: str, steps: int) -> list[torch.Tensor]:
+    """The reference: the same training in one process, no torch.distributed."""
+    model = make_model()
+    optimizer_class, options = OPTIMIZERS[name]
+    train(model, optimizer_class(groups(model), **options, **PATHS[path]), range(steps))
+    return full_parameters(model)
+
+
+def _setup(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int) -> list[torch.Tensor]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    optimizer_class, options = OPTIMIZERS[name]
+    options = {**options, **PATHS[path]}
+    if mode == "fsdp2":
+        fully_shard(model)
+        optimizer = optimizer_class(groups(model), **options)
+        trained = model
+    else:
+        trained = DistributedDataParallel(model)
+        if mode == "ddp":
+            optimizer = optimizer_class(groups(model), **options)
+        else:  # zero: each process's optimizer holds a share of the tensors
+            optimizer = ZeroRedundancyOptimizer(groups(model), optimizer_class=optimizer_class,
+                                                partition_group=dist.group.WORLD, **options)
+    train(trained, optimizer, range(steps), rank, world)
+    return full_parameters(model)
+
+
+def equivalence(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    """Every mode × optimizer × path; rank 0 saves {key: parameters} to ``out``."""
+    _setup(rank, world, port)
+    results = {}
+    for mode in ("ddp", "fsdp2", "zero"):
+        for name in OPTIMIZERS:
+            for path in PATHS:
+                results[f"{mode}/{name}/{path}"] = _distributed_run(mode, name, path, rank, world, steps)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+class _CollectiveCounter(TorchDispatchMode):
+    """Counts collective ops that reach the dispatcher (DTensor's implicit ones among them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_collectives(rank: int, world: int, port: int, out: str) -> None:
+    """For each optimizer and path under FSDP2: the all-reduces one step issues, without and with max_grad_norm."""
+    from torch.distributed.fsdp import fully_shard
+
+    _setup(rank, world, port)
+    counts = {}
+    calls: list[str] = []
+    original = dist.all_reduce
+
+    def counting_all_reduce(*args: Any, **kwargs: Any) -> Any:
+        calls.append("all_reduce")
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        for name, (optimizer_class, options) in OPTIMIZERS.items():
+            for path in PATHS:
+                for clip in (None, 0.5):
+                    model = make_model()
+                    fully_shard(model)
+                    optimizer = optimizer_class(groups(model), **{**options, "max_grad_norm": clip}, **PATHS[path])
+                    train(model, optimizer, range(1), rank, world)  # creates the state
+                    x, y = batch(1)
+                    nn.functional.mse_loss(model(x), y).backward()
+                    calls.clear()
+                    with _CollectiveCounter() as counter:
+                        optimizer.step()
+                    counts[f"{name}/{path}/clip={clip}"] = (len(calls), counter.ops)
+    finally:
+        dist.all_reduce = original
+    if rank == 0:
+        torch.save(counts, out)
+    dist.destroy_process_group()
+
+
+def checkpoint(rank: int, world: int, port: int, out: str, directory: str, first: int, then: int,
+               name: str, path: str) -> None:
+    """FSDP2 training with torch.distributed.checkpoint: ``first`` > 0 trains that many steps and saves to
+    ``directory``; ``first`` == 0 loads it at this world size, trains ``then`` more steps and saves the parameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    _setup(rank, world, port)
+    model = make_model()
+    fully_shard(model)
+    optimizer_class, options = OPTIMIZERS[name]
+    optimizer = optimizer_class(groups(model), **options, **PATHS[path])
+    if first:
+        train(model, optimizer, range(first), rank, world)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        start = int(Path(directory, "steps").read_text())
+        train(model, optimizer, range(start, start + then), rank, world)
+        parameters = full_parameters(model)
+        if rank == 0:
+            torch.save(parameters, out)
+    if first and rank == 0:
+        Path(directory, "steps").write_text(str(first))
+    dist.destroy_process_group()
