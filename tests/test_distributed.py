@@ -129,3 +129,16 @@ def test_fsdp1_flat_parameters_are_refused():
     view._fsdp_flattened = True  # FSDP1's mark on original parameters (use_orig_params=True)
     with pytest.raises(TypeError, match="FSDP1"):
         worker.OPTIMIZERS["lars"][0]([view])
+
+
+def test_fsdp_example_runs_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "fsdp_train.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(free_port()), str(example), "--steps", "3", "--batch", "16"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step    2  loss" in result.stdout
