@@ -22,6 +22,8 @@ from .trust import FirstPass, TrustStats, clip_factor, global_norm, trust_ratio
 Adapt = Union[bool, Literal["if_decayed"]]
 # How a group's update runs: a Python loop over tensors, torch._foreach_* ops, or the fused CPU kernels.
 Implementation = Literal["single_tensor", "foreach", "fused"]
+# What a step does with NaN/Inf gradients: let them into the update (torch's behaviour) or change nothing.
+NonFinite = Literal["propagate", "skip"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyper-parameter checks. Each raises ValueError/TypeError naming the argument and the allowed range.
@@ -73,23 +75,40 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False, group_index: 
 # Pieces of the per-group update that every direction shares.
 
 
-def effective_grad(grad: Tensor, maximize: bool, grad_scale: Tensor | None) -> Tensor:
+def effective_grad(grad: Tensor, maximize: bool, grad_factor: Tensor | None) -> Tensor:
     """The gradient the update uses: negated to maximize, times the global clip factor. ``p.grad`` is untouched."""
     if maximize:
         grad = -grad
-    if grad_scale is not None:
-        grad = grad * grad_scale.to(grad.dtype)
+    if grad_factor is not None:
+        grad = grad * grad_factor.to(grad.dtype)
     return grad
 
 
-def effective_grads(grads: list[Tensor], maximize: bool, grad_scale: Tensor | None) -> list[Tensor]:
+def effective_grads(grads: list[Tensor], maximize: bool, grad_factor: Tensor | None) -> list[Tensor]:
     """:func:`effective_grad` for a list, with ``torch._foreach_*`` ops."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    if grad_scale is not None:
-        scale_by_dtype = {dtype: grad_scale.to(dtype) for dtype in {g.dtype for g in grads}}
+    if grad_factor is not None:
+        scale_by_dtype = {dtype: grad_factor.to(dtype) for dtype in {g.dtype for g in grads}}
         grads = torch._foreach_mul(grads, [scale_by_dtype[g.dtype] for g in grads])
     return grads
+
+
+def zero_if_skipped(grads: list[Tensor], keep: Tensor | None) -> list[Tensor]:
+    """The gradients, or zeros when the step is skipped (``keep`` 0): a skipped step's gradients may hold Inf,
+    and 0·Inf is NaN, so they are replaced rather than multiplied by ``keep``."""
+    if keep is None:
+        return grads
+    kept = keep.bool()
+    return [torch.where(kept.to(g.device), g, 0) for g in grads]
+
+
+def if_kept(keep: Tensor | None, value: float, otherwise: float) -> float | Tensor:
+    """``value`` for a step that is not skipped; with a skip flag ``keep``, a 0-dim float64 device tensor holding
+    ``value`` or ``otherwise`` (e.g. a moment's weight 1 − β, or 0 to leave the moment as it is)."""
+    if keep is None:
+        return value
+    return torch.where(keep.bool(), value, otherwise).to(torch.float64)
 
 
 def stack_per_tensor(*columns: list[Tensor]) -> tuple[Tensor, ...]:
@@ -114,11 +133,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # The keys that each parameter's state holds, besides 'step'; set by subclasses.
     _state_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any], partition_group: Any | None = None) -> None:
+    # torch.amp.GradScaler then leaves unscaling and skipping to step(): it sets self.grad_scale (the loss scale) and
+    # self.found_inf (> 0 after an overflow) before calling step(), which divides the gradients by the scale and
+    # makes the step a no-op on overflow, without reading either value on the host.
+    _step_supports_amp_scaling = True
+    # On the CPU reading a flag costs nothing, so a skipped step returns at once; tests switch this off to run the
+    # accelerator path (coefficients multiplied by 0 or 1 on the device) on the CPU.
+    _read_skip_flag_on_cpu = True
+
+    def __init__(self, params: Any, defaults: dict[str, Any], partition_group: Any | None = None,
+                 nonfinite: NonFinite = "propagate") -> None:
         # The constructor's arguments are checked like any later group: add_param_group sees them as defaults.
         self._validate_group(defaults, None)
-        # Not an option of the groups: a process group cannot go into a state_dict.
+        if nonfinite not in ("propagate", "skip"):
+            raise ValueError(f"nonfinite must be 'propagate' (as torch optimizers: NaN/Inf flow into the update) or "
+                             f"'skip' (a step with any NaN/Inf gradient changes nothing), got {nonfinite!r}")
+        # Options of the whole step, not of a group (a process group could not go into a state_dict either).
         self.partition_group = partition_group
+        self.nonfinite = nonfinite
         super().__init__(params, defaults)
         self.trust_stats: list[TrustStats] = []
         self.grad_norm: Tensor | None = None
@@ -153,9 +185,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     trust_eps=group["trust_eps"])
 
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
+                    grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         """Update the state of ``params`` (this process's parts, see :func:`torchlamb.distributed.local`) and
-        return the sums of squares the trust stage needs, with the function that completes the update."""
+        return the sums of squares the trust stage needs, with the function that completes the update.
+
+        ``keep`` (a 0-dim float device tensor, or None for 1) is 0 when the step must change nothing: every change
+        to the state and the parameters is then multiplied by 0 (gradients are zeroed first, as they may be Inf).
+        """
         raise NotImplementedError
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
@@ -163,7 +199,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None) -> TrustStats:
+                    grad_factor: Tensor | None) -> TrustStats:
         """The fused step in one call, trust stage included, for tensors that are whole on this process."""
         raise NotImplementedError
 
@@ -280,13 +316,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grads.append(grad)
         return params, grads
 
-    def _choose_implementation(self, group: dict[str, Any], params: list[Tensor],
-                               grads: list[Tensor]) -> Implementation:
+    def _choose_implementation(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                               keep: Tensor | None = None) -> Implementation:
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
-        tensors, kernels built); else foreach=None picks foreach when all tensors share a device."""
+        tensors, kernels built, no skip flag left on the device); else foreach=None picks foreach when all tensors
+        share a device."""
         fused, foreach = group["fused"], group["foreach"]
         tensors = params + grads
-        if fused or (fused is None and foreach is None):
+        if (fused or (fused is None and foreach is None)) and keep is None:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
             # step makes gradients contiguous where they are not.
             if _fused.supports(params) and _fused.kernels() is not None:
@@ -320,6 +357,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         all_grads = [grad for _, grads in gathered for grad in grads]
         sharded = distributed.any_sharded(all_params)
 
+        # GradScaler's loss scale (gradients are divided by it) and overflow flag, when it drives this step.
+        loss_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        inverse_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+        skip = self._skip_flag(all_grads, found_inf)
+        if skip is not None and self._read_skip_flag_on_cpu and all(p.is_cpu for p in all_params):
+            if skip.item():  # a CPU value: no synchronisation
+                self.trust_stats = []
+                return loss
+            skip = None
+        keep = None if skip is None else (~skip).float()
+
         self.grad_norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             if sharded or self.partition_group is not None:  # every process takes part, with or without gradients
@@ -328,6 +376,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                                        device=device)
             elif all_grads:
                 self.grad_norm = global_norm(all_grads, foreach=len({g.device for g in all_grads}) == 1)
+            if self.grad_norm is not None and inverse_scale is not None:
+                self.grad_norm = self.grad_norm * inverse_scale.to(self.grad_norm.device)
 
         stats: dict[int, TrustStats] = {}
         pending: list[tuple[int, list[Tensor], FirstPass]] = []
@@ -338,15 +388,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if not self.state[param]:
                     self.state[param] = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
                                          **self._new_state(param)}
-            grad_scale = None
+            grad_factor = inverse_scale
             if self.grad_norm is not None:
-                grad_scale = clip_factor(self.grad_norm, group["max_grad_norm"])
+                clip = clip_factor(self.grad_norm, group["max_grad_norm"])
+                grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             local_params, local_grads = distributed.local(params), distributed.local(grads)
-            implementation = self._choose_implementation(group, local_params, local_grads)
+            implementation = self._choose_implementation(group, local_params, local_grads, keep)
             if implementation == "fused" and not sharded:
-                stats[index] = self._whole_step(group, params, grads, grad_scale)
+                stats[index] = self._whole_step(group, params, grads, grad_factor)
             else:
-                pending.append((index, params, self._first_pass(group, params, grads, grad_scale, implementation)))
+                pending.append((index, params,
+                                self._first_pass(group, params, grads, grad_factor, implementation, keep)))
 
         if pending:
             squares = [first.squares for _, _, first in pending]
@@ -365,6 +417,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 stats[index] = TrustStats(params, weight_norm, update_norm, ratio)
         self.trust_stats = [stats[index] for index in sorted(stats)]
         return loss
+
+    def _skip_flag(self, grads: list[Tensor], found_inf: Tensor | None) -> Tensor | None:
+        """A 0-dim bool device tensor, True when this step must change nothing (GradScaler found an overflow, or
+        ``nonfinite="skip"`` and some gradient holds NaN/Inf); None when no such rule applies."""
+        skip = None if found_inf is None else found_inf.reshape(()) > 0
+        if self.nonfinite == "skip" and grads:
+            # The largest |g| of each tensor is NaN or Inf exactly when the tensor holds one (no overflow, unlike ‖g‖²).
+            device = (skip if skip is not None else grads[0]).device
+            largest = torch.stack([m.to(device) for m in torch._foreach_norm(grads, math.inf)])
+            nonfinite = ~largest.isfinite().all()
+            skip = nonfinite if skip is None else skip | nonfinite
+        return skip
 
 
 def _norm_dtype(params: list[Tensor]) -> torch.dtype:

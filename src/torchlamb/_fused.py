@@ -460,10 +460,10 @@ def _kernel_grads(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
             for p, g in zip(params, grads)]
 
 
-def _grad_factor(maximize: bool, grad_scale: Tensor | None) -> float:
+def _gradient_multiplier(maximize: bool, grad_factor: Tensor | None) -> float:
     """The number the kernels multiply each gradient by: −1 to maximize, times the global clip factor.
     Reading a CPU tensor's value is not a device synchronisation."""
-    return (-1.0 if maximize else 1.0) * (1.0 if grad_scale is None else float(grad_scale))
+    return (-1.0 if maximize else 1.0) * (1.0 if grad_factor is None else float(grad_factor))
 
 
 def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_eps: float,
@@ -494,20 +494,20 @@ _BIAS_CORRECTION_CODES = {False: 0, True: 1, "step_size": 2, "step_size_first_mo
 def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
           exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
           eps: float, weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-          grad_scale: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+          grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
     return kernels().lamb_step(
         params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps, weight_decay,
-        _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _grad_factor(maximize, grad_scale),
+        _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _gradient_multiplier(maximize, grad_factor),
         *_trust_arguments(**trust_options), phase, ratios)
 
 
 def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
           steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
-          split_denominator: bool, maximize: bool, grad_scale: Tensor | None,
+          split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
           trust_options: dict[str, Any]) -> Tensor:
     return kernels().lars_step(
         params, grads, momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov, split_denominator,
-        _grad_factor(maximize, grad_scale), *_trust_arguments(**trust_options), phase, ratios)
+        _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios)
 
 
 def fused_lamb_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
@@ -522,16 +522,21 @@ def fused_lars_step(params: list[Tensor], grads: list[Tensor], *states: list[Ten
     return _stats(_lars(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
 
 
-def fused_lamb(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], **options: Any) -> FirstPass:
-    """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors."""
+def fused_lamb(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], keep: Tensor | None = None,
+               **options: Any) -> FirstPass:
+    """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors. A skipped step
+    never gets here: on the CPU the optimizer reads the skip flag and returns (``keep`` is None)."""
+    assert keep is None, "the fused kernels do not take a skip flag"
     grads = _kernel_grads(params, grads)
     squares = _lamb(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=_NO_TRUST)[:, :2]
     return FirstPass(squares, lambda ratio: _lamb(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
                                                   *states, **options, trust_options=_NO_TRUST))
 
 
-def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], **options: Any) -> FirstPass:
-    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``finish``, for sharded tensors."""
+def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], keep: Tensor | None = None,
+               **options: Any) -> FirstPass:
+    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``finish``, for sharded tensors (as fused_lamb)."""
+    assert keep is None, "the fused kernels do not take a skip flag"
     grads = _kernel_grads(params, grads)
     no_trust = {**_NO_TRUST, "trust_coefficient": 1.0}
     squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=no_trust)

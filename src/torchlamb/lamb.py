@@ -13,12 +13,15 @@ from ._base import (
     Adapt,
     Implementation,
     LayerwiseOptimizer,
+    NonFinite,
     check_bool,
     check_number,
     effective_grad,
     effective_grads,
+    if_kept,
     squares_of,
     stack_per_tensor,
+    zero_if_skipped,
 )
 from .presets import PRESETS
 from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
@@ -82,6 +85,13 @@ class Lamb(LayerwiseOptimizer):
             holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
             norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
             DTensor parameters are handled by themselves: see :mod:`torchlamb.distributed`).
+        nonfinite: ``"propagate"`` (default, as torch's optimizers): NaN/Inf gradients flow into the update.
+            ``"skip"``: a step in which any gradient holds NaN or Inf changes nothing — parameters, moments and
+            step counts stay as they were; decided on the device, without a host synchronisation.
+
+    With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` hands the loss scale and the overflow flag to
+    :meth:`step`, which unscales the gradients itself and, after an overflow, changes nothing (no host sync).
+    Calling ``scaler.unscale_(optimizer)`` first (e.g. to clip by hand) works too.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
@@ -108,12 +118,13 @@ class Lamb(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         partition_group: Any | None = None,
+        nonfinite: NonFinite = "propagate",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
                         decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, partition_group)
+        super().__init__(params, defaults, partition_group, nonfinite)
 
     @classmethod
     def from_preset(cls, name: str, params: Any, **overrides: Any) -> Lamb:
@@ -145,21 +156,21 @@ class Lamb(LayerwiseOptimizer):
         }
 
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
+                    grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
                   "single_tensor": _single_tensor_lamb}[implementation]
         return update(distributed.local(params), distributed.local(grads), self._states(params, "exp_avg"),
                       self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
-                      grad_scale=grad_scale)
+                      grad_factor=grad_factor, keep=keep)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         return norms[:, 1]  # ‖u‖
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None) -> TrustStats:
+                    grad_factor: Tensor | None) -> TrustStats:
         result = _fused.fused_lamb_step(params, grads, self._states(params, "exp_avg"),
                                         self._states(params, "exp_avg_sq"), self._states(params, "step"),
-                                        **self._options(group), grad_scale=grad_scale,
+                                        **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))
         return TrustStats(params, *result)
 
@@ -196,16 +207,23 @@ def _step_size_factor(bias_correction: BiasCorrection, beta1: float, beta2: floa
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                         beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
-                        decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None) -> FirstPass:
-    """LAMB one tensor at a time, written as the math reads. The updates u wait for their ratios in a list."""
+                        decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
+                        keep: Tensor | None = None) -> FirstPass:
+    """LAMB one tensor at a time, written as the math reads. The updates u wait for their ratios in a list.
+    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
+    weight1, weight2 = if_kept(keep, 1 - beta1, 0.0), if_kept(keep, 1 - beta2, 0.0)
+    decay_factor = if_kept(keep, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
     updates, weight_norms, update_norms = [], [], []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        grad = effective_grad(grad, maximize, grad_scale)
-        step += 1
+        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
+        step += 1 if keep is None else keep
         if decay_outside_ratio and weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.mul_(decay_factor)
+        exp_avg.lerp_(grad, weight1)
+        if keep is None:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:  # v + (1−β2)·(g² − v): v itself when the weight is 0
+            exp_avg_sq.lerp_(grad * grad, weight2)
         m_hat, v_hat = exp_avg, exp_avg_sq
         if bias_correction is True:
             t = _precise(step)  # corrections in float64, then in the tensor's dtype (see _per_tensor)
@@ -224,6 +242,8 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             step_size_factor = _step_size_factor(bias_correction, beta1, beta2, step)
             if step_size_factor is not None:
                 scale = scale * step_size_factor
+            if keep is not None:
+                scale = scale * keep.to(param.device)
             param.add_(update * scale)
 
     return FirstPass(squares_of(*stack_per_tensor(weight_norms, update_norms)), finish)
@@ -232,15 +252,27 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                        beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
-                       decay_outside_ratio: bool, maximize: bool, grad_scale: Tensor | None) -> FirstPass:
+                       decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
+                       keep: Tensor | None = None) -> FirstPass:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
-    grads = effective_grads(grads, maximize, grad_scale)
-    torch._foreach_add_(steps, 1)
-    if decay_outside_ratio and weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    grads = zero_if_skipped(effective_grads(grads, maximize, grad_factor), keep)
+    if keep is None:
+        torch._foreach_add_(steps, 1)
+        if decay_outside_ratio and weight_decay != 0:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    else:
+        # Weighted by keep, with lists of 0-dim tensors: the single-tensor overloads of _foreach_add_ and
+        # _foreach_lerp_ read the value on the host.
+        n = len(params)
+        torch._foreach_add_(steps, [keep] * n)
+        if decay_outside_ratio and weight_decay != 0:
+            torch._foreach_mul_(params, [if_kept(keep, 1 - lr * weight_decay, 1.0)] * n)
+        torch._foreach_lerp_(exp_avgs, grads, [if_kept(keep, 1 - beta1, 0.0)] * n)
+        # v + (1−β2)·(g² − v): v itself when the weight is 0
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), [if_kept(keep, 1 - beta2, 0.0)] * n)
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if bias_correction is True:
@@ -264,6 +296,8 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         step_size_factor = _step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
         if step_size_factor is not None:
             scale = scale * step_size_factor
+        if keep is not None:
+            scale = scale * keep.to(scale.device)
         torch._foreach_mul_(updates, list(scale.unbind(0)))
         torch._foreach_add_(params, updates)
 

@@ -13,12 +13,15 @@ from ._base import (
     Adapt,
     Implementation,
     LayerwiseOptimizer,
+    NonFinite,
     check_bool,
     check_number,
     effective_grad,
     effective_grads,
+    if_kept,
     squares_of,
     stack_per_tensor,
+    zero_if_skipped,
 )
 from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
 
@@ -65,6 +68,8 @@ class Lars(LayerwiseOptimizer):
         fused: use the fused two-pass CPU kernels, as for :class:`~torchlamb.Lamb` (the default, None, picks them
             for dense contiguous CPU tensors and foreach elsewhere).
         partition_group: the process group under ``ZeroRedundancyOptimizer``, as for :class:`~torchlamb.Lamb`.
+        nonfinite: ``"propagate"`` or ``"skip"``, and ``torch.amp.GradScaler`` support, as for
+            :class:`~torchlamb.Lamb`.
 
     After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, the ratio's denominator and the ratio.
     Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters.
@@ -91,12 +96,13 @@ class Lars(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         partition_group: Any | None = None,
+        nonfinite: NonFinite = "propagate",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
                         trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, partition_group)
+        super().__init__(params, defaults, partition_group, nonfinite)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
         super()._validate_group(group, group_index)
@@ -116,11 +122,11 @@ class Lars(LayerwiseOptimizer):
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
 
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None, implementation: Implementation) -> FirstPass:
+                    grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
                   "single_tensor": _single_tensor_lars}[implementation]
         return update(distributed.local(params), distributed.local(grads), self._states(params, "momentum_buffer"),
-                      self._states(params, "step"), **self._options(group), grad_scale=grad_scale)
+                      self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         # Columns: ‖θ‖, ‖g‖, ‖g + λθ‖.
@@ -129,9 +135,9 @@ class Lars(LayerwiseOptimizer):
         return norms[:, 2]
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None) -> TrustStats:
+                    grad_factor: Tensor | None) -> TrustStats:
         result = _fused.fused_lars_step(params, grads, self._states(params, "momentum_buffer"),
-                                        self._states(params, "step"), **self._options(group), grad_scale=grad_scale,
+                                        self._states(params, "step"), **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))
         return TrustStats(params, *result)
 
@@ -145,12 +151,13 @@ class Lars(LayerwiseOptimizer):
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                         steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
                         nesterov: bool, split_denominator: bool, maximize: bool,
-                        grad_scale: Tensor | None) -> FirstPass:
-    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list."""
+                        grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list.
+    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
     updates, weight_norms, grad_norms, update_norms = [], [], [], []
     for param, grad, step in zip(params, grads, steps):
-        grad = effective_grad(grad, maximize, grad_scale)
-        step += 1
+        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
+        step += 1 if keep is None else keep
         update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
         updates.append(update)
         weight_norms.append(tensor_norms([param])[0])
@@ -158,11 +165,15 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
         update_norms.append(tensor_norms([update])[0])
 
     def finish(ratio: Tensor) -> None:
+        # Skipped: b ← 1·b + 0, θ ← θ − 0.
+        buffer_factor, step_lr = if_kept(keep, momentum, 1.0), lr if keep is None else lr * keep
         for param, update, buffer, r in zip(params, updates, momentum_buffers, ratio.unbind(0)):
             scaled_update = update * r.to(param.device)
-            buffer.mul_(momentum).add_(scaled_update)
+            if keep is not None:
+                scaled_update = scaled_update * keep.to(param.device)
+            buffer.mul_(buffer_factor).add_(scaled_update)
             direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
-            _subtract_scaled_([param], [direction], lr)
+            _subtract_scaled_([param], [direction], step_lr)
 
     return FirstPass(squares_of(*stack_per_tensor(weight_norms, grad_norms, update_norms)), finish)
 
@@ -170,10 +181,11 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
                        nesterov: bool, split_denominator: bool, maximize: bool,
-                       grad_scale: Tensor | None) -> FirstPass:
+                       grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
     """The same update with ``torch._foreach_*`` ops."""
-    grads = effective_grads(grads, maximize, grad_scale)
-    torch._foreach_add_(steps, 1)
+    grads = zero_if_skipped(effective_grads(grads, maximize, grad_factor), keep)
+    # A list of 0-dim tensors: the single-tensor overload of _foreach_add_ reads the value on the host.
+    torch._foreach_add_(steps, 1 if keep is None else [keep] * len(steps))
     # A new list: p.grad itself is never modified.
     updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
     weight_norm = tensor_norms(params, foreach=True)
@@ -182,15 +194,19 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffe
     update_norm = torch.zeros_like(weight_norm) if split_denominator else tensor_norms(updates, foreach=True)
 
     def finish(ratio: Tensor) -> None:
-        scaled_updates = torch._foreach_mul(updates, list(ratio.to(params[0].device).unbind(0)))
-        torch._foreach_mul_(momentum_buffers, momentum)
+        scale = ratio.to(params[0].device)
+        if keep is not None:
+            scale = scale * keep.to(scale.device)
+        scaled_updates = torch._foreach_mul(updates, list(scale.unbind(0)))
+        torch._foreach_mul_(momentum_buffers, momentum if keep is None else  # skipped: b ← 1·b + 0
+                            [if_kept(keep, momentum, 1.0)] * len(momentum_buffers))
         torch._foreach_add_(momentum_buffers, scaled_updates)
         if nesterov:
             torch._foreach_add_(scaled_updates, momentum_buffers, alpha=momentum)
             directions = scaled_updates
         else:
             directions = momentum_buffers
-        _subtract_scaled_(params, directions, lr)
+        _subtract_scaled_(params, directions, lr if keep is None else lr * keep)
 
     return FirstPass(squares_of(weight_norm, grad_norm, update_norm), finish)
 

@@ -1,0 +1,186 @@
+"""GradScaler's protocol for optimizers that unscale themselves, and nonfinite="skip".
+
+Every test runs the three paths. On the CPU a skipped step returns after reading its flag (free there); with
+``_read_skip_flag_on_cpu`` off the accelerator path runs instead (every change weighted by 0 or 1 on the device),
+and a dispatch mode checks that it never reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_optimizer_api import _HostSyncDetector, make_model
+from torchlamb import Lamb, Lars
+
+OPTIMIZERS = pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+PATHS = pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {}],
+                                ids=["single_tensor", "foreach", "default"])
+# The accelerator path: the flag stays on the device.
+DEVICE_PATH = pytest.mark.parametrize("read_flag_on_cpu", [True, False], ids=["cpu_return", "device_path"])
+
+
+def options(optimizer_class):
+    return dict(lr=0.01, weight_decay=0.01, max_grad_norm=0.5) if optimizer_class is Lamb else \
+        dict(lr=0.5, weight_decay=0.01, trust_coefficient=0.02, max_grad_norm=0.5)
+
+
+def snapshot(model, optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    return params, state
+
+
+def assert_unchanged(model, optimizer, saved):
+    params, state = saved
+    for p, before in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), before)
+        for key, value in state[id(p)].items():
+            assert torch.equal(optimizer.state[p][key], value), key
+
+
+def loss_of(model, seed=0):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(seed))
+    return model(x).square().mean()
+
+
+@OPTIMIZERS
+@PATHS
+def test_scaled_steps_equal_unscaled_ones(optimizer_class, path):
+    plain, scaled = make_model(), make_model()
+    plain_opt = optimizer_class(plain.parameters(), **options(optimizer_class), **path)
+    scaled_opt = optimizer_class(scaled.parameters(), **options(optimizer_class), **path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for step in range(3):
+        plain_opt.zero_grad()
+        loss_of(plain, step).backward()
+        plain_opt.step()
+        scaled_opt.zero_grad()
+        scaler.scale(loss_of(scaled, step)).backward()
+        scaler.step(scaled_opt)  # hands grad_scale and found_inf to Lamb.step
+        scaler.update()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert scaled_opt.grad_norm is not None
+    torch.testing.assert_close(scaled_opt.grad_norm, plain_opt.grad_norm, rtol=1e-6, atol=0)
+
+
+@OPTIMIZERS
+@PATHS
+@DEVICE_PATH
+def test_overflow_leaves_everything_as_it_was(optimizer_class, path, read_flag_on_cpu, monkeypatch):
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), **options(optimizer_class), **path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(loss_of(model)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+    saved = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    scaler.scale(loss_of(model, 1)).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    with _HostSyncDetector() as detector:
+        scaler.step(optimizer)
+    assert_unchanged(model, optimizer, saved)
+    if not read_flag_on_cpu:
+        assert not [op for op in detector.syncs], detector.syncs
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # the scaler saw the overflow
+
+    # The next good step proceeds from the saved state.
+    optimizer.zero_grad()
+    scaler.scale(loss_of(model, 2)).backward()
+    scaler.step(optimizer)
+    assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+@OPTIMIZERS
+@PATHS
+def test_unscale_first_then_step(optimizer_class, path):
+    # The usual recipe for clipping by hand: scaler.unscale_(optimizer), clip, scaler.step(optimizer).
+    plain, scaled = make_model(), make_model()
+    plain_opt = optimizer_class(plain.parameters(), lr=0.01, **path)
+    scaled_opt = optimizer_class(scaled.parameters(), lr=0.01, **path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(2):
+        plain_opt.zero_grad()
+        loss_of(plain, step).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+        plain_opt.step()
+        scaled_opt.zero_grad()
+        scaler.scale(loss_of(scaled, step)).backward()
+        scaler.unscale_(scaled_opt)
+        torch.nn.utils.clip_grad_norm_(scaled.parameters(), 0.1)
+        scaler.step(scaled_opt)
+        scaler.update()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@OPTIMIZERS
+@PATHS
+@DEVICE_PATH
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_skip_makes_the_step_a_no_op(optimizer_class, path, read_flag_on_cpu, bad, monkeypatch):
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), **options(optimizer_class), nonfinite="skip", **path)
+    loss_of(model).backward()
+    optimizer.step()
+    saved = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    loss_of(model, 1).backward()
+    list(model.parameters())[-1].grad[0] = bad
+    with _HostSyncDetector() as detector:
+        optimizer.step()
+    assert_unchanged(model, optimizer, saved)
+    if not read_flag_on_cpu:
+        assert detector.syncs == []
+
+
+@OPTIMIZERS
+@PATHS
+def test_nonfinite_skip_changes_nothing_on_finite_steps(optimizer_class, path):
+    default, skipping = make_model(), make_model()
+    default_opt = optimizer_class(default.parameters(), **options(optimizer_class), **path)
+    skipping_opt = optimizer_class(skipping.parameters(), **options(optimizer_class), nonfinite="skip", **path)
+    for step in range(3):
+        for model, optimizer in ((default, default_opt), (skipping, skipping_opt)):
+            optimizer.zero_grad()
+            loss_of(model, step).backward()
+            optimizer.step()
+    for a, b in zip(default.parameters(), skipping.parameters()):
+        assert torch.equal(a, b)
+
+
+@OPTIMIZERS
+def test_the_device_path_of_a_finite_step_matches_the_plain_one(optimizer_class, monkeypatch):
+    # keep = 1 on the device: the weighted formulas give the plain update.
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", False)
+    default, skipping = make_model(), make_model()
+    default_opt = optimizer_class(default.parameters(), **options(optimizer_class), foreach=True)
+    skipping_opt = optimizer_class(skipping.parameters(), **options(optimizer_class), nonfinite="skip", foreach=True)
+    for step in range(3):
+        for model, optimizer in ((default, default_opt), (skipping, skipping_opt)):
+            optimizer.zero_grad()
+            loss_of(model, step).backward()
+            optimizer.step()
+    for a, b in zip(default.parameters(), skipping.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@OPTIMIZERS
+def test_nonfinite_propagates_by_default(optimizer_class):
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), lr=0.01)
+    loss_of(model).backward()
+    list(model.parameters())[-1].grad[0] = float("nan")
+    optimizer.step()
+    assert not list(model.parameters())[-1].isfinite().all()  # as torch.optim.AdamW would
+
+
+def test_bad_nonfinite_option_is_named():
+    with pytest.raises(ValueError, match="nonfinite"):
+        Lamb(make_model().parameters(), nonfinite="ignore")
