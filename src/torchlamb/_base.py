@@ -24,6 +24,8 @@ Adapt = Union[bool, Literal["if_decayed"]]
 Implementation = Literal["single_tensor", "foreach", "fused"]
 # What a step does with NaN/Inf gradients: let them into the update (torch's behaviour) or change nothing.
 NonFinite = Literal["propagate", "skip"]
+# Parameters that get a float32 master copy and float32 state in groups with master_weights=True.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyper-parameter checks. Each raises ValueError/TypeError naming the argument and the allowed range.
@@ -171,10 +173,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         check_bool("maximize", group["maximize"], group_index=group_index)
         check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
         check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
+        check_bool("master_weights", group["master_weights"], group_index=group_index)
         if group["fused"] and group["foreach"]:
             raise ValueError("foreach and fused cannot both be True: choose one implementation")
 
-    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+    def _new_state(self, param: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The zero state of ``param``, its tensors in ``dtype`` (float32 under master weights)."""
         raise NotImplementedError
 
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +188,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return dict(adapt=adapt, weight_norm_clip=group["weight_norm_clip"], trust_clip=group["trust_clip"],
                     trust_eps=group["trust_eps"])
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
-        """Update the state of ``params`` (this process's parts, see :func:`torchlamb.distributed.local`) and
-        return the sums of squares the trust stage needs, with the function that completes the update.
+        """Update the state of ``params`` and return the sums of squares the trust stage needs, with the function
+        that completes the update. ``targets`` and ``grads`` are what the update works on (see :meth:`_targets`);
+        ``params`` only name the state.
 
         ``keep`` (a 0-dim float device tensor, or None for 1) is 0 when the step must change nothing: every change
         to the state and the parameters is then multiplied by 0 (gradients are zeroed first, as they may be Inf).
@@ -198,7 +203,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """The ratio's denominator per tensor from the square roots of :class:`FirstPass` ``squares``."""
         raise NotImplementedError
 
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
         """The fused step in one call, trust stage included, for tensors that are whole on this process."""
         raise NotImplementedError
@@ -206,6 +211,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _states(self, params: list[Tensor], key: str) -> list[Tensor]:
         """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them)."""
         return distributed.local([self.state[p][key] for p in params])
+
+    # -- master weights ------------------------------------------------------------------------------------
+    @staticmethod
+    def _has_master(group: dict[str, Any], param: Tensor) -> bool:
+        return bool(group["master_weights"]) and param.dtype in LOW_PRECISION
+
+    def _targets(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """What the update works on: this process's part of each parameter, or of its float32 master copy under
+        master weights, and the gradients in the same dtype."""
+        targets, target_grads = [], []
+        for param, grad in zip(params, grads):
+            master = self.state[param].get("master")
+            target = param if master is None else master
+            targets.append(target)
+            target_grads.append(grad if grad.dtype == target.dtype else grad.to(target.dtype))
+        return distributed.local(targets), distributed.local(target_grads)
+
+    def _write_back_masters(self, params: list[Tensor]) -> None:
+        """θ ← master (rounded to θ's dtype) for the parameters with a master copy."""
+        for param in params:
+            master = self.state[param].get("master")
+            if master is not None:
+                distributed.local([param])[0].copy_(distributed.local([master])[0])
 
     # -- parameter groups ----------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -239,18 +267,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         Raises ValueError, naming the parameter, when groups, keys, shapes or dtypes do not match; the
         optimizer is unchanged then.
         """
-        self._check_loadable(state_dict)
+        params_by_id = self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
-        # torch keeps a loaded 'step' where it was saved; ours lives beside its parameter (no host sync).
-        for param, state in self.state.items():
-            if isinstance(param, Tensor) and "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+        for saved_id, saved in state_dict["state"].items():
+            param, _, group = params_by_id[saved_id]
+            state = self.state[param]
+            # torch casts every loaded tensor to its parameter's dtype: that would round float32 master weights and
+            # moments to bfloat16 (apex's mixed-precision LAMB loses its masters that way). Take the saved ones.
+            if self._has_master(group, param):
+                for key in (*self._state_keys, "master"):
+                    state[key] = saved[key].to(param.device, copy=True)
+            # torch keeps a loaded 'step' where it was saved; ours lives beside its parameter (no host sync).
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
             # State keeps its parameter's memory layout, as when it is created, so the fused kernels can take it.
-            for key in self._state_keys:
-                if isinstance(param, Tensor) and key in state and state[key].stride() != param.stride():
-                    state[key] = torch.empty_like(param).copy_(state[key])
+            for key in (*self._state_keys, "master"):
+                if key in state and state[key].stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=state[key].dtype).copy_(state[key])
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+    def _check_loadable(self, state_dict: dict[str, Any]) -> dict[Any, tuple[Tensor, str, dict[str, Any]]]:
+        """Raise ValueError unless ``state_dict`` fits; return {saved id: (parameter, its label, its group)}."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' keys")
@@ -258,7 +293,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this {name} has "
                              f"{len(self.param_groups)}")
-        params_by_id: dict[Any, tuple[Tensor, str]] = {}
+        params_by_id: dict[Any, tuple[Tensor, str, dict[str, Any]]] = {}
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"checkpoint's param group {index} has {len(saved['params'])} parameters, "
@@ -268,25 +303,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint's param group {index} lacks options {sorted(missing)}")
             self._validate_group(saved, index)
             for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
-                params_by_id[saved_id] = (param, self._param_label(group, index, position))
-        expected_keys = {"step", *self._state_keys}
+                # The loaded group's master_weights is the one that will hold.
+                params_by_id[saved_id] = (param, self._param_label(group, index, position), saved)
         for saved_id, state in saved_state.items():
             if saved_id not in params_by_id:
                 raise ValueError(f"checkpoint has state for parameter id {saved_id!r}, which no param group lists")
-            param, label = params_by_id[saved_id]
+            param, label, group = params_by_id[saved_id]
+            master = self._has_master(group, param)
+            expected_keys = {"step", *self._state_keys, *(["master"] if master else [])}
             if not isinstance(state, dict) or set(state) != expected_keys:
                 keys = sorted(state) if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"state of {label} has keys {keys}, expected {sorted(expected_keys)}")
             step = state["step"]
             if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
                 raise ValueError(f"state of {label}: 'step' must be a number or a one-element tensor")
-            for key in self._state_keys:
+            dtype = torch.float32 if master else param.dtype
+            for key in expected_keys - {"step"}:
                 value = state[key]
                 if not isinstance(value, Tensor):
                     raise ValueError(f"state of {label}: {key!r} must be a tensor, got {type(value).__name__}")
-                if value.shape != param.shape or value.dtype != param.dtype:
+                if value.shape != param.shape or value.dtype != dtype:
                     raise ValueError(f"state of {label}: {key!r} has shape {tuple(value.shape)} and dtype "
-                                     f"{value.dtype}, the parameter has {tuple(param.shape)} and {param.dtype}")
+                                     f"{value.dtype}, expected {tuple(param.shape)} and {dtype}")
+        return params_by_id
 
     def _option_names(self) -> set[str]:
         # torch.optim.Optimizer.__setstate__ adds 'differentiable' to defaults; it is not one of our options.
@@ -386,19 +425,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 continue
             for param in params:
                 if not self.state[param]:
-                    self.state[param] = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
-                                         **self._new_state(param)}
+                    master = self._has_master(group, param)
+                    state = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
+                             **self._new_state(param, torch.float32 if master else param.dtype)}
+                    if master:
+                        state["master"] = param.detach().to(torch.float32, copy=True)
+                    self.state[param] = state
             grad_factor = inverse_scale
             if self.grad_norm is not None:
                 clip = clip_factor(self.grad_norm, group["max_grad_norm"])
                 grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
-            local_params, local_grads = distributed.local(params), distributed.local(grads)
-            implementation = self._choose_implementation(group, local_params, local_grads, keep)
+            targets, target_grads = self._targets(params, grads)
+            implementation = self._choose_implementation(group, targets, target_grads, keep)
             if implementation == "fused" and not sharded:
-                stats[index] = self._whole_step(group, params, grads, grad_factor)
+                stats[index] = self._whole_step(group, params, targets, target_grads, grad_factor)
             else:
-                pending.append((index, params,
-                                self._first_pass(group, params, grads, grad_factor, implementation, keep)))
+                pending.append((index, params, self._first_pass(group, params, targets, target_grads, grad_factor,
+                                                                implementation, keep)))
 
         if pending:
             squares = [first.squares for _, _, first in pending]
@@ -415,6 +458,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 ratio = trust_ratio(weight_norm, update_norm, **self._trust_options(group))
                 first.finish(ratio)
                 stats[index] = TrustStats(params, weight_norm, update_norm, ratio)
+        self._write_back_masters(all_params)
         self.trust_stats = [stats[index] for index in sorted(stats)]
         return loss
 

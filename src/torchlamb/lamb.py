@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused, distributed
+from . import _fused
 from ._base import (
     Adapt,
     Implementation,
@@ -81,6 +81,9 @@ class Lamb(LayerwiseOptimizer):
             and cached across processes). With ``fused`` and ``foreach`` both None (the default) the fused kernels
             run wherever they apply — dense contiguous CPU tensors — and foreach elsewhere (e.g. on CUDA). Where
             the kernels cannot be built, one warning says so and foreach runs.
+        master_weights: for float16/bfloat16 parameters, keep a float32 master copy and float32 moments in the
+            state (saved by ``state_dict``, restored exactly by ``load_state_dict``); the update runs on the master
+            and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
         partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
             holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
             norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
@@ -117,13 +120,15 @@ class Lamb(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        master_weights: bool = False,
         partition_group: Any | None = None,
         nonfinite: NonFinite = "propagate",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
                         decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
-                        maximize=maximize, foreach=foreach, fused=fused)
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        master_weights=master_weights)
         super().__init__(params, defaults, partition_group, nonfinite)
 
     @classmethod
@@ -149,26 +154,26 @@ class Lamb(LayerwiseOptimizer):
                             f"got {group['bias_correction']!r}")
         check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
 
-    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+    def _new_state(self, param: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         return {
-            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
         }
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
                   "single_tensor": _single_tensor_lamb}[implementation]
-        return update(distributed.local(params), distributed.local(grads), self._states(params, "exp_avg"),
+        return update(targets, grads, self._states(params, "exp_avg"),
                       self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
                       grad_factor=grad_factor, keep=keep)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         return norms[:, 1]  # ‖u‖
 
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = _fused.fused_lamb_step(params, grads, self._states(params, "exp_avg"),
+        result = _fused.fused_lamb_step(targets, grads, self._states(params, "exp_avg"),
                                         self._states(params, "exp_avg_sq"), self._states(params, "step"),
                                         **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _fused, distributed
+from . import _fused
 from ._base import (
     Adapt,
     Implementation,
@@ -67,6 +67,8 @@ class Lars(LayerwiseOptimizer):
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
         fused: use the fused two-pass CPU kernels, as for :class:`~torchlamb.Lamb` (the default, None, picks them
             for dense contiguous CPU tensors and foreach elsewhere).
+        master_weights: float32 master copies (and momentum buffers) for float16/bfloat16 parameters, as for
+            :class:`~torchlamb.Lamb`.
         partition_group: the process group under ``ZeroRedundancyOptimizer``, as for :class:`~torchlamb.Lamb`.
         nonfinite: ``"propagate"`` or ``"skip"``, and ``torch.amp.GradScaler`` support, as for
             :class:`~torchlamb.Lamb`.
@@ -95,13 +97,15 @@ class Lars(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        master_weights: bool = False,
         partition_group: Any | None = None,
         nonfinite: NonFinite = "propagate",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
                         trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
-                        maximize=maximize, foreach=foreach, fused=fused)
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        master_weights=master_weights)
         super().__init__(params, defaults, partition_group, nonfinite)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
@@ -114,18 +118,18 @@ class Lars(LayerwiseOptimizer):
             raise ValueError(f"denominator must be 'combined' (‖g + λθ‖) or 'split' (‖g‖ + λ‖θ‖), "
                              f"got {group['denominator']!r}")
 
-    def _new_state(self, param: Tensor) -> dict[str, Tensor]:
+    def _new_state(self, param: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         # A zero buffer gives b = r·u at the first step, the same as torch.optim.SGD's copy of the first update.
-        return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
+        return {"momentum_buffer": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
                   "single_tensor": _single_tensor_lars}[implementation]
-        return update(distributed.local(params), distributed.local(grads), self._states(params, "momentum_buffer"),
+        return update(targets, grads, self._states(params, "momentum_buffer"),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
@@ -134,9 +138,9 @@ class Lars(LayerwiseOptimizer):
             return norms[:, 1] + group["weight_decay"] * norms[:, 0]
         return norms[:, 2]
 
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = _fused.fused_lars_step(params, grads, self._states(params, "momentum_buffer"),
+        result = _fused.fused_lars_step(targets, grads, self._states(params, "momentum_buffer"),
                                         self._states(params, "step"), **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))
         return TrustStats(params, *result)
