@@ -135,3 +135,35 @@ def test_checkpoint_must_match_the_master_weights_setting(optimizer_class):
     with pytest.raises(ValueError, match="keys"):
         with_masters.load_state_dict(state)
     assert not with_masters.state  # unchanged
+
+
+@OPTIMIZERS
+@PATHS
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_parameters_follow_the_reference_on_their_real_pairs(optimizer_class, path, dtype):
+    # A complex tensor is one layer whose values are its real and imaginary parts: ‖θ‖ over both, moments per part.
+    import numpy as np
+
+    from reference import ReferenceLamb, ReferenceLars, RefGroup, RefLarsGroup
+
+    torch.manual_seed(3)
+    params = [torch.randn(5, 4, dtype=dtype, requires_grad=True), torch.randn(3, dtype=dtype, requires_grad=True)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    start = [torch.view_as_real(p.detach()).double().numpy().copy() for p in params]
+    optimizer = optimizer_class(params, **options(optimizer_class), max_grad_norm=1.0, **path)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+    if optimizer_class is Lamb:
+        reference = ReferenceLamb([RefGroup(params=start, **options(Lamb), max_grad_norm=1.0)])
+    else:
+        reference = ReferenceLars([RefLarsGroup(params=start, **options(Lars), max_grad_norm=1.0)])
+    for step_grads in grads:
+        reference.step([[torch.view_as_real(g).double().numpy() for g in step_grads]])
+    tolerance = 1e-5 if dtype == torch.complex64 else 1e-10
+    for p, expected in zip(params, reference.groups[0].params):
+        assert p.dtype == dtype
+        np.testing.assert_allclose(torch.view_as_real(p.detach()).double().numpy(), expected, rtol=tolerance,
+                                   atol=tolerance)

@@ -328,9 +328,14 @@ def test_bad_group_option_names_the_group():
 
 
 @OPTIMIZERS
-def test_complex_parameters_are_rejected_at_construction(optimizer_class):
+def test_a_real_gradient_on_a_complex_parameter_is_rejected(optimizer_class):
+    param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    optimizer = optimizer_class([param])
+    param.grad = torch.zeros(3, dtype=torch.complex64)
+    optimizer.step()
+    param.grad = torch.zeros(3).to(torch.complex64).real  # a float32 tensor
     with pytest.raises(TypeError, match="complex"):
-        optimizer_class([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+        optimizer.step()
 
 
 @IMPLEMENTATIONS

@@ -209,8 +209,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _states(self, params: list[Tensor], key: str) -> list[Tensor]:
-        """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them)."""
-        return distributed.local([self.state[p][key] for p in params])
+        """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them), complex
+        state as real views."""
+        return _real([self.state[p][key] for p in params])
 
     # -- master weights ------------------------------------------------------------------------------------
     @staticmethod
@@ -219,14 +220,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _targets(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """What the update works on: this process's part of each parameter, or of its float32 master copy under
-        master weights, and the gradients in the same dtype."""
+        master weights, and the gradients in the same dtype. A complex tensor is seen as real pairs
+        (``torch.view_as_real``): its norm is that of its real and imaginary parts together, and its moments are
+        per part, as torch's Adam does."""
         targets, target_grads = [], []
         for param, grad in zip(params, grads):
             master = self.state[param].get("master")
             target = param if master is None else master
             targets.append(target)
             target_grads.append(grad if grad.dtype == target.dtype else grad.to(target.dtype))
-        return distributed.local(targets), distributed.local(target_grads)
+        return _real(targets), _real(target_grads)
 
     def _write_back_masters(self, params: list[Tensor]) -> None:
         """θ ← master (rounded to θ's dtype) for the parameters with a master copy."""
@@ -249,10 +252,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             tensor = item[1] if isinstance(item, tuple) else item
             if isinstance(tensor, Tensor):
                 distributed.check_not_fsdp1(tensor, f"a parameter of param group {index}")
-            if isinstance(tensor, Tensor) and tensor.is_complex():
-                raise TypeError(f"{type(self).__name__} does not support complex parameters yet "
-                                f"(param group {index}, shape {tuple(tensor.shape)}); "
-                                "optimize torch.view_as_real(p) instead")
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -348,9 +347,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients "
                                 f"({self._param_label(group, group_index, position)}): the trust ratio needs "
                                 "the whole update of each tensor; use a dense embedding (sparse=False)")
-            if grad.is_complex():
-                raise TypeError(f"{type(self).__name__} does not support complex gradients "
-                                f"({self._param_label(group, group_index, position)})")
+            if grad.is_complex() != param.is_complex():
+                raise TypeError(f"{type(self).__name__}: the gradient of "
+                                f"{self._param_label(group, group_index, position)} is "
+                                f"{'' if grad.is_complex() else 'not '}complex, its parameter "
+                                f"{'is' if param.is_complex() else 'is not'}")
             params.append(param)
             grads.append(grad)
         return params, grads
@@ -414,7 +415,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 self.grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group,
                                                        device=device)
             elif all_grads:
-                self.grad_norm = global_norm(all_grads, foreach=len({g.device for g in all_grads}) == 1)
+                self.grad_norm = global_norm(_real(all_grads), foreach=len({g.device for g in all_grads}) == 1)
             if self.grad_norm is not None and inverse_scale is not None:
                 self.grad_norm = self.grad_norm * inverse_scale.to(self.grad_norm.device)
 
@@ -476,8 +477,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
 
 def _norm_dtype(params: list[Tensor]) -> torch.dtype:
-    """The dtype of per-tensor norms and ratios: float64 if any parameter is float64, else float32."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    """The dtype of per-tensor norms and ratios: float64 if any parameter is float64 (or complex128), else float32."""
+    return torch.float64 if any(p.dtype in (torch.float64, torch.complex128) for p in params) else torch.float32
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    """This process's part of each tensor (see torchlamb.distributed.local), complex ones as real views."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in distributed.local(tensors)]
 
 
 def squares_of(*columns: Tensor) -> Tensor:
