@@ -190,3 +190,22 @@ def checkpoint(rank: int, world: int, port: int, out: str, directory: str, first
     if first and rank == 0:
         Path(directory, "steps").write_text(str(first))
     dist.destroy_process_group()
+
+
+def fsdp1(rank: int, world: int, port: int, out: str) -> None:
+    """Whether each optimizer refuses FSDP1's parameters, with and without use_orig_params; rank 0 saves the errors."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    _setup(rank, world, port)
+    errors = {}
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        for name, (optimizer_class, options) in OPTIMIZERS.items():
+            try:
+                optimizer_class(model.parameters(), **options)
+                errors[f"{name}/use_orig_params={use_orig_params}"] = None
+            except TypeError as error:
+                errors[f"{name}/use_orig_params={use_orig_params}"] = str(error)
+    if rank == 0:
+        torch.save(errors, out)
+    dist.destroy_process_group()

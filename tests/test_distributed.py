@@ -120,15 +120,13 @@ def test_checkpoint_reshards_from_two_processes_to_three_and_one(tmp_path, name,
         assert_parameters_close(torch.load(out), reference, f"resumed at world size {world}")
 
 
-def test_fsdp1_flat_parameters_are_refused():
-    flat = torch.nn.Parameter(torch.zeros(4))
-    flat._is_flat_param = True
-    with pytest.raises(TypeError, match="FSDP1.*fully_shard"):
-        worker.OPTIMIZERS["lamb"][0]([flat])
-    view = torch.nn.Parameter(torch.zeros(4))
-    view._fsdp_flattened = True  # FSDP1's mark on original parameters (use_orig_params=True)
-    with pytest.raises(TypeError, match="FSDP1"):
-        worker.OPTIMIZERS["lars"][0]([view])
+def test_fsdp1_parameters_are_refused(tmp_path):
+    out = tmp_path / "fsdp1.pt"
+    spawn(worker.fsdp1, 2, str(out))
+    errors = torch.load(out)
+    assert len(errors) == 4
+    for key, message in errors.items():
+        assert message is not None and "FSDP1" in message and "fully_shard" in message, key
 
 
 def test_fsdp_example_runs_under_torchrun():
