@@ -1,5 +1,6 @@
-"""What master weights buy: a small model trained 200 steps in float32, then in bfloat16 and float16 with and
-without ``master_weights``, for Lamb and Lars. Prints a markdown table (docs/mixed-precision.md holds a run).
+"""What master weights buy, and what bfloat16 state costs: a small model trained 200 steps in float32, then in
+bfloat16 and float16 with and without ``master_weights``, and with ``state_dtype=torch.bfloat16``, for Lamb and Lars.
+Prints a markdown table (docs/mixed-precision.md holds a run).
 
     .venv/bin/python benchmarks/mixed_precision.py            # about 20 s on 2 CPU cores
 
@@ -41,12 +42,13 @@ def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def run(name: str, dtype: torch.dtype, master_weights: bool, data: list) -> tuple[float, list[torch.Tensor]]:
+def run(name: str, dtype: torch.dtype, master_weights: bool, data: list,
+        state_dtype: torch.dtype | None = None) -> tuple[float, list[torch.Tensor]]:
     model = make_model().to(dtype)
     optimizer_class, options = OPTIMIZERS[name]
     optimizer = optimizer_class(torchlamb.param_groups(model, weight_decay=options["weight_decay"]),
                                 **{k: v for k, v in options.items() if k != "weight_decay"},
-                                master_weights=master_weights)
+                                master_weights=master_weights, state_dtype=state_dtype)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if dtype == torch.float16 else None
     loss = torch.tensor(0.0)
     for x, y in data:
@@ -68,18 +70,24 @@ def main() -> None:
     args = parser.parse_args()
     data = batches(args.steps)
     print(f"{args.steps} steps, batch 256, torch {torch.__version__}\n")
-    print("| optimizer | parameters | master weights | final loss | vs float32 | max parameter difference |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | parameters | master weights | state dtype | final loss | vs float32 | "
+          "max parameter difference |")
+    print("|---|---|---|---|---|---|---|")
+    short = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
     for name in OPTIMIZERS:
         reference_loss, reference = run(name, torch.float32, False, data)
-        print(f"| {name} | float32 | – | {reference_loss:.4f} | – | – |", flush=True)
-        for dtype in (torch.bfloat16, torch.float16):
-            for master in (False, True):
-                loss, params = run(name, dtype, master, data)
-                difference = max((p - q).abs().max().item() for p, q in zip(params, reference))
-                relative = (loss - reference_loss) / reference_loss
-                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {'yes' if master else 'no'} | {loss:.4f} | "
-                      f"{relative:+.1%} | {difference:.2e} |", flush=True)
+        print(f"| {name} | float32 | – | float32 | {reference_loss:.4f} | – | – |", flush=True)
+        configurations = [(torch.float32, False, torch.bfloat16)]
+        configurations += [(dtype, master, None) for dtype in (torch.bfloat16, torch.float16)
+                           for master in (False, True)]
+        configurations += [(torch.bfloat16, True, torch.bfloat16)]
+        for dtype, master, state_dtype in configurations:
+            loss, params = run(name, dtype, master, data, state_dtype)
+            difference = max((p - q).abs().max().item() for p, q in zip(params, reference))
+            relative = (loss - reference_loss) / reference_loss
+            stored = state_dtype or (torch.float32 if master else dtype)
+            print(f"| {name} | {short(dtype)} | {'yes' if master else 'no'} | {short(stored)} | {loss:.4f} | "
+                  f"{relative:+.1%} | {difference:.2e} |", flush=True)
 
 
 if __name__ == "__main__":

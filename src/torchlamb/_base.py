@@ -174,6 +174,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
         check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
         check_bool("master_weights", group["master_weights"], group_index=group_index)
+        if group["state_dtype"] not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"state_dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), "
+                            f"got {group['state_dtype']!r}{_where(group_index)}")
         if group["fused"] and group["foreach"]:
             raise ValueError("foreach and fused cannot both be True: choose one implementation")
 
@@ -210,8 +213,34 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _states(self, params: list[Tensor], key: str) -> list[Tensor]:
         """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them), complex
-        state as real views."""
-        return _real([self.state[p][key] for p in params])
+        state as real views. State stored in another dtype than the update computes in (``state_dtype``) comes as
+        a working copy in the computing dtype, written back at the end of the step."""
+        states = _real([self.state[p][key] for p in params])
+        if key == "step":
+            return states
+        working = []
+        for param, stored in zip(params, states):
+            dtype = self._compute_dtype(param)
+            if stored.dtype == dtype:
+                working.append(stored)
+            else:
+                copy = stored.to(dtype)
+                self._write_backs.append((stored, copy))
+                working.append(copy)
+        return working
+
+    def _compute_dtype(self, param: Tensor) -> torch.dtype:
+        """The dtype the update of ``param`` computes in: float32 with a master copy, else the parameter's (the
+        real dtype of a complex one)."""
+        if "master" in self.state[param]:
+            return torch.float32
+        return param.real.dtype if param.is_complex() else param.dtype
+
+    def _state_dtype(self, group: dict[str, Any], param: Tensor) -> torch.dtype:
+        """The dtype ``param``'s moments or buffers are stored in."""
+        if group["state_dtype"] is not None:
+            return group["state_dtype"] if not param.is_complex() else param.dtype
+        return torch.float32 if self._has_master(group, param) else param.dtype
 
     # -- master weights ------------------------------------------------------------------------------------
     @staticmethod
@@ -273,8 +302,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             state = self.state[param]
             # torch casts every loaded tensor to its parameter's dtype: that would round float32 master weights and
             # moments to bfloat16 (apex's mixed-precision LAMB loses its masters that way). Take the saved ones.
-            if self._has_master(group, param):
-                for key in (*self._state_keys, "master"):
+            for key in (*self._state_keys, "master"):
+                if key in saved and saved[key].dtype != param.dtype:
                     state[key] = saved[key].to(param.device, copy=True)
             # torch keeps a loaded 'step' where it was saved; ours lives beside its parameter (no host sync).
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
@@ -316,11 +345,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             step = state["step"]
             if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
                 raise ValueError(f"state of {label}: 'step' must be a number or a one-element tensor")
-            dtype = torch.float32 if master else param.dtype
             for key in expected_keys - {"step"}:
                 value = state[key]
                 if not isinstance(value, Tensor):
                     raise ValueError(f"state of {label}: {key!r} must be a tensor, got {type(value).__name__}")
+                dtype = torch.float32 if key == "master" else self._state_dtype(group, param)
                 if value.shape != param.shape or value.dtype != dtype:
                     raise ValueError(f"state of {label}: {key!r} has shape {tuple(value.shape)} and dtype "
                                      f"{value.dtype}, expected {tuple(param.shape)} and {dtype}")
@@ -357,13 +386,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return params, grads
 
     def _choose_implementation(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                               keep: Tensor | None = None) -> Implementation:
+                               keep: Tensor | None = None, fused_possible: bool = True) -> Implementation:
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
-        tensors, kernels built, no skip flag left on the device); else foreach=None picks foreach when all tensors
-        share a device."""
+        tensors, kernels built, no skip flag left on the device, state in the computing dtype); else foreach=None
+        picks foreach when all tensors share a device."""
         fused, foreach = group["fused"], group["foreach"]
         tensors = params + grads
-        if (fused or (fused is None and foreach is None)) and keep is None:
+        if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
             # step makes gradients contiguous where they are not.
             if _fused.supports(params) and _fused.kernels() is not None:
@@ -421,6 +450,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         stats: dict[int, TrustStats] = {}
         pending: list[tuple[int, list[Tensor], FirstPass]] = []
+        self._write_backs: list[tuple[Tensor, Tensor]] = []  # (stored state, working copy), see _states
         for index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
             if not params:
                 continue
@@ -428,7 +458,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if not self.state[param]:
                     master = self._has_master(group, param)
                     state = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
-                             **self._new_state(param, torch.float32 if master else param.dtype)}
+                             **self._new_state(param, self._state_dtype(group, param))}
                     if master:
                         state["master"] = param.detach().to(torch.float32, copy=True)
                     self.state[param] = state
@@ -437,7 +467,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 clip = clip_factor(self.grad_norm, group["max_grad_norm"])
                 grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             targets, target_grads = self._targets(params, grads)
-            implementation = self._choose_implementation(group, targets, target_grads, keep)
+            # The fused kernels read state in the computing dtype; other state dtypes take the foreach path.
+            state_as_computed = group["state_dtype"] is None or all(
+                self._state_dtype(group, p) == self._compute_dtype(p) for p in params)
+            implementation = self._choose_implementation(group, targets, target_grads,
+                                                         keep, fused_possible=state_as_computed)
             if implementation == "fused" and not sharded:
                 stats[index] = self._whole_step(group, params, targets, target_grads, grad_factor)
             else:
@@ -460,6 +494,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 first.finish(ratio)
                 stats[index] = TrustStats(params, weight_norm, update_norm, ratio)
         self._write_back_masters(all_params)
+        for stored, working in self._write_backs:
+            stored.copy_(working)
+        self._write_backs = []
         self.trust_stats = [stats[index] for index in sorted(stats)]
         return loss
 

@@ -84,6 +84,9 @@ class Lamb(LayerwiseOptimizer):
         master_weights: for float16/bfloat16 parameters, keep a float32 master copy and float32 moments in the
             state (saved by ``state_dict``, restored exactly by ``load_state_dict``); the update runs on the master
             and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
+        state_dtype: the dtype the moments are stored in (e.g. ``torch.bfloat16`` to halve their memory); the
+            update still computes in the parameter's (or master's) dtype. None: that dtype. Groups whose state is
+            stored in another dtype take the foreach path.
         partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
             holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
             norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
@@ -121,6 +124,7 @@ class Lamb(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
         partition_group: Any | None = None,
         nonfinite: NonFinite = "propagate",
     ) -> None:
@@ -128,7 +132,7 @@ class Lamb(LayerwiseOptimizer):
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
                         decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused,
-                        master_weights=master_weights)
+                        master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults, partition_group, nonfinite)
 
     @classmethod

@@ -69,6 +69,7 @@ class Lars(LayerwiseOptimizer):
             for dense contiguous CPU tensors and foreach elsewhere).
         master_weights: float32 master copies (and momentum buffers) for float16/bfloat16 parameters, as for
             :class:`~torchlamb.Lamb`.
+        state_dtype: the dtype the momentum buffers are stored in, as for :class:`~torchlamb.Lamb`.
         partition_group: the process group under ``ZeroRedundancyOptimizer``, as for :class:`~torchlamb.Lamb`.
         nonfinite: ``"propagate"`` or ``"skip"``, and ``torch.amp.GradScaler`` support, as for
             :class:`~torchlamb.Lamb`.
@@ -98,6 +99,7 @@ class Lars(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
         partition_group: Any | None = None,
         nonfinite: NonFinite = "propagate",
     ) -> None:
@@ -105,7 +107,7 @@ class Lars(LayerwiseOptimizer):
                         nesterov=nesterov, denominator=denominator, weight_norm_clip=weight_norm_clip,
                         trust_clip=trust_clip, trust_eps=trust_eps, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused,
-                        master_weights=master_weights)
+                        master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults, partition_group, nonfinite)
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
