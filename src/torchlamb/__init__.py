@@ -1,5 +1,6 @@
 """torchlamb: LAMB and LARS for PyTorch, for training with very large batches."""
 
+from .accumulate import GradientAccumulation
 from .groups import param_groups
 from .lamb import Lamb
 from .lars import Lars
@@ -8,6 +9,6 @@ from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
 from .telemetry import TrustMonitor
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "PRESETS", "Lamb", "Lars", "TrustMonitor", "TrustStats", "WarmupPolyLR",
-           "param_groups", "scale_lr", "warmup_poly"]
+__all__ = ["BERT_LAMB_PHASES", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "TrustMonitor", "TrustStats",
+           "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
 __version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Large batches from small ones: average the gradients of several micro-batches, then take one optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class GradientAccumulation:
+    """Accumulate ``micro_batches`` backward passes, then step the optimizer (and the scheduler) once.
+
+    Each loss is divided by ``micro_batches`` before its backward pass, so with equal micro-batches and mean losses
+    the accumulated gradient is the mean gradient of the large batch they make up: K micro-batches of B behave as
+    one batch of K·B (tested against it). With a ``torch.amp.GradScaler`` the scaled loss is used and the scaler
+    steps and updates.
+
+    Example::
+
+        accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=8, scheduler=scheduler)
+        for inputs, targets in loader:                      # batches of B; the optimizer sees batches of 8·B
+            loss = loss_fn(model(inputs), targets)
+            if accumulation.backward(loss):                 # True when this call took an optimizer step
+                print(accumulation.steps, loss.item())
+
+    Under DDP, run the forward and backward of all micro-batches but the last inside ``model.no_sync()`` to save the
+    gradient all-reduce (``accumulation.will_step`` says which micro-batch is the last).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, micro_batches: int, *,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.optimizer, self.micro_batches, self.scheduler, self.scaler = optimizer, micro_batches, scheduler, scaler
+        self.count = 0  # micro-batches accumulated since the last step
+        self.steps = 0  # optimizer steps taken
+
+    @property
+    def will_step(self) -> bool:
+        """Whether the next :meth:`backward` completes a large batch and steps."""
+        return self.count + 1 == self.micro_batches
+
+    def backward(self, loss: Tensor) -> bool:
+        """Backward ``loss / micro_batches``; after the last micro-batch, step, and clear the gradients.
+        Returns True when this call stepped."""
+        loss = loss / self.micro_batches
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.count += 1
+        if self.count < self.micro_batches:
+            return False
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.count = 0
+        self.steps += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the accumulation stands, to checkpoint beside the optimizer (resume between micro-batches too)."""
+        return {"count": self.count, "steps": self.steps, "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("micro_batches") != self.micro_batches:
+            raise ValueError(f"checkpoint accumulates {state.get('micro_batches')!r} micro-batches, "
+                             f"this GradientAccumulation {self.micro_batches}")
+        self.count, self.steps = int(state["count"]), int(state["steps"])

@@ -1,0 +1,65 @@
+"""GradientAccumulation: K micro-batches behave as one batch K times larger."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchlamb
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def batches(steps, size):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 6, generator=generator), torch.randn(size, 2, generator=generator))
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("optimizer_class", [torchlamb.Lamb, torchlamb.Lars])
+def test_micro_batches_equal_one_large_batch(optimizer_class):
+    large, small = make_model(), make_model()
+    large_opt = optimizer_class(large.parameters(), lr=0.01, max_grad_norm=1.0)
+    small_opt = optimizer_class(small.parameters(), lr=0.01, max_grad_norm=1.0)
+    large_sched = torchlamb.warmup_poly(large_opt, warmup_steps=1, total_steps=3)
+    small_sched = torchlamb.warmup_poly(small_opt, warmup_steps=1, total_steps=3)
+    accumulation = torchlamb.GradientAccumulation(small_opt, micro_batches=4, scheduler=small_sched)
+    stepped = []
+    for x, y in batches(3, 32):
+        large_opt.zero_grad()
+        torch.nn.functional.mse_loss(large(x), y).backward()
+        large_opt.step()
+        large_sched.step()
+        for part_x, part_y in zip(x.chunk(4), y.chunk(4)):
+            stepped.append(accumulation.will_step)
+            assert accumulation.backward(torch.nn.functional.mse_loss(small(part_x), part_y)) == stepped[-1]
+    assert stepped == [False, False, False, True] * 3
+    assert accumulation.steps == 3 and small_sched.last_epoch == large_sched.last_epoch == 3
+    for a, b in zip(large.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in small.parameters())  # cleared after the step
+
+
+def test_with_a_grad_scaler_and_a_checkpoint():
+    model = make_model()
+    optimizer = torchlamb.Lamb(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=2, scaler=scaler)
+    (x, y), = batches(1, 8)
+    assert not accumulation.backward(torch.nn.functional.mse_loss(model(x[:4]), y[:4]))
+    saved = accumulation.state_dict()
+    resumed = torchlamb.GradientAccumulation(optimizer, micro_batches=2, scaler=scaler)
+    resumed.load_state_dict(saved)
+    assert resumed.backward(torch.nn.functional.mse_loss(model(x[4:]), y[4:]))
+    assert all(optimizer.state[p]["step"].item() == 1 for p in model.parameters())
+    with pytest.raises(ValueError, match="micro-batches"):
+        torchlamb.GradientAccumulation(optimizer, micro_batches=3).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_micro_batches_are_named(bad):
+    with pytest.raises(ValueError, match="micro_batches"):
+        torchlamb.GradientAccumulation(torchlamb.Lamb(make_model().parameters()), micro_batches=bad)
