@@ -140,18 +140,23 @@ def test_nonfinite_skip_makes_the_step_a_no_op(optimizer_class, path, read_flag_
         assert detector.syncs == []
 
 
-@OPTIMIZERS
-@PATHS
-def test_nonfinite_skip_changes_nothing_on_finite_steps(optimizer_class, path):
-    default, skipping = make_model(), make_model()
-    default_opt = optimizer_class(default.parameters(), **options(optimizer_class), **path)
-    skipping_opt = optimizer_class(skipping.parameters(), **options(optimizer_class), nonfinite="skip", **path)
+def default_and_skipping(optimizer_class, **path):
+    """Two identical models, trained 3 finite steps with nonfinite="propagate" and with "skip"."""
+    models = make_model(), make_model()
+    optimizers = [optimizer_class(model.parameters(), **options(optimizer_class), nonfinite=nonfinite, **path)
+                  for model, nonfinite in zip(models, ("propagate", "skip"))]
     for step in range(3):
-        for model, optimizer in ((default, default_opt), (skipping, skipping_opt)):
+        for model, optimizer in zip(models, optimizers):
             optimizer.zero_grad()
             loss_of(model, step).backward()
             optimizer.step()
-    for a, b in zip(default.parameters(), skipping.parameters()):
+    return [list(model.parameters()) for model in models]
+
+
+@OPTIMIZERS
+@PATHS
+def test_nonfinite_skip_changes_nothing_on_finite_steps(optimizer_class, path):
+    for a, b in zip(*default_and_skipping(optimizer_class, **path)):
         assert torch.equal(a, b)
 
 
@@ -159,15 +164,7 @@ def test_nonfinite_skip_changes_nothing_on_finite_steps(optimizer_class, path):
 def test_the_device_path_of_a_finite_step_matches_the_plain_one(optimizer_class, monkeypatch):
     # keep = 1 on the device: the weighted formulas give the plain update.
     monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", False)
-    default, skipping = make_model(), make_model()
-    default_opt = optimizer_class(default.parameters(), **options(optimizer_class), foreach=True)
-    skipping_opt = optimizer_class(skipping.parameters(), **options(optimizer_class), nonfinite="skip", foreach=True)
-    for step in range(3):
-        for model, optimizer in ((default, default_opt), (skipping, skipping_opt)):
-            optimizer.zero_grad()
-            loss_of(model, step).backward()
-            optimizer.step()
-    for a, b in zip(default.parameters(), skipping.parameters()):
+    for a, b in zip(*default_and_skipping(optimizer_class, foreach=True)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
