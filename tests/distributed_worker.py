@@ -70,10 +70,13 @@ def one_process(name: str, path: str, steps: int) -> list[torch.Tensor]:
 
 
 def _setup(rank: int, world: int, port: int) -> None:
+    import datetime
+
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A short timeout: a collective that one process skips fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
 def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int) -> list[torch.Tensor]:
@@ -208,4 +211,45 @@ def fsdp1(rank: int, world: int, port: int, out: str) -> None:
                 errors[f"{name}/use_orig_params={use_orig_params}"] = str(error)
     if rank == 0:
         torch.save(errors, out)
+    dist.destroy_process_group()
+
+
+def skip_agreement(rank: int, world: int, port: int, out: str) -> None:
+    """nonfinite="skip" when only one process sees the Inf: under ZeRO (the Inf in rank 0's share) and under FSDP2
+    (on the accelerator path, flag kept on the device). Every process must skip; rank 0 saves what changed."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    _setup(rank, world, port)
+    changed = {}
+    for mode in ("zero", "fsdp2"):
+        for name, (optimizer_class, options) in OPTIMIZERS.items():
+            model = make_model()
+            if mode == "zero":
+                trained = DistributedDataParallel(model)
+                optimizer = ZeroRedundancyOptimizer(groups(model), optimizer_class=optimizer_class,
+                                                    partition_group=dist.group.WORLD, nonfinite="skip", **options)
+                owned = optimizer.optim.param_groups[0]["params"]  # this process's share
+            else:
+                fully_shard(model)
+                trained = model
+                optimizer = optimizer_class(groups(model), nonfinite="skip", **options)
+                optimizer._read_skip_flag_on_cpu = False  # the accelerator path: the flag stays a tensor
+                owned = list(model.parameters())
+            train(trained, optimizer, range(1), rank, world)
+            before = full_parameters(model)
+            x, y = batch(1)
+            share = GLOBAL_BATCH // world
+            optimizer.zero_grad()
+            nn.functional.mse_loss(trained(x[rank * share:(rank + 1) * share]),
+                                   y[rank * share:(rank + 1) * share]).backward()
+            if rank == 0 and owned:
+                grad = owned[0].grad
+                (grad.to_local() if torchlamb.distributed.is_sharded(grad) else grad).view(-1)[0] = float("inf")
+            optimizer.step()
+            after = full_parameters(model)
+            changed[f"{mode}/{name}"] = [not torch.equal(a, b) for a, b in zip(before, after)]
+    if rank == 0:
+        torch.save(changed, out)
     dist.destroy_process_group()

@@ -181,3 +181,43 @@ def test_nonfinite_propagates_by_default(optimizer_class):
 def test_bad_nonfinite_option_is_named():
     with pytest.raises(ValueError, match="nonfinite"):
         Lamb(make_model().parameters(), nonfinite="ignore")
+
+
+@pytest.mark.parametrize(("optimizer_class", "extra"),
+                         [(Lamb, {"bias_correction": mode}) for mode in (True, False, "step_size",
+                                                                         "step_size_first_moment")] + [(Lars, {})])
+@PATHS
+@DEVICE_PATH
+def test_a_skipped_first_step_changes_nothing(optimizer_class, extra, path, read_flag_on_cpu, monkeypatch):
+    # The step count is still 0 then: bias corrections 1 − β^0 = 0 must not turn into 0/0 = NaN.
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), **options(optimizer_class), nonfinite="skip", **extra, **path)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model).backward()
+    list(model.parameters())[-1].grad[0] = float("inf")
+    optimizer.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert all(optimizer.state[p]["step"].item() == 0 for p in model.parameters() if optimizer.state[p])
+    # And the first real step afterwards is the one a fresh optimizer takes.
+    fresh_model = make_model()
+    fresh = optimizer_class(fresh_model.parameters(), **options(optimizer_class), **extra, **path)
+    for m, o in ((model, optimizer), (fresh_model, fresh)):
+        o.zero_grad()
+        loss_of(m, 1).backward()
+        o.step()
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_are_unscaled_in_float32(dtype):
+    # 0.1·2⁻²⁰ is not a float16 number; multiplying in float16 would be 25% off.
+    from torchlamb._base import effective_grad, effective_grads
+
+    grad = torch.full((4,), 3.0, dtype=dtype)
+    factor = torch.tensor(0.1 * 2.0**-20)
+    expected = (grad.float() * factor).to(dtype)
+    assert torch.equal(effective_grad(grad, False, factor), expected)
+    assert torch.equal(effective_grads([grad, grad.float()], False, factor)[0], expected)

@@ -120,6 +120,15 @@ def test_checkpoint_reshards_from_two_processes_to_three_and_one(tmp_path, name,
         assert_parameters_close(torch.load(out), reference, f"resumed at world size {world}")
 
 
+def test_every_process_skips_when_one_sees_an_inf(tmp_path):
+    out = tmp_path / "skip.pt"
+    spawn(worker.skip_agreement, 2, str(out))  # a disagreement would hang a collective: the 60 s timeout fails it
+    changed = torch.load(out)
+    assert set(changed) == {f"{mode}/{name}" for mode in ("zero", "fsdp2") for name in worker.OPTIMIZERS}
+    for key, flags in changed.items():
+        assert not any(flags), key
+
+
 def test_fsdp1_parameters_are_refused(tmp_path):
     out = tmp_path / "fsdp1.pt"
     spawn(worker.fsdp1, 2, str(out))

@@ -78,21 +78,28 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False, group_index: 
 
 
 def effective_grad(grad: Tensor, maximize: bool, grad_factor: Tensor | None) -> Tensor:
-    """The gradient the update uses: negated to maximize, times the global clip factor. ``p.grad`` is untouched."""
+    """The gradient the update uses: negated to maximize, times the global clip factor (and GradScaler's inverse
+    scale). ``p.grad`` is untouched. A float16/bfloat16 gradient is multiplied in float32: the factor itself, e.g.
+    0.1·2⁻²⁰, is not representable in float16."""
     if maximize:
         grad = -grad
     if grad_factor is not None:
-        grad = grad * grad_factor.to(grad.dtype)
+        if grad.dtype in LOW_PRECISION:
+            grad = (grad.float() * grad_factor.float()).to(grad.dtype)
+        else:
+            grad = grad * grad_factor.to(grad.dtype)
     return grad
 
 
 def effective_grads(grads: list[Tensor], maximize: bool, grad_factor: Tensor | None) -> list[Tensor]:
-    """:func:`effective_grad` for a list, with ``torch._foreach_*`` ops."""
+    """:func:`effective_grad` for a list, with ``torch._foreach_*`` ops (float16/bfloat16 ones one by one)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if grad_factor is not None:
-        scale_by_dtype = {dtype: grad_factor.to(dtype) for dtype in {g.dtype for g in grads}}
-        grads = torch._foreach_mul(grads, [scale_by_dtype[g.dtype] for g in grads])
+        wide = [g for g in grads if g.dtype not in LOW_PRECISION]
+        scale_by_dtype = {dtype: grad_factor.to(dtype) for dtype in {g.dtype for g in wide}}
+        scaled = iter(torch._foreach_mul(wide, [scale_by_dtype[g.dtype] for g in wide]) if wide else [])
+        grads = [effective_grad(g, False, grad_factor) if g.dtype in LOW_PRECISION else next(scaled) for g in grads]
     return grads
 
 
@@ -106,11 +113,13 @@ def zero_if_skipped(grads: list[Tensor], keep: Tensor | None) -> list[Tensor]:
 
 
 def if_kept(keep: Tensor | None, value: float, otherwise: float) -> float | Tensor:
-    """``value`` for a step that is not skipped; with a skip flag ``keep``, a 0-dim float64 device tensor holding
-    ``value`` or ``otherwise`` (e.g. a moment's weight 1 − β, or 0 to leave the moment as it is)."""
+    """``value`` for a step that is not skipped; with a skip flag ``keep``, a 0-dim float64 device tensor (float32
+    on MPS, which has no float64) holding ``value`` or ``otherwise`` (e.g. a moment's weight 1 − β, or 0 to leave
+    the moment as it is)."""
     if keep is None:
         return value
-    return torch.where(keep.bool(), value, otherwise).to(torch.float64)
+    dtype = torch.float32 if keep.device.type == "mps" else torch.float64
+    return torch.where(keep.bool(), value, otherwise).to(dtype)
 
 
 def stack_per_tensor(*columns: list[Tensor]) -> tuple[Tensor, ...]:
@@ -429,7 +438,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # GradScaler's loss scale (gradients are divided by it) and overflow flag, when it drives this step.
         loss_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         inverse_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
-        skip = self._skip_flag(all_grads, found_inf)
+        # A process without gradients (a ZeRO share) still takes part in the collectives, on its parameters' device.
+        device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+        skip = self._skip_flag(all_grads, found_inf, device)
+        self.grad_norm = None
         if skip is not None and self._read_skip_flag_on_cpu and all(p.is_cpu for p in all_params):
             if skip.item():  # a CPU value: no synchronisation
                 self.trust_stats = []
@@ -437,10 +449,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             skip = None
         keep = None if skip is None else (~skip).float()
 
-        self.grad_norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             if sharded or self.partition_group is not None:  # every process takes part, with or without gradients
-                device = all_params[0].device if all_params else torch.device("cpu")
                 self.grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group,
                                                        device=device)
             elif all_grads:
@@ -500,17 +510,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.trust_stats = [stats[index] for index in sorted(stats)]
         return loss
 
-    def _skip_flag(self, grads: list[Tensor], found_inf: Tensor | None) -> Tensor | None:
+    def _skip_flag(self, grads: list[Tensor], found_inf: Tensor | None, device: torch.device) -> Tensor | None:
         """A 0-dim bool device tensor, True when this step must change nothing (GradScaler found an overflow, or
-        ``nonfinite="skip"`` and some gradient holds NaN/Inf); None when no such rule applies."""
-        skip = None if found_inf is None else found_inf.reshape(()) > 0
-        if self.nonfinite == "skip" and grads:
+        ``nonfinite="skip"`` and some gradient holds NaN/Inf); None when no such rule applies.
+
+        Where the model is spread over processes (sharded parameters, or ``partition_group``), each process sees
+        only its gradients: the flag is then agreed on by an all-reduce (max), so that every process skips or none.
+        """
+        if found_inf is None and self.nonfinite != "skip":
+            return None
+        flag = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).float().to(device)
+        local_grads = distributed.local(grads)
+        if self.nonfinite == "skip" and local_grads:
             # The largest |g| of each tensor is NaN or Inf exactly when the tensor holds one (no overflow, unlike ‖g‖²).
-            device = (skip if skip is not None else grads[0]).device
-            largest = torch.stack([m.to(device) for m in torch._foreach_norm(grads, math.inf)])
-            nonfinite = ~largest.isfinite().all()
-            skip = nonfinite if skip is None else skip | nonfinite
-        return skip
+            largest = torch.stack([m.to(device) for m in torch._foreach_norm(local_grads, math.inf)])
+            flag = torch.maximum(flag, (~largest.isfinite().all()).float())
+        distributed.agree_(flag, grads, self.partition_group)
+        return flag > 0
 
 
 def _norm_dtype(params: list[Tensor]) -> torch.dtype:

@@ -63,7 +63,9 @@ class GradientAccumulation:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the accumulation stands, to checkpoint beside the optimizer (resume between micro-batches too)."""
+        """Where the accumulation stands, to checkpoint beside the optimizer. Checkpoint right after a step: the
+        gradients accumulated since the last step live in ``p.grad`` and are not part of this (or of the
+        optimizer's) state."""
         return {"count": self.count, "steps": self.steps, "micro_batches": self.micro_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -106,3 +106,14 @@ def grad_norm(grads: Sequence[Tensor], *, partition_group: Any | None, device: t
         _all_reduce_sum_(part, *key)
         total = total + part
     return total.sqrt()
+
+
+def agree_(flag: Tensor, grads: Sequence[Tensor], partition_group: Any | None) -> Tensor:
+    """Make a 0-dim float flag the maximum over the processes that share the model with this one, in place: over
+    ``partition_group`` and over the mesh dimensions the gradients are sharded on. A single process: unchanged."""
+    if partition_group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=partition_group)
+    for mesh, dims in dict.fromkeys(k for k in (_shard_key(g) for g in grads) if k is not None):
+        for dim in dims:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return flag

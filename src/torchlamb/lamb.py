@@ -45,7 +45,8 @@ class Lamb(LayerwiseOptimizer):
              \quad \text{(only with bias\_correction)} \\
         u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda \theta \\
         w &= \phi(\lVert\theta\rVert) = \text{clamp}(\lVert\theta\rVert, \text{weight\_norm\_clip}) \\
-        r &= w / \lVert u \rVert \text{ if } w > 0 \text{ and } \lVert u \rVert > 0 \text{ else } 1,
+        r &= w / (\lVert u \rVert + \text{trust\_eps}) \text{ if } w > 0 \text{ and } \lVert u \rVert > 0
+             \text{ else } 1,
              \text{ then clamped to trust\_clip}; \; r = 1 \text{ if the group has adapt=False} \\
         \theta &\leftarrow \theta - \eta \, r \, u
 
@@ -192,8 +193,10 @@ class Lamb(LayerwiseOptimizer):
 
 
 def _precise(step: Tensor) -> Tensor:
-    """The step count as float64 where the device has it: 1 − β^t in float32 loses digits (1 − 0.999 keeps 4)."""
-    return step if step.device.type == "mps" else step.to(torch.float64)
+    """The step count t for the bias corrections, as float64 where the device has it (1 − β^t in float32 loses
+    digits: 1 − 0.999 keeps 4), and at least 1: a step skipped on the device (see LayerwiseOptimizer._first_pass)
+    leaves a first step's count at 0, where 1 − β^0 = 0 would make 0/0 = NaN, which no factor 0 can cancel."""
+    return (step if step.device.type == "mps" else step.to(torch.float64)).clamp(min=1)
 
 
 def _per_tensor(values: Tensor, tensors: list[Tensor]) -> list[Tensor]:
