@@ -64,3 +64,14 @@ def test_a_tiny_run_learns(small_data, optimizer):
     assert result.validation_loss[1] < result.validation_loss[0] and result.final_validation_loss < 8.5
     if optimizer != "adamw":
         assert result.trust_ratios[-1]
+
+
+def test_the_comparison_runs_at_tiny_size(small_data):
+    results = mlm.compare("tiny", small_data)
+    assert list(results) == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512", "LARS, batch 512"]
+    assert [len(grid) for grid in results.values()] == [1, 3, 3, 3]
+    for grid in results.values():
+        chosen = mlm.best(grid)
+        assert chosen in grid and all(chosen.final_validation_loss <= r.final_validation_loss for r in grid)
+        # The same budget of sequences for everyone: 1024 sequences, in 16 small or 2 large steps.
+        assert chosen.sequences_seen[-1] == 1024
