@@ -519,7 +519,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         if found_inf is None and self.nonfinite != "skip":
             return None
-        flag = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).float().to(device)
+        # A copy: the all-reduce below must not write into the GradScaler's own tensor.
+        flag = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).to(device, torch.float32,
+                                                                                                   copy=True)
         local_grads = distributed.local(grads)
         if self.nonfinite == "skip" and local_grads:
             # The largest |g| of each tensor is NaN or Inf exactly when the tensor holds one (no overflow, unlike ‖g‖²).
