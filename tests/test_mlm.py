@@ -75,3 +75,11 @@ def test_the_comparison_runs_at_tiny_size(small_data):
         assert chosen in grid and all(chosen.final_validation_loss <= r.final_validation_loss for r in grid)
         # The same budget of sequences for everyone: 1024 sequences, in 16 small or 2 large steps.
         assert chosen.sequences_seen[-1] == 1024
+
+
+def test_the_report_at_tiny_size(tmp_path):
+    summary = mlm.run(tmp_path, size="tiny")
+    assert [row[0] for row in summary.rows] == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
+                                                 "LARS, batch 512"]
+    assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
+    assert "1,024 sequences for every run" in summary.text

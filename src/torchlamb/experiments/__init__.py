@@ -1,5 +1,8 @@
-"""The MNIST experiments of the seeds and the paper, one readable script each (``torchlamb run NAME``)."""
+"""The experiments, one readable script each (``torchlamb run NAME``): the MNIST experiments of the seeds and the
+paper, which ``torchlamb demo`` runs together, and the longer MLM pre-training comparison, which runs alone."""
 
-from . import adam_vs_lamb, batch_sweep, lamb_lr
+from . import adam_vs_lamb, batch_sweep, lamb_lr, mlm
 
 EXPERIMENTS = {"adam_vs_lamb": adam_vs_lamb, "lamb_lr": lamb_lr, "batch_sweep": batch_sweep}
+# Run only by name: ``torchlamb run mlm`` (about 25 minutes), not by ``torchlamb demo``.
+SEPARATE = {"mlm": mlm}

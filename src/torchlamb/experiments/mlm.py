@@ -5,16 +5,17 @@ A small encoder (``nn.TransformerEncoderLayer``) learns to fill in masked WordPi
 with warmup + polynomial decay. :func:`train_mlm` runs one configuration and records the validation MLM loss against
 sequences seen and against optimizer steps.
 
-Status: :func:`compare` runs the comparison (small-batch AdamW against large-batch LAMB, AdamW and LARS over lr
-grids); tests/test_mlm.py runs it at a tiny size. Not done yet: the ``torchlamb run mlm`` command with its report and
-figures, and the measured results in docs/experiments.md.
+``torchlamb run mlm [--full]`` (:func:`run`) compares, at a fixed budget of sequences, small-batch AdamW with
+large-batch LAMB, AdamW and LARS over lr grids, and writes report/mlm.md with its figures; tests/test_mlm.py runs the
+comparison at a tiny size.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 import torchlamb
 
 from ..data.text import load_kjv, load_tokenizer
+
+if TYPE_CHECKING:
+    from .report import Summary
 
 PAD, UNK, CLS, SEP, MASK = range(5)  # the special tokens' ids in the repository's tokenizer
 
@@ -197,13 +201,13 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
 SMALL_BATCH, LARGE_BATCH = 64, 512
 BASELINE_LR = 1e-3
 GRIDS = {"lamb": [5e-3, 1e-2, 2e-2], "adamw": [2e-3, 4e-3, 8e-3], "lars": [0.5, 1.0, 2.0]}
-SEQUENCES = {"tiny": 1_024, "reduced": 30_000, "full": 120_000}
+SEQUENCES = {"tiny": 1_024, "reduced": 24_000, "full": 120_000}
 
 
 def comparison_configs(size: str) -> dict[str, list[MLMConfig]]:
     """{label: configs of its lr grid}; the baseline's grid is its one lr."""
     sequences = SEQUENCES[size]
-    shape = dict(width=32, layers=1, heads=2, length=32) if size == "tiny" else {}
+    shape = dict(width=32, layers=1, heads=2, length=32, evals=2) if size == "tiny" else {}
     micro = 32 if size == "tiny" else 64
     configs = {f"AdamW, batch {SMALL_BATCH}": [MLMConfig(optimizer="adamw", lr=BASELINE_LR, batch_size=SMALL_BATCH,
                                                          micro_batch=min(micro, SMALL_BATCH), sequences=sequences,
@@ -227,3 +231,62 @@ def best(results: list[MLMResult]) -> MLMResult:
     """The run of an lr grid with the lowest final validation loss (non-finite runs last)."""
     return min(results, key=lambda r: r.final_validation_loss if r.validation_loss and
                math.isfinite(r.final_validation_loss) else math.inf)
+
+
+def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
+    """``torchlamb run mlm [--full]``: the comparison, its figures and its table. ``size`` ("tiny", "reduced",
+    "full") overrides ``full`` (the tests use "tiny")."""
+    from tqdm.auto import tqdm
+
+    from .report import Summary, new_figure, save
+
+    size = size or ("full" if full else "reduced")
+    configs = comparison_configs(size)
+    data = mlm_data(configs[next(iter(configs))][0].length)
+    if size == "tiny":  # a slice of the validation rows keeps the evaluations short
+        data = MLMData(data.train, data.validation[:128], data.vocab_size)
+    total = sum(max(1, c.sequences // c.batch_size) for grid in configs.values() for c in grid)
+    with tqdm(total=total, desc="mlm", unit="step") as bar:
+        results = {label: [train_mlm(config, data, bar) for config in grid] for label, grid in configs.items()}
+    chosen = {label: best(grid) for label, grid in results.items()}
+
+    figure, axes = new_figure(columns=2, width=5.5)
+    for label, result in chosen.items():
+        name = f"{label} (lr {result.config.lr:g})"
+        axes[0].plot(result.sequences_seen, result.validation_loss, marker="o", label=name)
+        axes[1].plot(result.steps, result.validation_loss, marker="o", label=name)
+    axes[0].set(xlabel="sequences seen", ylabel="validation MLM loss (nats)", title="Against data")
+    axes[1].set(xlabel="optimizer steps", ylabel="validation MLM loss (nats)", title="Against steps", xscale="log")
+    axes[0].legend(fontsize="small")
+    figures = [(save(figure, out / "mlm_curves.png"),
+                "Validation MLM loss of each optimizer at its best lr, against sequences seen and against steps")]
+
+    figure, axes = new_figure(columns=1, width=6.0)
+    lamb = chosen[next(label for label in chosen if label.startswith("LAMB"))]
+    for evaluation, ratios in zip(lamb.steps, lamb.trust_ratios):
+        adapted = [r for r in ratios if r != 1.0]  # groups with adapt=False hold r = 1
+        axes[0].plot(sorted(adapted), [i / max(1, len(adapted) - 1) for i in range(len(adapted))],
+                     label=f"step {evaluation}")
+    axes[0].set(xlabel="trust ratio", ylabel="fraction of tensors below", xscale="log",
+                title=f"LAMB (lr {lamb.config.lr:g}): distribution of the per-tensor trust ratio")
+    axes[0].legend(fontsize="small")
+    figures.append((save(figure, out / "mlm_trust_ratios.png"),
+                    "LAMB's per-tensor trust ratios (adapted tensors) at each evaluation"))
+
+    rows = []
+    for label, grid in results.items():
+        result = chosen[label]
+        grid_losses = ", ".join(f"{r.config.lr:g}: {r.final_validation_loss:.3f}" if r.validation_loss else
+                                f"{r.config.lr:g}: diverged" for r in grid)
+        rows.append([label, f"{result.config.lr:g}", result.steps[-1] if result.steps else 0,
+                     f"{result.final_validation_loss:.3f}", grid_losses])
+    baseline = chosen[next(iter(chosen))]
+    text = (f"A {baseline.config.layers}-layer encoder (width {baseline.config.width}, {baseline.config.heads} heads, "
+            f"sequences of {baseline.config.length} WordPiece tokens) trained by masked-language modelling on the King "
+            f"James Bible, {SEQUENCES[size]:,} sequences for every run: AdamW at batch {SMALL_BATCH} against LAMB, "
+            f"AdamW and LARS at batch {LARGE_BATCH} (gradient accumulation of {LARGE_BATCH // 64} micro-batches), each "
+            "large-batch optimizer over three learning rates, the best (lowest final validation loss) shown. Warmup "
+            "over 10% of the steps, then linear decay to 0; weight decay 0.01 except on biases, LayerNorms and the "
+            "position table. Validation: every 20th verse, with a fixed masking.")
+    headers = ["run", "best lr", "optimizer steps", "final validation loss", "final loss per lr"]
+    return Summary("MLM pre-training at large batch (King James Bible)", text, headers, rows, figures)
