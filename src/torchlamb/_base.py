@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _fused, distributed
-from .trust import FirstPass, TrustStats, clip_factor, global_norm, trust_ratio
+from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, trust_ratio
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
 Adapt = Union[bool, Literal["if_decayed"]]
@@ -498,7 +498,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 squares = [part.to(device) for part, device in zip(packed.split([len(s) for s in squares]), devices)]
             for (index, params, first), group_squares in zip(pending, squares):
                 group = self.param_groups[index]
-                norms = group_squares.sqrt().to(_norm_dtype(params))
+                norms = group_squares.sqrt().to(norm_dtype(params))
                 weight_norm, update_norm = norms[:, 0], self._update_norm(group, norms)
                 ratio = trust_ratio(weight_norm, update_norm, **self._trust_options(group))
                 first.finish(ratio)
@@ -529,11 +529,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             flag = torch.maximum(flag, (~largest.isfinite().all()).float())
         distributed.agree_(flag, grads, self.partition_group)
         return flag > 0
-
-
-def _norm_dtype(params: list[Tensor]) -> torch.dtype:
-    """The dtype of per-tensor norms and ratios: float64 if any parameter is float64 (or complex128), else float32."""
-    return torch.float64 if any(p.dtype in (torch.float64, torch.complex128) for p in params) else torch.float32
 
 
 def _real(tensors: list[Tensor]) -> list[Tensor]:

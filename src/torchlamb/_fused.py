@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .trust import FirstPass
+from .trust import FirstPass, norm_dtype
 
 log = logging.getLogger(__name__)
 
@@ -479,8 +479,7 @@ def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_
 
 def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The kernels' float64 [n, 3] result as ‖θ‖, denominator and r, in the dtype the other paths give them."""
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    weight_norm, update_norm, ratio = result.to(dtype).unbind(1)
+    weight_norm, update_norm, ratio = result.to(norm_dtype(params)).unbind(1)
     return weight_norm, update_norm, ratio
 
 

@@ -27,12 +27,10 @@ from torch import Tensor
 
 ClipRange = tuple[float, float]
 
-# Norms are accumulated in at least float32: a bfloat16 sum of squares over a large tensor loses most digits.
-_NORM_DTYPES = (torch.float32, torch.float64)
-
-
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in _NORM_DTYPES else torch.float32
+def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of the per-tensor norms and ratios of ``tensors``: float64 if any is float64 (or complex128), else
+    float32 — norms are accumulated in at least float32, as a bfloat16 sum of squares loses most digits."""
+    return torch.float64 if any(t.dtype in (torch.float64, torch.complex128) for t in tensors) else torch.float32
 
 
 def tensor_norms(tensors: Sequence[Tensor], *, foreach: bool = False) -> Tensor:
@@ -42,7 +40,7 @@ def tensor_norms(tensors: Sequence[Tensor], *, foreach: bool = False) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0)
-    dtype = max((_norm_dtype(t.dtype) for t in tensors), key=lambda d: d.itemsize)
+    dtype = norm_dtype(tensors)
     if foreach:
         norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
     else:
