@@ -67,14 +67,28 @@ def test_a_tiny_run_learns(small_data, optimizer):
 
 
 def test_the_comparison_runs_at_tiny_size(small_data):
-    results = mlm.compare("tiny", small_data)
-    assert list(results) == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512", "LARS, batch 512"]
-    assert [len(grid) for grid in results.values()] == [1, 3, 3, 3]
-    for grid in results.values():
+    grids, repeats = mlm.compare("tiny", small_data)
+    assert list(grids) == list(repeats) == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
+                                            "LARS, batch 512"]
+    assert [len(grid) for grid in grids.values()] == [1, 4, 3, 3]
+    for label, grid in grids.items():
         chosen = mlm.best(grid)
         assert chosen in grid and all(chosen.final_validation_loss <= r.final_validation_loss for r in grid)
         # The same budget of sequences for everyone: 1024 sequences, in 16 small or 2 large steps.
         assert chosen.sequences_seen[-1] == 1024
+        # The best lr again on seed 1: the same configuration otherwise, and a different run.
+        first, second = repeats[label]
+        assert first is chosen and (first.config.seed, second.config.seed) == mlm.SEEDS
+        assert second.config == mlm.replace(first.config, seed=1)
+        assert second.validation_loss != first.validation_loss
+        assert mlm.mean_curve([first, second])[-1] == pytest.approx(
+            (first.final_validation_loss + second.final_validation_loss) / 2)
+
+
+def test_large_batch_adamw_grid_follows_the_sqrt_rule():
+    lrs = [config.lr for config in mlm.comparison_configs("reduced")["AdamW, batch 512"]]
+    centre = mlm.BASELINE_LR * (mlm.LARGE_BATCH / mlm.SMALL_BATCH) ** 0.5
+    assert lrs == pytest.approx([centre / 2, centre, centre * 2])
 
 
 def test_the_report_at_tiny_size(tmp_path):
@@ -83,3 +97,4 @@ def test_the_report_at_tiny_size(tmp_path):
                                                  "LARS, batch 512"]
     assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
     assert "1,024 sequences for every run" in summary.text
+    assert all(len(row[3].split(", ")) == len(mlm.SEEDS) for row in summary.rows)  # a final loss per seed
