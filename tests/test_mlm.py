@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -98,3 +100,26 @@ def test_the_report_at_tiny_size(tmp_path):
     assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
     assert "1,024 sequences for every run" in summary.text
     assert all(len(row[3].split(", ")) == len(mlm.SEEDS) for row in summary.rows)  # a final loss per seed
+
+
+def test_two_phase_sequence_length(small_data, monkeypatch):
+    """The first short_fraction of the steps train on short rows, the rest on full-length ones; validation is always
+    at full length."""
+    data = mlm.MLMData(small_data.train, small_data.validation, small_data.vocab_size,
+                       short_train=mlm.mlm_data(length=16).train)
+    widths = []
+    loss = mlm.mlm_loss
+
+    def recording(model, inputs, labels, reduction="mean"):
+        if reduction == "mean":  # training; validation sums
+            widths.append(inputs.shape[1])
+        return loss(model, inputs, labels, reduction)
+
+    monkeypatch.setattr(mlm, "mlm_loss", recording)
+    config = mlm.MLMConfig(optimizer="lamb", lr=2e-2, batch_size=64, micro_batch=32, sequences=64 * 10, length=32,
+                           short_length=16, short_fraction=0.7, width=32, layers=1, heads=2, evals=2)
+    result = mlm.train_mlm(config, data)
+    assert widths == [16] * 14 + [32] * 6  # 7 steps of 2 micro-batches at 16 tokens, then 3 at 32
+    assert len(result.validation_loss) == 2 and all(math.isfinite(v) for v in result.validation_loss)
+    with pytest.raises(ValueError, match="rows of 16 tokens"):
+        mlm.train_mlm(config, small_data)

@@ -96,6 +96,11 @@ class MLMConfig:
     micro_batch: int = 64  # sequences per forward/backward (gradient accumulation makes up the rest)
     sequences: int = 50_000  # training budget: sequences seen
     length: int = 64
+    # Two-phase sequence length, as BERT (128 then 512 tokens): the first ``short_fraction`` of the steps train on
+    # sequences of ``short_length`` tokens (cheaper: attention and the masked positions shrink), the rest on
+    # ``length``. One warmup + decay schedule spans both phases. None: one phase.
+    short_length: int | None = None
+    short_fraction: float = 0.9
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -123,13 +128,16 @@ class MLMData:
     train: torch.Tensor
     validation: torch.Tensor
     vocab_size: int
+    short_train: torch.Tensor | None = None  # the training text in shorter rows, for a two-phase run
 
 
-def mlm_data(length: int = 64) -> MLMData:
+def mlm_data(length: int = 64, short_length: int | None = None) -> MLMData:
+    """The KJV packed in rows of ``length`` tokens (and of ``short_length`` for a two-phase run's first phase)."""
     tokenizer = load_tokenizer()
     train_texts, validation_texts = load_kjv()
+    short = pack(train_texts, tokenizer, short_length) if short_length else None
     return MLMData(pack(train_texts, tokenizer, length), pack(validation_texts, tokenizer, length),
-                   tokenizer.get_vocab_size())
+                   tokenizer.get_vocab_size(), short)
 
 
 def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -160,6 +168,9 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     """Train one configuration for ``config.sequences`` sequences; evaluate ``config.evals`` times."""
     if config.batch_size % config.micro_batch:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch {config.micro_batch}")
+    if config.short_length and (data.short_train is None or data.short_train.shape[1] != config.short_length):
+        raise ValueError(f"a two-phase run needs the training text in rows of {config.short_length} tokens: "
+                         f"mlm_data(length, short_length={config.short_length})")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = MaskedLM(data.vocab_size, config.length, config.width, config.layers, config.heads)
@@ -171,12 +182,16 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
                                                   scheduler=scheduler)
     result = MLMResult(config)
     eval_steps = {max(1, round(total_steps * (i + 1) / config.evals)) for i in range(config.evals)}
-    order = torch.randperm(len(data.train), generator=generator)
-    position = 0
+    short_steps = round(config.short_fraction * total_steps) if config.short_length else 0
+    train, order, position = None, torch.empty(0, dtype=torch.long), 0
     while accumulation.steps < total_steps:
+        # Phases switch at an optimizer step's boundary: accumulation.steps counts completed steps.
+        phase = data.short_train if accumulation.steps < short_steps else data.train
+        if phase is not train:
+            train, order, position = phase, torch.randperm(len(phase), generator=generator), 0
         if position + config.micro_batch > len(order):  # a new epoch
-            order, position = torch.randperm(len(data.train), generator=generator), 0
-        rows = data.train[order[position:position + config.micro_batch]]
+            order, position = torch.randperm(len(train), generator=generator), 0
+        rows = train[order[position:position + config.micro_batch]]
         position += config.micro_batch
         inputs, labels = mask_tokens(rows, data.vocab_size, generator)
         loss = mlm_loss(model, inputs, labels)
