@@ -46,7 +46,7 @@ def test_micro_batches_equal_one_large_batch(optimizer_class):
 def test_with_a_grad_scaler_and_a_checkpoint():
     model = make_model()
     optimizer = torchlamb.Lamb(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
     accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=2, scaler=scaler)
     (x, y), = batches(1, 8)
     assert not accumulation.backward(torch.nn.functional.mse_loss(model(x[:4]), y[:4]))
@@ -55,6 +55,7 @@ def test_with_a_grad_scaler_and_a_checkpoint():
     resumed.load_state_dict(saved)
     assert resumed.backward(torch.nn.functional.mse_loss(model(x[4:]), y[4:]))
     assert all(optimizer.state[p]["step"].item() == 1 for p in model.parameters())
+    assert scaler.get_scale() == 2.0**9  # the scaler stepped and updated: a finite step grows the scale
     with pytest.raises(ValueError, match="micro-batches"):
         torchlamb.GradientAccumulation(optimizer, micro_batches=3).load_state_dict(saved)
 
@@ -63,3 +64,42 @@ def test_with_a_grad_scaler_and_a_checkpoint():
 def test_bad_micro_batches_are_named(bad):
     with pytest.raises(ValueError, match="micro_batches"):
         torchlamb.GradientAccumulation(torchlamb.Lamb(make_model().parameters()), micro_batches=bad)
+
+
+@pytest.mark.parametrize("optimizer_class", [torchlamb.Lamb, torch.optim.SGD])
+def test_an_overflow_skips_the_step(optimizer_class):
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=2, scaler=scaler)
+    (x, y), = batches(1, 8)
+    accumulation.backward(torch.nn.functional.mse_loss(model(x[:4]), y[:4]))
+    assert accumulation.backward(torch.nn.functional.mse_loss(model(x[4:]), y[4:]) * float("inf"))
+    assert accumulation.steps == 1 and scaler.get_scale() == 2.0**7  # counted, and the scale backed off
+    for old, new in zip(before, model.parameters()):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_max_grad_norm_clips_the_accumulated_gradient(scaled):
+    """SGD through the accumulation with max_grad_norm equals SGD on the large batch with clip_grad_norm_."""
+    large, small = make_model(), make_model()
+    large_opt, small_opt = torch.optim.SGD(large.parameters(), lr=0.1), torch.optim.SGD(small.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
+    accumulation = torchlamb.GradientAccumulation(small_opt, micro_batches=4, scaler=scaler, max_grad_norm=0.05)
+    for x, y in batches(3, 32):
+        large_opt.zero_grad()
+        torch.nn.functional.mse_loss(large(x), y).backward()
+        assert torch.nn.utils.clip_grad_norm_(large.parameters(), 0.05) > 0.05  # the clip acts
+        large_opt.step()
+        for part_x, part_y in zip(x.chunk(4), y.chunk(4)):
+            accumulation.backward(torch.nn.functional.mse_loss(small(part_x), part_y))
+    for a, b in zip(large.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1", True])
+def test_bad_max_grad_norm_is_named(bad):
+    with pytest.raises((TypeError, ValueError), match="max_grad_norm"):
+        torchlamb.GradientAccumulation(torchlamb.Lamb(make_model().parameters()), 2, max_grad_norm=bad)

@@ -36,8 +36,12 @@ def test_corpus_and_tokenizer(data):
     assert data.vocab_size == 8192
     assert data.train.shape[1] == 32 and (data.train[:, 0] == mlm.CLS).all()
     assert len(data.train) > 20 * len(data.validation) * 0.9  # about 19:1, as the verses
-    tokens = text.load_tokenizer().encode("In the beginning God created the heaven and the earth.").tokens
+    tokenizer = text.load_tokenizer()
+    tokens = tokenizer.encode("In the beginning God created the heaven and the earth.").tokens
     assert tokens[:3] == ["in", "the", "beginning"]
+    # The masking relies on these ids (a retrained tokenizer must keep them).
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert [tokenizer.token_to_id(t) for t in specials] == [mlm.PAD, mlm.UNK, mlm.CLS, mlm.SEP, mlm.MASK]
 
 
 def test_masking_follows_bert(data):
@@ -76,6 +80,8 @@ def test_the_comparison_runs_at_tiny_size(small_data):
     for label, grid in grids.items():
         chosen = mlm.best(grid)
         assert chosen in grid and all(chosen.final_validation_loss <= r.final_validation_loss for r in grid)
+        if not label.startswith("AdamW"):  # adapted tensors only: param_groups exempts biases and norms
+            assert 0 < len(chosen.trust_ratios[-1]) < sum(1 for _ in mlm.MaskedLM(8, 4, 8, 1, 2).parameters())
         # The same budget of sequences for everyone: 1024 sequences, in 16 small or 2 large steps.
         assert chosen.sequences_seen[-1] == 1024
         # The best lr again on seed 1: the same configuration otherwise, and a different run.
@@ -85,6 +91,13 @@ def test_the_comparison_runs_at_tiny_size(small_data):
         assert second.validation_loss != first.validation_loss
         assert mlm.mean_curve([first, second])[-1] == pytest.approx(
             (first.final_validation_loss + second.final_validation_loss) / 2)
+
+
+@pytest.mark.parametrize("size", list(mlm.SEQUENCES))
+def test_every_run_sees_the_same_sequences(size):
+    for grid in mlm.comparison_configs(size).values():
+        assert all(config.sequences == mlm.SEQUENCES[size] and config.sequences % config.batch_size == 0
+                   for config in grid)
 
 
 def test_large_batch_adamw_grid_follows_the_sqrt_rule():
@@ -107,12 +120,14 @@ def test_two_phase_sequence_length(small_data, monkeypatch):
     at full length."""
     data = mlm.MLMData(small_data.train, small_data.validation, small_data.vocab_size,
                        short_train=mlm.mlm_data(length=16).train)
-    widths = []
+    widths, validation_widths = [], set()
     loss = mlm.mlm_loss
 
     def recording(model, inputs, labels, reduction="mean"):
         if reduction == "mean":  # training; validation sums
             widths.append(inputs.shape[1])
+        else:
+            validation_widths.add(inputs.shape[1])
         return loss(model, inputs, labels, reduction)
 
     monkeypatch.setattr(mlm, "mlm_loss", recording)
@@ -120,6 +135,10 @@ def test_two_phase_sequence_length(small_data, monkeypatch):
                            short_length=16, short_fraction=0.7, width=32, layers=1, heads=2, evals=2)
     result = mlm.train_mlm(config, data)
     assert widths == [16] * 14 + [32] * 6  # 7 steps of 2 micro-batches at 16 tokens, then 3 at 32
+    assert validation_widths == {32}
     assert len(result.validation_loss) == 2 and all(math.isfinite(v) for v in result.validation_loss)
     with pytest.raises(ValueError, match="rows of 16 tokens"):
         mlm.train_mlm(config, small_data)
+    for bad in (dict(short_length=32), dict(short_length=16, short_fraction=1.0)):
+        with pytest.raises(ValueError, match="short_length < length"):
+            mlm.train_mlm(mlm.replace(config, **bad), data)

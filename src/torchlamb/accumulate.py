@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._base import check_number
+
 
 class GradientAccumulation:
     """Accumulate ``micro_batches`` backward passes, then step the optimizer (and the scheduler) once.
@@ -14,7 +16,10 @@ class GradientAccumulation:
     Each loss is divided by ``micro_batches`` before its backward pass, so with equal micro-batches and mean losses
     the accumulated gradient is the mean gradient of the large batch they make up: K micro-batches of B behave as
     one batch of K·B (tested against it). With a ``torch.amp.GradScaler`` the scaled loss is used and the scaler
-    steps and updates.
+    steps and updates; a step the scaler skips (inf/NaN gradients) still counts in :attr:`steps` and still steps the
+    scheduler, as a large batch was consumed. ``max_grad_norm`` clips the accumulated gradient's global norm before
+    the step (after unscaling), for optimizers without their own clipping; :class:`~torchlamb.Lamb` and
+    :class:`~torchlamb.Lars` clip inside their step (``max_grad_norm=``), in the same pass and correctly for shards.
 
     Example::
 
@@ -30,10 +35,13 @@ class GradientAccumulation:
 
     def __init__(self, optimizer: torch.optim.Optimizer, micro_batches: int, *,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None) -> None:
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if max_grad_norm is not None:
+            check_number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.optimizer, self.micro_batches, self.scheduler, self.scaler = optimizer, micro_batches, scheduler, scaler
+        self.max_grad_norm = max_grad_norm
         self.count = 0  # micro-batches accumulated since the last step
         self.steps = 0  # optimizer steps taken
 
@@ -50,6 +58,11 @@ class GradientAccumulation:
         self.count += 1
         if self.count < self.micro_batches:
             return False
+        if self.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
         else:

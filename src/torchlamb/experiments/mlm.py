@@ -147,8 +147,10 @@ def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer
     if config.optimizer == "lars":
         return torchlamb.Lars(groups, lr=config.lr, momentum=0.9, trust_coefficient=0.02, max_grad_norm=1.0)
     if config.optimizer == "adamw":
-        # AdamW has no adapt option: strip it from param_groups' groups.
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "adapt"} for g in groups], lr=config.lr)
+        # AdamW has no adapt option: strip it from param_groups' groups. Lamb's eps (BERT's); train_mlm clips
+        # AdamW's gradient at 1.0 as Lamb and Lars clip theirs.
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "adapt"} for g in groups], lr=config.lr,
+                                 eps=1e-6)
     raise ValueError(f"unknown optimizer {config.optimizer!r}: choose lamb, adamw or lars")
 
 
@@ -164,10 +166,19 @@ def validation_loss(model: nn.Module, data: MLMData, batch: int = 256) -> float:
     return total / count
 
 
+def warmup_steps(config: MLMConfig) -> int:
+    """The schedule's linear warmup: ``warmup_fraction`` of the run's optimizer steps, at least one."""
+    return max(1, int(config.warmup_fraction * max(1, config.sequences // config.batch_size)))
+
+
 def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResult:
     """Train one configuration for ``config.sequences`` sequences; evaluate ``config.evals`` times."""
     if config.batch_size % config.micro_batch:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch {config.micro_batch}")
+    if config.short_length is not None and not (0 < config.short_length < config.length
+                                                 and 0 < config.short_fraction < 1):
+        raise ValueError(f"a two-phase run needs 0 < short_length < length ({config.length}) and 0 < short_fraction "
+                         f"< 1, got {config.short_length} and {config.short_fraction}")
     if config.short_length and (data.short_train is None or data.short_train.shape[1] != config.short_length):
         raise ValueError(f"a two-phase run needs the training text in rows of {config.short_length} tokens: "
                          f"mlm_data(length, short_length={config.short_length})")
@@ -176,10 +187,12 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     model = MaskedLM(data.vocab_size, config.length, config.width, config.layers, config.heads)
     optimizer = make_optimizer(config, model)
     total_steps = max(1, config.sequences // config.batch_size)
-    scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=max(1, int(config.warmup_fraction * total_steps)),
-                                      total_steps=total_steps)
+    scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=warmup_steps(config), total_steps=total_steps)
     accumulation = torchlamb.GradientAccumulation(optimizer, config.batch_size // config.micro_batch,
-                                                  scheduler=scheduler)
+                                                  scheduler=scheduler,
+                                                  max_grad_norm=1.0 if config.optimizer == "adamw" else None)
+    # The trust-ratio telemetry: only tensors the trust stage adapts (param_groups exempts biases and norms).
+    adapted = {id(p) for group in optimizer.param_groups if group.get("adapt", True) for p in group["params"]}
     result = MLMResult(config)
     eval_steps = {max(1, round(total_steps * (i + 1) / config.evals)) for i in range(config.evals)}
     short_steps = round(config.short_fraction * total_steps) if config.short_length else 0
@@ -205,7 +218,8 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
                 result.sequences_seen.append(accumulation.steps * config.batch_size)
                 result.validation_loss.append(validation_loss(model, data))
                 stats = getattr(optimizer, "trust_stats", [])
-                result.trust_ratios.append([r for s in stats for r in s.trust_ratio.tolist()])
+                result.trust_ratios.append([r for s in stats for p, r in zip(s.params, s.trust_ratio.tolist())
+                                            if id(p) in adapted])
     return result
 
 
@@ -222,7 +236,8 @@ SEEDS = (0, 1)
 # (5e-3..2e-2, then 1e-2..4e-2) both ended at their top edge, hence four values reaching 0.16.
 SQRT_LR = torchlamb.scale_lr(BASELINE_LR, SMALL_BATCH, LARGE_BATCH, rule="sqrt")
 GRIDS = {"lamb": [2e-2, 4e-2, 8e-2, 1.6e-1], "adamw": [SQRT_LR / 2, SQRT_LR, SQRT_LR * 2], "lars": [0.5, 1.0, 2.0]}
-SEQUENCES = {"tiny": 1_024, "reduced": 24_000, "full": 120_000}
+# Multiples of LARGE_BATCH, so that every run sees exactly this many sequences.
+SEQUENCES = {"tiny": 1_024, "reduced": 24_064, "full": 120_320}
 
 
 def comparison_configs(size: str) -> dict[str, list[MLMConfig]]:
@@ -242,17 +257,19 @@ def comparison_configs(size: str) -> dict[str, list[MLMConfig]]:
 
 def compare(size: str, data: MLMData | None = None, progress: Any = None,
             seeds: tuple[int, ...] = SEEDS) -> tuple[dict[str, list[MLMResult]], dict[str, list[MLMResult]]]:
-    """Train every configuration of :func:`comparison_configs` (seed 0), then each label's best lr again on the
-    other ``seeds``. Returns ({label: results over its lr grid}, {label: the best lr's results, one per seed})."""
+    """Train every configuration of :func:`comparison_configs` on ``seeds[0]``, then each label's best lr again on
+    the other ``seeds``. Returns ({label: results over its lr grid}, {label: the best lr's results, one per seed}).
+    The first seed chose the lr, so its result is biased low (most for the largest grid); the others are not."""
     configs = comparison_configs(size)
     if data is None:
         data = mlm_data(configs[next(iter(configs))][0].length)
-    grids = {label: [train_mlm(config, data, progress) for config in grid] for label, grid in configs.items()}
+    grids = {label: [train_mlm(replace(config, seed=seeds[0]), data, progress) for config in grid]
+             for label, grid in configs.items()}
     repeats = {}
     for label, grid in grids.items():
         chosen = best(grid)
         repeats[label] = [chosen] + [train_mlm(replace(chosen.config, seed=seed), data, progress)
-                                     for seed in seeds if seed != chosen.config.seed]
+                                     for seed in seeds[1:]]
     return grids, repeats
 
 
@@ -306,8 +323,7 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
     figure, axes = new_figure(columns=1, width=6.0)
     lamb = chosen[next(label for label in chosen if label.startswith("LAMB"))]
     for evaluation, ratios in zip(lamb.steps, lamb.trust_ratios):
-        adapted = [r for r in ratios if r != 1.0]  # groups with adapt=False hold r = 1
-        axes[0].plot(sorted(adapted), [i / max(1, len(adapted) - 1) for i in range(len(adapted))],
+        axes[0].plot(sorted(ratios), [i / max(1, len(ratios) - 1) for i in range(len(ratios))],
                      label=f"step {evaluation}")
     axes[0].set(xlabel="trust ratio", ylabel="fraction of tensors below", xscale="log",
                 title=f"LAMB (lr {lamb.config.lr:g}): distribution of the per-tensor trust ratio")
@@ -326,15 +342,21 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
         rows.append([label, f"{seeds[0].config.lr:g}", seeds[0].steps[-1] if seeds[0].steps else 0, per_seed,
                      f"{mean[-1]:.3f}" if complete else "-", grid_losses])
     baseline = chosen[next(iter(chosen))]
+    micro = configs[next(label for label in configs if label != next(iter(configs)))][0].micro_batch
+    warmup = [warmup_steps(c) for c in (baseline.config, lamb.config)]
     text = (f"A {baseline.config.layers}-layer encoder (width {baseline.config.width}, {baseline.config.heads} heads, "
             f"sequences of {baseline.config.length} WordPiece tokens) trained by masked-language modelling on the King "
             f"James Bible, {SEQUENCES[size]:,} sequences for every run: AdamW at batch {SMALL_BATCH} against LAMB, "
-            f"AdamW and LARS at batch {LARGE_BATCH} (gradient accumulation of {LARGE_BATCH // 64} micro-batches), each "
+            f"AdamW and LARS at batch {LARGE_BATCH} (gradient accumulation of {LARGE_BATCH // micro} micro-batches), "
+            "each "
             f"large-batch optimizer over an lr grid on seed {SEEDS[0]}, the best (lowest final validation loss) run "
             f"again on seeds {', '.join(map(str, SEEDS[1:]))}. Large-batch AdamW's grid is the sqrt rule's lr "
-            f"({SQRT_LR:.2g}) times 1/2, 1 and 2. Warmup over 10% of the steps, then linear decay to 0; weight decay "
-            "0.01 except on biases, LayerNorms and the position table. Validation: every 20th verse, with a fixed "
-            "masking.")
+            f"({SQRT_LR:.2g}) times 1/2, 1 and 2. Seed {SEEDS[0]} chose each lr, so its loss is biased low; the other "
+            f"seeds' are not. Warmup over {warmup[0]} (batch {SMALL_BATCH}) and {warmup[1]} (batch {LARGE_BATCH}) "
+            "steps, then linear decay to 0; gradients clipped at global norm 1 for every optimizer (eps 1e-6 for LAMB "
+            "and AdamW); weight "
+            "decay 0.01 except on biases, LayerNorms and the position table. Validation: every 20th verse, with a "
+            "fixed masking.")
     headers = ["run", "best lr", "optimizer steps", "final loss per seed", "mean",
                f"seed {SEEDS[0]}: final loss per lr"]
     return Summary("MLM pre-training at large batch (King James Bible)", text, headers, rows, figures)
