@@ -26,8 +26,9 @@ def data():
 
 @pytest.fixture(scope="module")
 def small_data(data):
-    """A slice of the validation rows, so that the tiny runs' evaluations take milliseconds."""
-    return mlm.MLMData(data.train, data.validation[:128], data.vocab_size)
+    """A slice of the validation rows, so that the tiny runs' evaluations take milliseconds; and the training rows
+    at half length, for the two-phase runs."""
+    return mlm.MLMData(data.train, data.validation[:128], data.vocab_size, mlm.mlm_data(length=16).train)
 
 
 def test_corpus_and_tokenizer(data):
@@ -74,9 +75,12 @@ def test_a_tiny_run_learns(small_data, optimizer):
 
 def test_the_comparison_runs_at_tiny_size(small_data):
     grids, repeats = mlm.compare("tiny", small_data)
+    two_phase = "LAMB, batch 512, two-phase (16 then 32 tokens)"
     assert list(grids) == list(repeats) == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
-                                            "LARS, batch 512"]
-    assert [len(grid) for grid in grids.values()] == [1, 4, 3, 3]
+                                            "LARS, batch 512", two_phase]
+    assert [len(grid) for grid in grids.values()] == [1, 4, 3, 3, 1]
+    assert repeats[two_phase][0].config == mlm.replace(repeats["LAMB, batch 512"][0].config, short_length=16,
+                                                       short_fraction=mlm.TWO_PHASE)
     for label, grid in grids.items():
         chosen = mlm.best(grid)
         assert chosen in grid and all(chosen.final_validation_loss <= r.final_validation_loss for r in grid)
@@ -109,7 +113,7 @@ def test_large_batch_adamw_grid_follows_the_sqrt_rule():
 def test_the_report_at_tiny_size(tmp_path):
     summary = mlm.run(tmp_path, size="tiny")
     assert [row[0] for row in summary.rows] == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
-                                                 "LARS, batch 512"]
+                                                 "LARS, batch 512", "LAMB, batch 512, two-phase (16 then 32 tokens)"]
     assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
     assert "1,024 sequences for every run" in summary.text
     assert all(len(row[3].split(", ")) == len(mlm.SEEDS) for row in summary.rows)  # a final loss per seed
@@ -118,8 +122,7 @@ def test_the_report_at_tiny_size(tmp_path):
 def test_two_phase_sequence_length(small_data, monkeypatch):
     """The first short_fraction of the steps train on short rows, the rest on full-length ones; validation is always
     at full length."""
-    data = mlm.MLMData(small_data.train, small_data.validation, small_data.vocab_size,
-                       short_train=mlm.mlm_data(length=16).train)
+    data = small_data
     widths, validation_widths = [], set()
     loss = mlm.mlm_loss
 
@@ -138,7 +141,7 @@ def test_two_phase_sequence_length(small_data, monkeypatch):
     assert validation_widths == {32}
     assert len(result.validation_loss) == 2 and all(math.isfinite(v) for v in result.validation_loss)
     with pytest.raises(ValueError, match="rows of 16 tokens"):
-        mlm.train_mlm(config, small_data)
+        mlm.train_mlm(config, mlm.replace(data, short_train=None))
     for bad in (dict(short_length=32), dict(short_length=16, short_fraction=1.0)):
         with pytest.raises(ValueError, match="short_length < length"):
             mlm.train_mlm(mlm.replace(config, **bad), data)

@@ -13,6 +13,7 @@ comparison at a tiny size.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,7 @@ class MLMResult:
     steps: list[int] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     trust_ratios: list[list[float]] = field(default_factory=list)  # per evaluation, Lamb/Lars only
+    seconds: float = 0.0  # wall time of the run, evaluations included
 
     @property
     def final_validation_loss(self) -> float:
@@ -194,6 +196,7 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     # The trust-ratio telemetry: only tensors the trust stage adapts (param_groups exempts biases and norms).
     adapted = {id(p) for group in optimizer.param_groups if group.get("adapt", True) for p in group["params"]}
     result = MLMResult(config)
+    start = time.perf_counter()
     eval_steps = {max(1, round(total_steps * (i + 1) / config.evals)) for i in range(config.evals)}
     short_steps = round(config.short_fraction * total_steps) if config.short_length else 0
     train, order, position = None, torch.empty(0, dtype=torch.long), 0
@@ -220,6 +223,7 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
                 stats = getattr(optimizer, "trust_stats", [])
                 result.trust_ratios.append([r for s in stats for p, r in zip(s.params, s.trust_ratio.tolist())
                                             if id(p) in adapted])
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -231,6 +235,7 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
 SMALL_BATCH, LARGE_BATCH = 64, 512
 BASELINE_LR = 1e-3
 SEEDS = (0, 1)
+TWO_PHASE = 0.9  # BERT's share of steps at the short length (128 of 512 tokens)
 # Large-batch AdamW: the sqrt rule from the baseline (1e-3 * sqrt(8) = 2.8e-3), times 1/2, 1 and 2. LAMB and LARS
 # have no small-batch run to scale from: their grids bracket the optimum earlier runs found. LAMB's first two grids
 # (5e-3..2e-2, then 1e-2..4e-2) both ended at their top edge, hence four values reaching 0.16.
@@ -258,11 +263,15 @@ def comparison_configs(size: str) -> dict[str, list[MLMConfig]]:
 def compare(size: str, data: MLMData | None = None, progress: Any = None,
             seeds: tuple[int, ...] = SEEDS) -> tuple[dict[str, list[MLMResult]], dict[str, list[MLMResult]]]:
     """Train every configuration of :func:`comparison_configs` on ``seeds[0]``, then each label's best lr again on
-    the other ``seeds``. Returns ({label: results over its lr grid}, {label: the best lr's results, one per seed}).
-    The first seed chose the lr, so its result is biased low (most for the largest grid); the others are not."""
+    the other ``seeds``, then LAMB's best lr with a two-phase sequence length on every seed. Returns ({label: results
+    over its lr grid}, {label: the best lr's results, one per seed}). The first seed chose the lr, so its result is
+    biased low (most for the largest grid); the others are not.
+
+    ``data`` must hold the training text at half length too (:func:`mlm_data`'s ``short_length``)."""
     configs = comparison_configs(size)
     if data is None:
-        data = mlm_data(configs[next(iter(configs))][0].length)
+        length = configs[next(iter(configs))][0].length
+        data = mlm_data(length, length // 2)
     grids = {label: [train_mlm(replace(config, seed=seeds[0]), data, progress) for config in grid]
              for label, grid in configs.items()}
     repeats = {}
@@ -270,6 +279,12 @@ def compare(size: str, data: MLMData | None = None, progress: Any = None,
         chosen = best(grid)
         repeats[label] = [chosen] + [train_mlm(replace(chosen.config, seed=seed), data, progress)
                                      for seed in seeds[1:]]
+    # BERT's two-phase sequence length at LAMB's chosen lr: 90% of the steps on half-length rows, then full length.
+    lamb = repeats[f"LAMB, batch {LARGE_BATCH}"][0].config
+    label = f"LAMB, batch {LARGE_BATCH}, two-phase ({lamb.length // 2} then {lamb.length} tokens)"
+    repeats[label] = [train_mlm(replace(lamb, short_length=lamb.length // 2, short_fraction=TWO_PHASE, seed=seed),
+                                data, progress) for seed in seeds]
+    grids[label] = repeats[label][:1]
     return grids, repeats
 
 
@@ -294,12 +309,12 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
 
     size = size or ("full" if full else "reduced")
     configs = comparison_configs(size)
-    data = mlm_data(configs[next(iter(configs))][0].length)
+    length = configs[next(iter(configs))][0].length
+    data = mlm_data(length, length // 2)
     if size == "tiny":  # a slice of the validation rows keeps the evaluations short
-        data = MLMData(data.train, data.validation[:128], data.vocab_size)
-    # Progress in sequences: every grid point on seed 0, then each label's best lr on the other seeds.
-    total = sum((len(grid) + len(SEEDS) - 1) * max(1, grid[0].sequences // grid[0].batch_size) * grid[0].batch_size
-                for grid in configs.values())
+        data = replace(data, validation=data.validation[:128])
+    # Progress in sequences: every grid point on seed 0, each label's best lr on the other seeds, the two-phase runs.
+    total = (sum(len(grid) + len(SEEDS) - 1 for grid in configs.values()) + len(SEEDS)) * SEQUENCES[size]
     with tqdm(total=total, desc="mlm", unit="seq", unit_scale=True) as bar:
         results, repeats = compare(size, data, bar)
     chosen = {label: seeds[0] for label, seeds in repeats.items()}
@@ -339,8 +354,9 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
         complete = mean and all(len(r.validation_loss) == len(seeds[0].validation_loss) for r in seeds)
         grid_losses = ", ".join(f"{r.config.lr:g}: {r.final_validation_loss:.3f}" if r.validation_loss else
                                 f"{r.config.lr:g}: diverged" for r in grid)
+        minutes = sum(r.seconds for r in seeds) / len(seeds) / 60
         rows.append([label, f"{seeds[0].config.lr:g}", seeds[0].steps[-1] if seeds[0].steps else 0, per_seed,
-                     f"{mean[-1]:.3f}" if complete else "-", grid_losses])
+                     f"{mean[-1]:.3f}" if complete else "-", f"{minutes:.2f}", grid_losses])
     baseline = chosen[next(iter(chosen))]
     micro = configs[next(label for label in configs if label != next(iter(configs)))][0].micro_batch
     warmup = [warmup_steps(c) for c in (baseline.config, lamb.config)]
@@ -348,15 +364,14 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
             f"sequences of {baseline.config.length} WordPiece tokens) trained by masked-language modelling on the King "
             f"James Bible, {SEQUENCES[size]:,} sequences for every run: AdamW at batch {SMALL_BATCH} against LAMB, "
             f"AdamW and LARS at batch {LARGE_BATCH} (gradient accumulation of {LARGE_BATCH // micro} micro-batches), "
-            "each "
-            f"large-batch optimizer over an lr grid on seed {SEEDS[0]}, the best (lowest final validation loss) run "
-            f"again on seeds {', '.join(map(str, SEEDS[1:]))}. Large-batch AdamW's grid is the sqrt rule's lr "
-            f"({SQRT_LR:.2g}) times 1/2, 1 and 2. Seed {SEEDS[0]} chose each lr, so its loss is biased low; the other "
-            f"seeds' are not. Warmup over {warmup[0]} (batch {SMALL_BATCH}) and {warmup[1]} (batch {LARGE_BATCH}) "
-            "steps, then linear decay to 0; gradients clipped at global norm 1 for every optimizer (eps 1e-6 for LAMB "
-            "and AdamW); weight "
-            "decay 0.01 except on biases, LayerNorms and the position table. Validation: every 20th verse, with a "
-            "fixed masking.")
-    headers = ["run", "best lr", "optimizer steps", "final loss per seed", "mean",
+            f"each large-batch optimizer over an lr grid on seed {SEEDS[0]}, the best (lowest final validation loss) "
+            f"run again on seeds {', '.join(map(str, SEEDS[1:]))}; LAMB's best lr also with BERT's two-phase sequence "
+            f"length ({TWO_PHASE:.0%} of the steps on half-length sequences). Large-batch AdamW's grid is the sqrt "
+            f"rule's lr ({SQRT_LR:.2g}) times 1/2, 1 and 2. Seed {SEEDS[0]} chose each lr, so its loss is biased low; "
+            f"the other seeds' are not. Warmup over {warmup[0]} (batch {SMALL_BATCH}) and {warmup[1]} (batch "
+            f"{LARGE_BATCH}) steps, then linear decay to 0 (one schedule over both phases); gradients clipped at "
+            "global norm 1 for every optimizer (eps 1e-6 for LAMB and AdamW); weight decay 0.01 except on biases, "
+            "LayerNorms and the position table. Validation: every 20th verse, full length, with a fixed masking.")
+    headers = ["run", "best lr", "optimizer steps", "final loss per seed", "mean", "minutes per run",
                f"seed {SEEDS[0]}: final loss per lr"]
     return Summary("MLM pre-training at large batch (King James Bible)", text, headers, rows, figures)
