@@ -145,3 +145,23 @@ def test_two_phase_sequence_length(small_data, monkeypatch):
     for bad in (dict(short_length=32), dict(short_length=16, short_fraction=1.0)):
         with pytest.raises(ValueError, match="short_length < length"):
             mlm.train_mlm(mlm.replace(config, **bad), data)
+
+
+def test_unigram_loss_of_a_known_distribution():
+    """Two tokens, equally frequent: predicting by frequency alone costs ln 2 per masked token."""
+    rows = torch.tensor([[mlm.CLS, 5, 6, 5, 6, 5, 6, 5]] * 50 + [[mlm.CLS, 6, 5, 6, 5, 6, 5, 6]] * 50)
+    data = mlm.MLMData(rows, rows[:20], vocab_size=7)
+    assert mlm.unigram_loss(data) == pytest.approx(math.log(2))
+    # 300 fives and 100 sixes (add-one: 301 and 101 of 402); a validation text of sixes costs -ln(101/402).
+    skewed = mlm.MLMData(torch.tensor([[mlm.CLS, 5, 5, 5, 6]] * 100), torch.tensor([[mlm.CLS] + [6] * 7] * 20), 7)
+    assert mlm.unigram_loss(skewed) == pytest.approx(-math.log(101 / 402))
+
+
+def test_one_configuration_from_the_command_line(capsys):
+    results = mlm.main(["--optimizer", "lamb", "--lr", "0.02", "--batch-size", "64", "--micro-batch", "32",
+                        "--sequences", "640", "--length", "32", "--short-length", "16", "--width", "32", "--layers",
+                        "1", "--heads", "2", "--evals", "2", "--seeds", "0", "1"])
+    assert [r.config.seed for r in results] == [0, 1] and all(r.steps == [5, 10] for r in results)
+    assert results[0].config.short_length == 16 and results[0].config.batch_size == 64
+    out = capsys.readouterr().out
+    assert "word frequencies only" in out and out.count("final validation loss") == 2

@@ -7,7 +7,8 @@ sequences seen and against optimizer steps.
 
 ``torchlamb run mlm [--full]`` (:func:`run`) compares, at a fixed budget of sequences, small-batch AdamW with
 large-batch LAMB, AdamW and LARS over lr grids, and writes report/mlm.md with its figures; tests/test_mlm.py runs the
-comparison at a tiny size.
+comparison at a tiny size. ``python -m torchlamb.experiments.mlm --optimizer lamb --lr 0.04 --batch-size 512
+--sequences 120320`` trains one configuration (any :class:`MLMConfig` field is a flag) and prints its validation loss.
 """
 
 from __future__ import annotations
@@ -173,6 +174,23 @@ def warmup_steps(config: MLMConfig) -> int:
     return max(1, int(config.warmup_fraction * max(1, config.sequences // config.batch_size)))
 
 
+@torch.no_grad()
+def unigram_loss(data: MLMData) -> float:
+    """The validation loss of a model that ignores context and predicts each masked token with its frequency in the
+    training rows (add-one smoothed), under :func:`validation_loss`'s masking: the plateau a model reaches by
+    learning word frequencies only."""
+    counts = torch.bincount(data.train.flatten(), minlength=data.vocab_size).double() + 1
+    counts[:MASK + 1] = 0  # special tokens are never predicted
+    log_p = (counts / counts.sum()).log()
+    generator = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    for start in range(0, len(data.validation), 256):  # the same batches, so the same masks, as validation_loss
+        _, labels = mask_tokens(data.validation[start:start + 256], data.vocab_size, generator)
+        total -= log_p[labels[labels != -100]].sum().item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
 def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResult:
     """Train one configuration for ``config.sequences`` sequences; evaluate ``config.evals`` times."""
     if config.batch_size % config.micro_batch:
@@ -329,6 +347,10 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
         for ax, x in ((axes[0], first.sequences_seen[:len(curve)]), (axes[1], first.steps[:len(curve)])):
             line, = ax.plot(x, curve, marker="o", label=name)
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    plateau = unigram_loss(data)
+    for ax in axes:
+        ax.axhline(plateau, color="grey", linestyle="--", linewidth=1,
+                   label=f"word frequencies only ({plateau:.2f})")
     axes[0].set(xlabel="sequences seen", ylabel="validation MLM loss (nats)", title="Against data")
     axes[1].set(xlabel="optimizer steps", ylabel="validation MLM loss (nats)", title="Against steps", xscale="log")
     axes[0].legend(fontsize="small")
@@ -372,7 +394,46 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
             f"the other seeds' are not. Warmup over {warmup[0]} (batch {SMALL_BATCH}) and {warmup[1]} (batch "
             f"{LARGE_BATCH}) steps, then linear decay to 0 (one schedule over both phases); gradients clipped at "
             "global norm 1 for every optimizer (eps 1e-6 for LAMB and AdamW); weight decay 0.01 except on biases, "
-            "LayerNorms and the position table. Validation: every 20th verse, full length, with a fixed masking.")
+            "LayerNorms and the position table. Validation: every 20th verse, full length, with a fixed masking. "
+            f"Predicting each masked token by its training frequency alone scores {plateau:.3f} nats (the dashed "
+            "line): runs above it have learnt no more than word frequencies.")
     headers = ["run", "best lr", "optimizer steps", "final loss per seed", "mean", "minutes per run",
                f"seed {SEEDS[0]}: final loss per lr"]
     return Summary("MLM pre-training at large batch (King James Bible)", text, headers, rows, figures)
+
+
+def main(argv: list[str] | None = None) -> list[MLMResult]:
+    """One configuration from the command line: every :class:`MLMConfig` field is a flag (``--batch-size 512``);
+    ``--seeds 0 1`` trains one run per seed. Prints the validation loss at each evaluation."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(prog="python -m torchlamb.experiments.mlm", description=main.__doc__)
+    for option in dataclasses.fields(MLMConfig):
+        if option.name != "seed":
+            default = option.default
+            kind = int if option.name == "short_length" else type(default)
+            parser.add_argument("--" + option.name.replace("_", "-"), type=kind, default=default)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = vars(parser.parse_args(argv))
+    seeds = args.pop("seeds")
+    config = MLMConfig(**args)
+    data = mlm_data(config.length, config.short_length)
+    print(f"word frequencies only: {unigram_loss(data):.3f} nats")
+    from tqdm.auto import tqdm
+
+    results = []
+    for seed in seeds:
+        steps = max(1, config.sequences // config.batch_size)
+        with tqdm(total=steps * config.batch_size, desc=f"seed {seed}", unit="seq", unit_scale=True) as bar:
+            result = train_mlm(replace(config, seed=seed), data, bar)
+        for steps, seen, loss in zip(result.steps, result.sequences_seen, result.validation_loss):
+            print(f"seed {seed}  step {steps:5d}  sequences {seen:7d}  validation loss {loss:.3f}")
+        print(f"seed {seed}: final validation loss {result.final_validation_loss:.3f} in {result.seconds / 60:.1f} min")
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+
