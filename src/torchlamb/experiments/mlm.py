@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> list[MLMResult]:
     import argparse
     import dataclasses
 
+    from tqdm.auto import tqdm
+
     parser = argparse.ArgumentParser(prog="python -m torchlamb.experiments.mlm", description=main.__doc__)
     for option in dataclasses.fields(MLMConfig):
         if option.name != "seed":
@@ -420,12 +422,10 @@ def main(argv: list[str] | None = None) -> list[MLMResult]:
     config = MLMConfig(**args)
     data = mlm_data(config.length, config.short_length)
     print(f"word frequencies only: {unigram_loss(data):.3f} nats")
-    from tqdm.auto import tqdm
-
     results = []
+    total = max(1, config.sequences // config.batch_size) * config.batch_size
     for seed in seeds:
-        steps = max(1, config.sequences // config.batch_size)
-        with tqdm(total=steps * config.batch_size, desc=f"seed {seed}", unit="seq", unit_scale=True) as bar:
+        with tqdm(total=total, desc=f"seed {seed}", unit="seq", unit_scale=True) as bar:
             result = train_mlm(replace(config, seed=seed), data, bar)
         for steps, seen, loss in zip(result.steps, result.sequences_seen, result.validation_loss):
             print(f"seed {seed}  step {steps:5d}  sequences {seen:7d}  validation loss {loss:.3f}")
