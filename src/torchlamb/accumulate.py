@@ -43,7 +43,7 @@ class GradientAccumulation:
         self.optimizer, self.micro_batches, self.scheduler, self.scaler = optimizer, micro_batches, scheduler, scaler
         self.max_grad_norm = max_grad_norm
         self.count = 0  # micro-batches accumulated since the last step
-        self.steps = 0  # optimizer steps taken
+        self.steps = 0  # large batches completed: optimizer.step calls, any a GradScaler skipped included
 
     @property
     def will_step(self) -> bool:
