@@ -20,8 +20,7 @@ from torchlamb.experiments import mlm  # noqa: E402
 
 @pytest.fixture(scope="module")
 def data():
-    full = mlm.mlm_data(length=32)
-    return full
+    return mlm.mlm_data(length=32)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,12 +159,18 @@ def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: MLMData, batch: int = 256) -> float:
-    """Mean MLM loss over the validation rows, with a fixed masking (the same for every run)."""
+def validation_batches(data: MLMData, batch: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation rows as (inputs, labels) batches with a fixed masking: the same for every run and for
+    :func:`unigram_loss`."""
     generator = torch.Generator().manual_seed(1234)
-    total, count = 0.0, 0
     for start in range(0, len(data.validation), batch):
-        inputs, labels = mask_tokens(data.validation[start:start + batch], data.vocab_size, generator)
+        yield mask_tokens(data.validation[start:start + batch], data.vocab_size, generator)
+
+
+def validation_loss(model: nn.Module, data: MLMData) -> float:
+    """Mean MLM loss over the validation rows (:func:`validation_batches`)."""
+    total, count = 0.0, 0
+    for inputs, labels in validation_batches(data):
         total += mlm_loss(model, inputs, labels, reduction="sum").item()
         count += int((labels != -100).sum())
     return total / count
@@ -177,15 +184,13 @@ def warmup_steps(config: MLMConfig) -> int:
 @torch.no_grad()
 def unigram_loss(data: MLMData) -> float:
     """The validation loss of a model that ignores context and predicts each masked token with its frequency in the
-    training rows (add-one smoothed), under :func:`validation_loss`'s masking: the plateau a model reaches by
-    learning word frequencies only."""
+    training rows (add-one smoothed), on :func:`validation_batches`: the plateau a model reaches by learning word
+    frequencies only."""
     counts = torch.bincount(data.train.flatten(), minlength=data.vocab_size).double() + 1
     counts[:MASK + 1] = 0  # special tokens are never predicted
     log_p = (counts / counts.sum()).log()
-    generator = torch.Generator().manual_seed(1234)
     total, count = 0.0, 0
-    for start in range(0, len(data.validation), 256):  # the same batches, so the same masks, as validation_loss
-        _, labels = mask_tokens(data.validation[start:start + 256], data.vocab_size, generator)
+    for _, labels in validation_batches(data):
         total -= log_p[labels[labels != -100]].sum().item()
         count += int((labels != -100).sum())
     return total / count
@@ -381,7 +386,7 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
         rows.append([label, f"{seeds[0].config.lr:g}", seeds[0].steps[-1] if seeds[0].steps else 0, per_seed,
                      f"{mean[-1]:.3f}" if complete else "-", f"{minutes:.2f}", grid_losses])
     baseline = chosen[next(iter(chosen))]
-    micro = configs[next(label for label in configs if label != next(iter(configs)))][0].micro_batch
+    micro = lamb.config.micro_batch
     warmup = [warmup_steps(c) for c in (baseline.config, lamb.config)]
     text = (f"A {baseline.config.layers}-layer encoder (width {baseline.config.width}, {baseline.config.heads} heads, "
             f"sequences of {baseline.config.length} WordPiece tokens) trained by masked-language modelling on the King "
