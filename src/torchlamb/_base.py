@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _fused, distributed
-from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, trust_ratio
+from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, sums_of_squares, trust_ratio
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
 Adapt = Union[bool, Literal["if_decayed"]]
@@ -120,12 +120,6 @@ def if_kept(keep: Tensor | None, value: float, otherwise: float) -> float | Tens
         return value
     dtype = torch.float32 if keep.device.type == "mps" else torch.float64
     return torch.where(keep.bool(), value, otherwise).to(dtype)
-
-
-def stack_per_tensor(*columns: list[Tensor]) -> tuple[Tensor, ...]:
-    """Stack per-tensor 0-dim results (norms, ratios) into 1-D tensors on the first one's device."""
-    device = columns[0][0].device
-    return tuple(torch.stack([x.to(device) for x in column]) for column in columns)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,7 +448,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 self.grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group,
                                                        device=device)
             elif all_grads:
-                self.grad_norm = global_norm(_real(all_grads), foreach=len({g.device for g in all_grads}) == 1)
+                self.grad_norm = global_norm(_real(all_grads))
             if self.grad_norm is not None and inverse_scale is not None:
                 self.grad_norm = self.grad_norm * inverse_scale.to(self.grad_norm.device)
 
@@ -536,6 +530,6 @@ def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in distributed.local(tensors)]
 
 
-def squares_of(*columns: Tensor) -> Tensor:
-    """Per-tensor norms (1-D tensors, one per column) as the float64 [n, k] sums of squares of a FirstPass."""
-    return torch.stack(columns, 1).to(torch.float64).square()
+def squares_of(*columns: list[Tensor]) -> Tensor:
+    """The float64 [n, k] sums of squares of a FirstPass: column j holds ‖x‖² of each tensor of ``columns[j]``."""
+    return torch.stack([sums_of_squares(column) for column in columns], 1)

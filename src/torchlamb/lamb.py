@@ -20,11 +20,10 @@ from ._base import (
     effective_grads,
     if_kept,
     squares_of,
-    stack_per_tensor,
     zero_if_skipped,
 )
 from .presets import PRESETS
-from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
+from .trust import ClipRange, FirstPass, TrustStats
 
 # True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
 BiasCorrection = Union[bool, Literal["step_size", "step_size_first_moment"]]
@@ -225,7 +224,7 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
     weight1, weight2 = if_kept(keep, 1 - beta1, 0.0), if_kept(keep, 1 - beta2, 0.0)
     decay_factor = if_kept(keep, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
-    updates, weight_norms, update_norms = [], [], []
+    updates = []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
         step += 1 if keep is None else keep
@@ -245,8 +244,6 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
-        weight_norms.append(tensor_norms([param])[0])
-        update_norms.append(tensor_norms([update])[0])
 
     def finish(ratio: Tensor) -> None:
         for param, update, step, r in zip(params, updates, steps, ratio.unbind(0)):
@@ -258,7 +255,7 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                 scale = scale * keep.to(param.device)
             param.add_(update * scale)
 
-    return FirstPass(squares_of(*stack_per_tensor(weight_norms, update_norms)), finish)
+    return FirstPass(squares_of(params, updates), finish)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -313,4 +310,4 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_mul_(updates, list(scale.unbind(0)))
         torch._foreach_add_(params, updates)
 
-    return FirstPass(squares_of(tensor_norms(params, foreach=True), tensor_norms(updates, foreach=True)), finish)
+    return FirstPass(squares_of(params, updates), finish)

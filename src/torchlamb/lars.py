@@ -19,11 +19,9 @@ from ._base import (
     effective_grad,
     effective_grads,
     if_kept,
-    squares_of,
-    stack_per_tensor,
     zero_if_skipped,
 )
-from .trust import ClipRange, FirstPass, TrustStats, tensor_norms
+from .trust import ClipRange, FirstPass, TrustStats, sums_of_squares
 
 Denominator = Literal["combined", "split"]
 
@@ -160,15 +158,12 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
                         grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
     """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list.
     With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
-    updates, weight_norms, grad_norms, update_norms = [], [], [], []
+    effective, updates = [], []
     for param, grad, step in zip(params, grads, steps):
         grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
         step += 1 if keep is None else keep
-        update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
-        updates.append(update)
-        weight_norms.append(tensor_norms([param])[0])
-        grad_norms.append(tensor_norms([grad])[0])
-        update_norms.append(tensor_norms([update])[0])
+        effective.append(grad)
+        updates.append(grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad)
 
     def finish(ratio: Tensor) -> None:
         # Skipped: b ← 1·b + 0, θ ← θ − 0.
@@ -181,7 +176,7 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
             direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
             _subtract_scaled_([param], [direction], step_lr)
 
-    return FirstPass(squares_of(*stack_per_tensor(weight_norms, grad_norms, update_norms)), finish)
+    return FirstPass(_squares(params, effective, updates, split_denominator), finish)
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
@@ -194,10 +189,6 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffe
     torch._foreach_add_(steps, 1 if keep is None else [keep] * len(steps))
     # A new list: p.grad itself is never modified.
     updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
-    weight_norm = tensor_norms(params, foreach=True)
-    # Only the denominator in use is computed; the other column stays 0.
-    grad_norm = tensor_norms(grads, foreach=True) if split_denominator else torch.zeros_like(weight_norm)
-    update_norm = torch.zeros_like(weight_norm) if split_denominator else tensor_norms(updates, foreach=True)
 
     def finish(ratio: Tensor) -> None:
         scale = ratio.to(params[0].device)
@@ -214,7 +205,16 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffe
             directions = momentum_buffers
         _subtract_scaled_(params, directions, lr if keep is None else lr * keep)
 
-    return FirstPass(squares_of(weight_norm, grad_norm, update_norm), finish)
+    return FirstPass(_squares(params, grads, updates, split_denominator), finish)
+
+
+def _squares(params: list[Tensor], grads: list[Tensor], updates: list[Tensor], split_denominator: bool) -> Tensor:
+    """The [n, 3] float64 columns ‖θ‖², ‖g‖², ‖g + λθ‖² that ``Lars._update_norm`` reads; only the denominator in
+    use is computed, the other column stays 0."""
+    weight = sums_of_squares(params)
+    used = sums_of_squares(grads if split_denominator else updates)
+    unused = torch.zeros_like(weight)
+    return torch.stack([weight, used, unused] if split_denominator else [weight, unused, used], 1)
 
 
 def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor) -> None:

@@ -27,6 +27,8 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
+from .trust import tensor_norms
+
 QUANTITIES = ("weight_norm", "update_norm", "trust_ratio")
 FIELDS = ("step", "name", "group", *QUANTITIES)
 
@@ -168,11 +170,12 @@ class TrustMonitor:
         device = params[0].device
         weight_norms, delta_norms = [], []
         for param, before, _ in self._snapshot:
-            # At least float32: a bfloat16 difference or sum of squares loses most digits.
+            # At least float32: a bfloat16 difference loses most digits.
             dtype = torch.promote_types(param.dtype, torch.float32)
-            weight_norms.append(torch.linalg.vector_norm(before, dtype=dtype).to(device))
             delta = param.detach().to(dtype) - before.to(dtype)
-            delta_norms.append(torch.linalg.vector_norm(delta).to(device))
+            weight_norm, delta_norm = tensor_norms([before, delta]).to(device)
+            weight_norms.append(weight_norm)
+            delta_norms.append(delta_norm)
         weight_norms, delta_norms = torch.stack([torch.stack(weight_norms), torch.stack(delta_norms)]).tolist()
         # float() reads a tensor lr; schedulers keep it on the CPU, where reading it is no device sync.
         lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
