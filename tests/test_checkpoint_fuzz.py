@@ -85,11 +85,6 @@ def shorten_group(sd, data):
     group["params"] = group["params"][:-1]
 
 
-def drop_option(sd, data):
-    group = sd["param_groups"][data.draw(st.integers(0, len(sd["param_groups"]) - 1))]
-    del group[data.draw(st.sampled_from(sorted(k for k in group if k not in ("params", "param_names"))))]
-
-
 def bad_option(sd, data):
     group = sd["param_groups"][data.draw(st.integers(0, len(sd["param_groups"]) - 1))]
     key, value = data.draw(st.sampled_from([("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.5),
@@ -103,7 +98,7 @@ def not_a_state_dict(sd, data):
 
 
 CORRUPTIONS = [drop_state_key, add_state_key, reshape_tensor, retype_tensor, replace_with_non_tensor,
-               unknown_parameter, drop_group, shorten_group, drop_option, bad_option, not_a_state_dict]
+               unknown_parameter, drop_group, shorten_group, bad_option, not_a_state_dict]
 
 
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
@@ -135,3 +130,28 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(optimizer_class):
     with pytest.raises(ValueError, match=r"parameter '0\.weight'.*shape"):
         optimizer.load_state_dict(other.state_dict())
     assert_unchanged(optimizer, saved)
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+@pytest.mark.parametrize("master_weights", [False, True])
+@given(data=st.data())
+def test_a_checkpoint_lacking_options_loads_them_from_the_optimizer(optimizer_class, master_weights, data):
+    """An option added after a checkpoint was written is missing from its groups: the optimizer's value fills it
+    (as torch's optimizers fill theirs), the rest loads as saved, and the caller's dict is not changed."""
+    _, optimizer = make(optimizer_class, master_weights)
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    index = data.draw(st.integers(0, len(state_dict["param_groups"]) - 1))
+    options = sorted(k for k in state_dict["param_groups"][index] if k not in ("params", "param_names"))
+    dropped = data.draw(st.lists(st.sampled_from(options), min_size=1, max_size=3, unique=True))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5  # so that the loaded groups differ from the live ones in a kept option
+    expected = {key: optimizer.param_groups[index][key] for key in dropped}
+    for key in dropped:
+        del state_dict["param_groups"][index][key]
+    passed = copy.deepcopy(state_dict["param_groups"])
+    optimizer.load_state_dict(state_dict)
+    assert state_dict["param_groups"] == passed
+    for key in dropped:
+        assert optimizer.param_groups[index][key] == expected[key]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5 if "lr" in dropped and i == index else 0.01
+                                                         for i, g in enumerate(optimizer.param_groups)]

@@ -91,3 +91,19 @@ def test_groups_work_with_lamb_and_with_torch_optimizers():
 def test_empty_groups_are_left_out():
     assert [g["adapt"] for g in param_groups(nn.LayerNorm(3))] == [False]
     assert [g["adapt"] for g in param_groups(nn.Linear(3, 3, bias=False))] == [True]
+
+
+def test_a_two_dimensional_parameter_named_bias_is_exempt():
+    """The name rule on its own: a 2-D relative-position bias is neither 1-D nor in a norm module."""
+
+    class RelativeBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.rel_bias = nn.Parameter(torch.zeros(4, 4))
+
+    groups = param_groups(RelativeBias(), weight_decay=0.1)
+    assert names(groups, False) == {"rel_bias"}
+    assert names(groups, True) == {"proj.weight"}
+    exempt = next(g for g in groups if "rel_bias" in g["param_names"])
+    assert exempt["weight_decay"] == 0.0 and exempt["adapt"] is False

@@ -7,8 +7,10 @@ the trust stage in :mod:`torchlamb.trust`). Everything else lives here once.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
@@ -133,6 +135,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             per-tensor ‖θ‖, ‖u‖ and trust ratio as device tensors. Not saved in ``state_dict``.
         grad_norm: the global gradient norm of the last step as a 0-dim device tensor, when some group has
             ``max_grad_norm`` set (it is only computed then), else None.
+
+    Each parameter's ``state['step']`` is a 0-dim float32 tensor beside the parameter, also where torch's
+    optimizers would make it float64 (under ``torch.set_default_dtype(torch.float64)``) and after loading a
+    checkpoint that saved it otherwise: the fused kernels and checkpoints then see one dtype whatever the global
+    default; float32 counts every step exactly up to 2²⁴ (16,777,216), where it stops; and the bias corrections
+    1 − βᵗ are computed in float64 from it anyway (float32 on MPS, which has no float64).
+
+    ``copy.deepcopy`` gives an optimizer with its own copy of the state (and of the parameters it holds) that steps
+    as the original would; it shares the ``partition_group``. ``pickle`` carries the same, but refuses an optimizer
+    with a ``partition_group``: a process group cannot leave its process. Hooks are not carried, as in torch.
     """
 
     # The keys that each parameter's state holds, besides 'step'; set by subclasses.
@@ -286,8 +298,33 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 distributed.check_not_fsdp1(tensor, f"a parameter of param group {index}")
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle carries: torch's ``defaults``, ``state`` and ``param_groups``, and the step's own options
+        (``nonfinite``, ``partition_group``). A process group belongs to the process that made it and cannot be
+        pickled, so an optimizer with a ``partition_group`` refuses to be (``copy.deepcopy`` shares it instead)."""
+        if self.partition_group is not None:
+            raise TypeError(f"a {type(self).__name__} with a partition_group cannot be pickled: a process group "
+                            "belongs to the process that made it. Set optimizer.partition_group = None before "
+                            "pickling and set it again after unpickling (copy.deepcopy shares the process group)")
+        return self._carried_state()
+
+    def _carried_state(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "nonfinite": self.nonfinite, "partition_group": self.partition_group}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerwiseOptimizer:
+        """A copy with its own parameters and state, sharing the ``partition_group`` (which cannot be copied)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        if self.partition_group is not None:
+            memo[id(self.partition_group)] = self.partition_group
+        copied.__setstate__(copy.deepcopy(self._carried_state(), memo))
+        return copied
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Pickles of earlier versions carry neither option; torch's load_state_dict passes only state and groups.
+        self.__dict__.setdefault("nonfinite", "propagate")
+        self.__dict__.setdefault("partition_group", None)
         self.__dict__.setdefault("trust_stats", [])
         self.__dict__.setdefault("grad_norm", None)
 
@@ -295,12 +332,45 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, after checking that it fits these parameters.
 
-        Raises ValueError, naming the parameter, when groups, keys, shapes or dtypes do not match; the
-        optimizer is unchanged then.
+        In order: the hooks of ``register_load_state_dict_pre_hook`` (on a shallow copy, as in torch: a hook can
+        repair an old checkpoint), the check, torch's loading, then the post-hooks, which see the loaded state.
+
+        An option a saved group lacks (one added to torchlamb after the checkpoint was written) takes this
+        optimizer's value for that group — the constructor's default unless the group set its own — and is
+        checked with the others. Keys that are not options (``initial_lr`` of a scheduler) are kept as saved.
+
+        Raises ValueError, naming the parameter, when groups, state keys, shapes or dtypes do not match, and
+        ValueError/TypeError for an option out of range; the optimizer is unchanged then.
         """
-        params_by_id = self._check_loadable(state_dict)
-        super().load_state_dict(state_dict)
-        for saved_id, saved in state_dict["state"].items():
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict, params_by_id = self._loadable(state_dict)
+        # torch's loading would run the hooks again, and the post-hooks before the fix-ups below: it runs without.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        # torch's loading replaces state and param_groups whole, so putting them back undoes a failed load.
+        before = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            self._take_saved_state(state_dict["state"], params_by_id)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _take_saved_state(self, saved_state: dict[Any, dict[str, Any]],
+                          params_by_id: dict[Any, tuple[Tensor, str, dict[str, Any]]]) -> None:
+        """Undo what torch's loading does to our state, which is not an ordinary optimizer's."""
+        for saved_id, saved in saved_state.items():
             param, _, group = params_by_id[saved_id]
             state = self.state[param]
             # torch casts every loaded tensor to its parameter's dtype: that would round float32 master weights and
@@ -308,34 +378,42 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for key in (*self._state_keys, "master"):
                 if key in saved and saved[key].dtype != param.dtype:
                     state[key] = saved[key].to(param.device, copy=True)
-            # torch keeps a loaded 'step' where it was saved; ours lives beside its parameter (no host sync).
+            # torch keeps a loaded 'step' where it was saved, in its dtype; ours lives beside its parameter (no host
+            # sync) and is float32 whatever the default dtype (see the class docstring).
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
             # State keeps its parameter's memory layout, as when it is created, so the fused kernels can take it.
             for key in (*self._state_keys, "master"):
                 if key in state and state[key].stride() != param.stride():
                     state[key] = torch.empty_like(param, dtype=state[key].dtype).copy_(state[key])
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> dict[Any, tuple[Tensor, str, dict[str, Any]]]:
-        """Raise ValueError unless ``state_dict`` fits; return {saved id: (parameter, its label, its group)}."""
+    def _loadable(self, state_dict: Any) -> tuple[dict[str, Any], dict[Any, tuple[Tensor, str, dict[str, Any]]]]:
+        """Raise ValueError/TypeError unless ``state_dict`` fits. Return it with the options its groups lack filled
+        in (a new dict: the caller's is not changed) and {saved id: (parameter, its label, its filled group)}."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups' keys")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, dict):
+            raise ValueError(f"{name}.load_state_dict expects 'param_groups' as a list and 'state' as a dict")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this {name} has "
                              f"{len(self.param_groups)}")
+        filled_groups = []
         params_by_id: dict[Any, tuple[Tensor, str, dict[str, Any]]] = {}
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"checkpoint's param group {index} is not a dict with a 'params' key")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"checkpoint's param group {index} has {len(saved['params'])} parameters, "
                                  f"this {name}'s has {len(group['params'])}")
             missing = self._option_names() - saved.keys()
-            if missing:
-                raise ValueError(f"checkpoint's param group {index} lacks options {sorted(missing)}")
-            self._validate_group(saved, index)
+            filled = {**{key: group[key] if key in group else self.defaults[key] for key in sorted(missing)},
+                      **saved}
+            self._validate_group(filled, index)
+            filled_groups.append(filled)
             for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 # The loaded group's master_weights is the one that will hold.
-                params_by_id[saved_id] = (param, self._param_label(group, index, position), saved)
+                params_by_id[saved_id] = (param, self._param_label(group, index, position), filled)
         for saved_id, state in saved_state.items():
             if saved_id not in params_by_id:
                 raise ValueError(f"checkpoint has state for parameter id {saved_id!r}, which no param group lists")
@@ -356,7 +434,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if value.shape != param.shape or value.dtype != dtype:
                     raise ValueError(f"state of {label}: {key!r} has shape {tuple(value.shape)} and dtype "
                                      f"{value.dtype}, expected {tuple(param.shape)} and {dtype}")
-        return params_by_id
+        return {**state_dict, "param_groups": filled_groups}, params_by_id
 
     def _option_names(self) -> set[str]:
         # torch.optim.Optimizer.__setstate__ adds 'differentiable' to defaults; it is not one of our options.

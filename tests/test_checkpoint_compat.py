@@ -1,0 +1,204 @@
+"""Checkpoints survive upgrades: saved ones load and resume, missing options are filled in, pre-hooks run first.
+
+tests/fixtures/checkpoints-*.pt were written by earlier versions (tests/fixtures/make_checkpoints.py says how).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchlamb
+from torchlamb import Lamb, Lars
+
+FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("checkpoints-*.pt"))
+CASES = {f"{path.stem}-{name}": {**case, "steps_before": saved["steps_before"]}
+         for path in FIXTURES for saved in [torch.load(path)] for name, case in saved["cases"].items()}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    # A copy for each test: as in torch, loaded state shares memory with the checkpoint, and training changes it.
+    return copy.deepcopy(CASES[request.param])
+
+
+def first_case(condition):
+    return copy.deepcopy(next(case for case in CASES.values() if condition(case)))
+
+
+def assert_close(actual, expected):
+    """Equal but for rounding: later versions may sum a norm in another order. bfloat16 tensors may then differ
+    by one unit in their last place (a float32 master rounded to the other side); a changed format by far more."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert_close(actual[key], expected[key])
+    elif expected.dtype in (torch.bfloat16, torch.float16):
+        torch.testing.assert_close(actual, expected)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def make_model(dtype):
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).to(dtype)
+
+
+def make_optimizer(model, case):
+    groups = torchlamb.param_groups(model)
+    groups = [{**group, **options} for group, options in zip(groups, case["group_options"])]
+    return getattr(torchlamb, case["optimizer_class"])(groups, **case["kwargs"])
+
+
+def train(model, optimizer, batches):
+    dtype = next(model.parameters()).dtype
+    for x in batches:
+        optimizer.zero_grad()
+        model(x.to(dtype)).float().square().mean().backward()
+        optimizer.step()
+
+
+def resume(case, state_dict=None):
+    """The model and optimizer loaded from the case's checkpoint (or from ``state_dict``), before resuming."""
+    model = make_model(case["dtype"])
+    model.load_state_dict(case["model"])
+    optimizer = make_optimizer(model, case)
+    optimizer.load_state_dict(case["optimizer"] if state_dict is None else state_dict)
+    return model, optimizer
+
+
+def assert_close_state_dicts(actual, expected):
+    assert [{k: v for k, v in g.items() if k != "params"} for g in actual["param_groups"]] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in expected["param_groups"]]
+    assert_close(actual["state"], expected["state"])
+
+
+def test_there_is_a_checkpoint_of_this_version():
+    assert Path(__file__).parent / "fixtures" / f"checkpoints-{torchlamb.__version__}.pt" in FIXTURES
+
+
+def test_a_saved_checkpoint_loads_and_resumes_as_if_it_never_stopped(case):
+    model, optimizer = resume(case)
+    train(model, optimizer, case["batches"][case["steps_before"]:])
+    # What the version that wrote the checkpoint computed after resuming.
+    assert_close(model.state_dict(), case["expected_model"])
+    assert_close_state_dicts(optimizer.state_dict(), case["expected_optimizer"])
+    # What this version computes without stopping.
+    uninterrupted = make_model(case["dtype"])
+    uninterrupted.load_state_dict(case["initial_model"])
+    never_stopped = make_optimizer(uninterrupted, case)
+    train(uninterrupted, never_stopped, case["batches"])
+    assert_close(model.state_dict(), uninterrupted.state_dict())
+    assert_close_state_dicts(optimizer.state_dict(), never_stopped.state_dict())
+
+
+def test_options_a_checkpoint_lacks_take_the_optimizers_values(case):
+    """A checkpoint written before an option existed lacks it in every group; it loads with today's default."""
+    checkpoint = copy.deepcopy(case["optimizer"])
+    lacking = ("trust_eps", "maximize", "weight_norm_clip")  # options of both Lamb and Lars
+    for group in checkpoint["param_groups"]:
+        for option in lacking:
+            del group[option]
+    model, optimizer = resume(case, checkpoint)
+    for group in optimizer.param_groups:
+        assert (group["trust_eps"], group["maximize"], group["weight_norm_clip"]) == (0.0, False, None)
+        assert group["lr"] == case["optimizer"]["param_groups"][optimizer.param_groups.index(group)]["lr"]
+    assert all(option not in group for group in checkpoint["param_groups"] for option in lacking)  # not filled in
+    train(model, optimizer, case["batches"][case["steps_before"]:])
+    assert_close(model.state_dict(), case["expected_model"])
+
+
+def test_a_missing_option_takes_the_value_its_group_has_in_the_optimizer():
+    model = make_model(torch.float32)
+    optimizer = Lamb([{"params": [model[0].weight], "trust_clip": (0.0, 2.0)}, {"params": [model[0].bias]}],
+                     trust_clip=(0.0, 10.0))
+    checkpoint = optimizer.state_dict()
+    for group in checkpoint["param_groups"]:
+        del group["trust_clip"]
+    optimizer.load_state_dict(checkpoint)
+    assert [g["trust_clip"] for g in optimizer.param_groups] == [(0.0, 2.0), (0.0, 10.0)]
+
+
+def test_a_pre_hook_can_repair_a_checkpoint_before_it_is_checked():
+    """A checkpoint of a library that named Adam's moments m and v is refused; a pre-hook that renames them is
+    run before the check, so it loads (and resumes as the original would)."""
+    case = first_case(lambda case: case["optimizer_class"] == "Lamb")
+    foreign = copy.deepcopy(case["optimizer"])
+    for state in foreign["state"].values():
+        state["m"], state["v"] = state.pop("exp_avg"), state.pop("exp_avg_sq")
+    with pytest.raises(ValueError, match=r"keys \['m', 'step', 'v'\]"):
+        resume(case, foreign)
+
+    def rename_moments(optimizer, state_dict):
+        renamed = {key: {"step": s["step"], "exp_avg": s["m"], "exp_avg_sq": s["v"]}
+                   for key, s in state_dict["state"].items()}
+        return {**state_dict, "state": renamed}
+
+    model = make_model(case["dtype"])
+    model.load_state_dict(case["model"])
+    optimizer = make_optimizer(model, case)
+    optimizer.register_load_state_dict_pre_hook(rename_moments)
+    optimizer.load_state_dict(foreign)
+    assert "m" in foreign["state"][0]  # the caller's checkpoint is as it was
+    train(model, optimizer, case["batches"][case["steps_before"]:])
+    assert_close(model.state_dict(), case["expected_model"])
+
+
+def test_hooks_run_once_and_post_hooks_see_the_loaded_state():
+    case = first_case(lambda case: case["kwargs"].get("master_weights"))
+    model = make_model(case["dtype"])
+    optimizer = make_optimizer(model, case)
+    calls = []
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("pre"))
+    optimizer.register_load_state_dict_post_hook(
+        lambda opt: calls.append(("post", {s["master"].dtype for s in opt.state.values()})))
+    optimizer.load_state_dict(case["optimizer"])
+    assert calls == ["pre", ("post", {torch.float32})]  # float32 masters, not torch's cast to bfloat16
+
+
+def test_a_failure_while_loading_leaves_the_optimizer_unchanged(monkeypatch):
+    case = first_case(lambda case: case["optimizer_class"] == "Lamb")
+    model = make_model(case["dtype"])
+    optimizer = make_optimizer(model, case)
+    train(model, optimizer, case["batches"][:1])
+    state, groups = optimizer.state, optimizer.param_groups
+    before = copy.deepcopy(optimizer.state_dict())
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(optimizer), "_take_saved_state", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        optimizer.load_state_dict(case["optimizer"])
+    assert optimizer.state is state and optimizer.param_groups is groups
+    assert_close_state_dicts(optimizer.state_dict(), before)
+    monkeypatch.undo()
+    train(model, optimizer, case["batches"][1:2])  # and it still steps
+
+
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+@pytest.mark.parametrize("foreach", [False, True, None], ids=["single_tensor", "foreach", "default"])
+def test_step_is_float32_whatever_the_default_dtype(optimizer_class, foreach):
+    """torch's optimizers keep 'step' in float64 under a float64 default dtype; torchlamb keeps float32 (see the
+    LayerwiseOptimizer docstring), also for a checkpoint that saved it otherwise."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Linear(3, 2)
+        assert model.weight.dtype == torch.float64
+        optimizer = optimizer_class(model.parameters(), foreach=foreach)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3)).square().sum().backward()
+            optimizer.step()
+        assert {(s["step"].dtype, s["step"].item()) for s in optimizer.state.values()} == {(torch.float32, 2.0)}
+        checkpoint = optimizer.state_dict()
+        for state in checkpoint["state"].values():
+            state["step"] = state["step"].double()  # as torch.optim.Adam would have saved it
+        optimizer.load_state_dict(checkpoint)
+        assert {s["step"].dtype for s in optimizer.state.values()} == {torch.float32}
+    finally:
+        torch.set_default_dtype(previous)
