@@ -9,18 +9,26 @@ position, the token that belongs there once sorted), which a 2-layer encoder lea
 Each parameter is a DTensor sharded on dim 0 across the processes (``fully_shard``); Lamb computes every tensor's
 whole ‖θ‖ and ‖u‖ from the shards with one all-reduce per step (see torchlamb.distributed), so the run gives the
 same parameters as one process with the whole batch would.
+
+Teardown: the model, optimizer and scheduler live in ``train``, which returns before the process group is destroyed
+(see ``process_group``): a gloo group that outlives ``destroy_process_group`` can abort a process after a successful
+run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard  # imported before the process group exists: see process_group
+from torch.distributed.tensor import _collective_utils, _redistribute, debug
 
 import torchlamb
 
@@ -51,6 +59,41 @@ def batch(step: int, size: int, vocab: int, length: int) -> tuple[torch.Tensor, 
     return tokens, tokens.sort(dim=1).values
 
 
+@contextlib.contextmanager
+def process_group(backend: str) -> Iterator[None]:
+    """The default process group for the ``with`` block, really destroyed at its end.
+
+    Why: ``destroy_process_group`` frees the group only if nothing else holds it. Otherwise gloo's group and threads
+    are torn down during interpreter shutdown, and a process can die with SIGABRT ("terminate called without an
+    active exception") after training finished. Holders: the FSDP2 modules (reference cycles), DTensor parameters
+    and optimizer state through their DeviceMesh, DTensor's caches of sharding specs (which hold DeviceMeshes), and
+    torch._dynamo if first imported while the group exists (hence fully_shard imported at the top). So the objects
+    live in ``train``, which returns inside the block; the block then empties the caches, collects the cycles, waits
+    for every process and destroys the group, which joins gloo's threads.
+    """
+    dist.init_process_group(backend)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other processes may be stuck in a collective
+        raise
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """Empties DTensor's caches keyed by sharding specs, which hold DeviceMeshes and through them the process group
+    (private torch 2.13 APIs: one that is absent is skipped)."""
+    for clear in (lambda: debug._clear_sharding_prop_cache(),  # Python and C++ (thread-local) caches
+                  lambda: _redistribute._gen_transform_infos.cache_clear(),
+                  lambda: _redistribute.clear_redistribute_planner_cache(),
+                  lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
+        with contextlib.suppress(AttributeError):
+            clear()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -59,13 +102,18 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16)
     parser.add_argument("--length", type=int, default=12)
     args = parser.parse_args()
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch % world:
         parser.error(f"--batch {args.batch} must divide among {world} processes")
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    with process_group(backend):
+        train(args, backend)
+
+
+def train(args: argparse.Namespace, backend: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     share = args.batch // world
 
     torch.manual_seed(0)  # the same initial parameters on every process
@@ -99,7 +147,6 @@ def main() -> None:
                 print(f"step {step:4d}  loss {summary[0]:.3f}  token accuracy {summary[1]:.3f}  "
                       f"lr {scheduler.get_last_lr()[0]:.4f}  trust ratios {ratios.min():.3f}..{ratios.max():.3f}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ parameters (whole tensors) with torch.save for the test to compare with a one-pr
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# Imported here, before any process group exists: torch._dynamo (which they import) holds the groups that exist when
+# it is first imported, and destroy_process_group could not free them.
+if dist.is_available():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+    from torch.nn.parallel import DistributedDataParallel
+
+    with warnings.catch_warnings():  # its import scripts functional optimizers with the deprecated torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import torchlamb
 
@@ -69,21 +87,57 @@ def one_process(name: str, path: str, steps: int) -> list[torch.Tensor]:
     return full_parameters(model)
 
 
-def _setup(rank: int, world: int, port: int) -> None:
-    import datetime
+@contextlib.contextmanager
+def process_group(rank: int, world: int, port: int, timeout: float = 60.0) -> Iterator[None]:
+    """A gloo process group for the ``with`` block: ``with process_group(rank, world, port): result = work(...)``.
 
+    ``destroy_process_group`` frees the group only if nothing else holds it; otherwise gloo's group and threads are
+    torn down during interpreter shutdown, and a process can die with SIGABRT after its work succeeded. So do the
+    work in a function called inside the block: the FSDP2/DDP modules, DTensors and optimizers that hold the group
+    are then gone by the block's end. The block then empties DTensor's caches (they hold DeviceMeshes), collects
+    the modules' reference cycles, waits for every process and destroys the group, which joins gloo's threads; a
+    gloo thread still alive after that fails the run, every time instead of at random.
+    """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     # A short timeout: a collective that one process skips fails the test instead of hanging it.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other processes may never reach it
+        raise
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    if threads := _gloo_threads():  # what would abort at random at exit fails here every time
+        raise RuntimeError(f"gloo threads {threads} outlived destroy_process_group: something still holds the "
+                           "process group (see distributed_worker.process_group)")
+
+
+def _clear_dtensor_caches() -> None:
+    """Empties DTensor's caches keyed by sharding specs, which hold DeviceMeshes and through them the process group
+    (private torch 2.13 APIs: one that is absent is skipped)."""
+    for clear in (lambda: debug._clear_sharding_prop_cache(),  # Python and C++ (thread-local) caches
+                  lambda: _redistribute._gen_transform_infos.cache_clear(),
+                  lambda: _redistribute.clear_redistribute_planner_cache(),
+                  lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
+        with contextlib.suppress(AttributeError):
+            clear()
+
+
+def _gloo_threads() -> list[str]:
+    """This process's threads named after gloo (pt_gloo_runloop, gloo_tcp_loop in torch 2.13); Linux only."""
+    names = []
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text().strip())
+    return [name for name in names if "gloo" in name]
 
 
 def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int) -> list[torch.Tensor]:
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
-
     model = make_model()
     optimizer_class, options = OPTIMIZERS[name]
     options = {**options, **PATHS[path]}
@@ -104,15 +158,11 @@ def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, ste
 
 def equivalence(rank: int, world: int, port: int, out: str, steps: int) -> None:
     """Every mode × optimizer × path; rank 0 saves {key: parameters} to ``out``."""
-    _setup(rank, world, port)
-    results = {}
-    for mode in ("ddp", "fsdp2", "zero"):
-        for name in OPTIMIZERS:
-            for path in PATHS:
-                results[f"{mode}/{name}/{path}"] = _distributed_run(mode, name, path, rank, world, steps)
+    with process_group(rank, world, port):
+        results = {f"{mode}/{name}/{path}": _distributed_run(mode, name, path, rank, world, steps)
+                   for mode in ("ddp", "fsdp2", "zero") for name in OPTIMIZERS for path in PATHS}
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
 
 
 class _CollectiveCounter(TorchDispatchMode):
@@ -130,10 +180,22 @@ class _CollectiveCounter(TorchDispatchMode):
 
 def count_collectives(rank: int, world: int, port: int, out: str) -> None:
     """For each optimizer and path under FSDP2: the all-reduces one step issues, without and with max_grad_norm."""
-    from torch.distributed.fsdp import fully_shard
+    with process_group(rank, world, port):
+        counts = {f"{name}/{path}/clip={clip}": _count_one_step(name, path, clip, rank, world)
+                  for name in OPTIMIZERS for path in PATHS for clip in (None, 0.5)}
+    if rank == 0:
+        torch.save(counts, out)
 
-    _setup(rank, world, port)
-    counts = {}
+
+def _count_one_step(name: str, path: str, clip: float | None, rank: int, world: int) -> tuple[int, list[str]]:
+    """(calls to dist.all_reduce, collectives dispatched) in one FSDP2 step with existing state."""
+    optimizer_class, options = OPTIMIZERS[name]
+    model = make_model()
+    fully_shard(model)
+    optimizer = optimizer_class(groups(model), **{**options, "max_grad_norm": clip}, **PATHS[path])
+    train(model, optimizer, range(1), rank, world)  # creates the state
+    x, y = batch(1)
+    nn.functional.mse_loss(model(x), y).backward()
     calls: list[str] = []
     original = dist.all_reduce
 
@@ -143,35 +205,27 @@ def count_collectives(rank: int, world: int, port: int, out: str) -> None:
 
     dist.all_reduce = counting_all_reduce
     try:
-        for name, (optimizer_class, options) in OPTIMIZERS.items():
-            for path in PATHS:
-                for clip in (None, 0.5):
-                    model = make_model()
-                    fully_shard(model)
-                    optimizer = optimizer_class(groups(model), **{**options, "max_grad_norm": clip}, **PATHS[path])
-                    train(model, optimizer, range(1), rank, world)  # creates the state
-                    x, y = batch(1)
-                    nn.functional.mse_loss(model(x), y).backward()
-                    calls.clear()
-                    with _CollectiveCounter() as counter:
-                        optimizer.step()
-                    counts[f"{name}/{path}/clip={clip}"] = (len(calls), counter.ops)
+        with _CollectiveCounter() as counter:
+            optimizer.step()
     finally:
         dist.all_reduce = original
-    if rank == 0:
-        torch.save(counts, out)
-    dist.destroy_process_group()
+    return len(calls), counter.ops
 
 
 def checkpoint(rank: int, world: int, port: int, out: str, directory: str, first: int, then: int,
                name: str, path: str) -> None:
     """FSDP2 training with torch.distributed.checkpoint: ``first`` > 0 trains that many steps and saves to
     ``directory``; ``first`` == 0 loads it at this world size, trains ``then`` more steps and saves the parameters."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.fsdp import fully_shard
+    with process_group(rank, world, port):
+        parameters = _checkpoint_run(directory, first, then, name, path, rank, world)
+    if first and rank == 0:
+        Path(directory, "steps").write_text(str(first))
+    if not first and rank == 0:
+        torch.save(parameters, out)
 
-    _setup(rank, world, port)
+
+def _checkpoint_run(directory: str, first: int, then: int, name: str, path: str, rank: int,
+                    world: int) -> list[torch.Tensor] | None:
     model = make_model()
     fully_shard(model)
     optimizer_class, options = OPTIMIZERS[name]
@@ -180,76 +234,69 @@ def checkpoint(rank: int, world: int, port: int, out: str, directory: str, first
         train(model, optimizer, range(first), rank, world)
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
-    else:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=directory)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        start = int(Path(directory, "steps").read_text())
-        train(model, optimizer, range(start, start + then), rank, world)
-        parameters = full_parameters(model)
-        if rank == 0:
-            torch.save(parameters, out)
-    if first and rank == 0:
-        Path(directory, "steps").write_text(str(first))
-    dist.destroy_process_group()
+        return None
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    start = int(Path(directory, "steps").read_text())
+    train(model, optimizer, range(start, start + then), rank, world)
+    return full_parameters(model)
 
 
 def fsdp1(rank: int, world: int, port: int, out: str) -> None:
     """Whether each optimizer refuses FSDP1's parameters, with and without use_orig_params; rank 0 saves the errors."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    _setup(rank, world, port)
-    errors = {}
-    for use_orig_params in (False, True):
-        model = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
-        for name, (optimizer_class, options) in OPTIMIZERS.items():
-            try:
-                optimizer_class(model.parameters(), **options)
-                errors[f"{name}/use_orig_params={use_orig_params}"] = None
-            except TypeError as error:
-                errors[f"{name}/use_orig_params={use_orig_params}"] = str(error)
+    with process_group(rank, world, port):
+        errors = {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
+                  for use_orig_params in (False, True) for name in OPTIMIZERS}
     if rank == 0:
         torch.save(errors, out)
-    dist.destroy_process_group()
+
+
+def _fsdp1_error(name: str, use_orig_params: bool) -> str | None:
+    model = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    optimizer_class, options = OPTIMIZERS[name]
+    try:
+        optimizer_class(model.parameters(), **options)
+    except TypeError as error:
+        return str(error)
+    return None
 
 
 def skip_agreement(rank: int, world: int, port: int, out: str) -> None:
     """nonfinite="skip" when only one process sees the Inf: under ZeRO (the Inf in rank 0's share) and under FSDP2
     (on the accelerator path, flag kept on the device). Every process must skip; rank 0 saves what changed."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
-
-    _setup(rank, world, port)
-    changed = {}
-    for mode in ("zero", "fsdp2"):
-        for name, (optimizer_class, options) in OPTIMIZERS.items():
-            model = make_model()
-            if mode == "zero":
-                trained = DistributedDataParallel(model)
-                optimizer = ZeroRedundancyOptimizer(groups(model), optimizer_class=optimizer_class,
-                                                    partition_group=dist.group.WORLD, nonfinite="skip", **options)
-                owned = optimizer.optim.param_groups[0]["params"]  # this process's share
-            else:
-                fully_shard(model)
-                trained = model
-                optimizer = optimizer_class(groups(model), nonfinite="skip", **options)
-                optimizer._read_skip_flag_on_cpu = False  # the accelerator path: the flag stays a tensor
-                owned = list(model.parameters())
-            train(trained, optimizer, range(1), rank, world)
-            before = full_parameters(model)
-            x, y = batch(1)
-            share = GLOBAL_BATCH // world
-            optimizer.zero_grad()
-            nn.functional.mse_loss(trained(x[rank * share:(rank + 1) * share]),
-                                   y[rank * share:(rank + 1) * share]).backward()
-            if rank == 0 and owned:
-                grad = owned[0].grad
-                (grad.to_local() if torchlamb.distributed.is_sharded(grad) else grad).view(-1)[0] = float("inf")
-            optimizer.step()
-            after = full_parameters(model)
-            changed[f"{mode}/{name}"] = [not torch.equal(a, b) for a, b in zip(before, after)]
+    with process_group(rank, world, port):
+        changed = {f"{mode}/{name}": _skip_one_step(mode, name, rank, world)
+                   for mode in ("zero", "fsdp2") for name in OPTIMIZERS}
     if rank == 0:
         torch.save(changed, out)
-    dist.destroy_process_group()
+
+
+def _skip_one_step(mode: str, name: str, rank: int, world: int) -> list[bool]:
+    """Whether each parameter changed in a step where rank 0's first owned gradient holds an Inf."""
+    optimizer_class, options = OPTIMIZERS[name]
+    model = make_model()
+    if mode == "zero":
+        trained = DistributedDataParallel(model)
+        optimizer = ZeroRedundancyOptimizer(groups(model), optimizer_class=optimizer_class,
+                                            partition_group=dist.group.WORLD, nonfinite="skip", **options)
+        owned = optimizer.optim.param_groups[0]["params"]  # this process's share
+    else:
+        fully_shard(model)
+        trained = model
+        optimizer = optimizer_class(groups(model), nonfinite="skip", **options)
+        optimizer._read_skip_flag_on_cpu = False  # the accelerator path: the flag stays a tensor
+        owned = list(model.parameters())
+    train(trained, optimizer, range(1), rank, world)
+    before = full_parameters(model)
+    x, y = batch(1)
+    share = GLOBAL_BATCH // world
+    optimizer.zero_grad()
+    nn.functional.mse_loss(trained(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share]).backward()
+    if rank == 0 and owned:
+        grad = owned[0].grad
+        (grad.to_local() if torchlamb.distributed.is_sharded(grad) else grad).view(-1)[0] = float("inf")
+    optimizer.step()
+    after = full_parameters(model)
+    return [not torch.equal(a, b) for a, b in zip(before, after)]

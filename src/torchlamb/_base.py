@@ -493,8 +493,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
         Each group's update runs up to the trust stage (:meth:`_first_pass`); the per-tensor sums of squares of all
-        groups are made whole-tensor sums — one all-reduce for sharded (FSDP2) parameters, nothing otherwise —
-        turned into trust ratios, and the updates completed. Fused groups of whole tensors do all that in one call.
+        groups are made whole-tensor sums — for sharded (FSDP2, HSDP, tensor-parallel) parameters one all-reduce
+        per process group they are split over, nothing otherwise — turned into trust ratios, and the updates
+        completed. Fused groups of whole tensors do all that in one call.
         """
         loss = None
         if closure is not None:
@@ -562,7 +563,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         if pending:
             squares = [first.squares for _, _, first in pending]
-            if sharded:  # one all-reduce of all groups' squares together
+            if sharded:  # all groups' squares together: one all-reduce per process group
                 devices = [s.device for s in squares]
                 packed = distributed.sum_over_shards_(
                     torch.cat([s.to(devices[0]) for s in squares]),

@@ -3,8 +3,33 @@
 The trust ratio needs each tensor's *whole* ‖θ‖ and ‖u‖. Under FSDP2 (``torch.distributed.fsdp.fully_shard``) a
 parameter is a DTensor of which each process holds a shard (dim 0, possibly uneven or empty); summing squares over
 the local shard alone gives a per-shard ratio, the silent error of most distributed LAMBs. torchlamb computes every
-tensor's local sums of squares, packs them into one tensor and all-reduces it once per step over the mesh dimensions
-the parameters are sharded on, then updates the local shards with the global ratios.
+tensor's local sums of squares, packs them into one tensor, sums them over the processes that hold the other pieces
+of each tensor, then updates the local shards with the global ratios.
+
+Over which processes: a DTensor lives on a device mesh with one placement per mesh dimension. Its squares are summed
+over the process group of every mesh dimension that splits it — ``Shard`` or ``_StridedShard`` (FSDP2 over tensor
+parallelism), which in torch 2.13 is not a ``Shard`` subclass, so the rule is "neither Replicate nor Partial" — and
+over no other: a ``Replicate`` dimension holds copies, and summing over it would count the tensor once per copy.
+
+    FSDP2, 1-D mesh          (Shard(0),)                       summed over the mesh: 1 all-reduce per step
+    HSDP, fully_shard on a   (Replicate(), Shard(0))           summed over the shard dimension only: 1
+    2-D (replicate, shard) mesh
+    FSDP2 × tensor parallel  (_StridedShard(0), Shard(0)) colwise, (Shard(0), Shard(1)) rowwise weights: dp and tp;
+                             (Shard(0), Replicate()) rowwise biases, SequenceParallel norms: dp only. 2 all-reduces
+
+Each distinct process group gets one all-reduce per step, of the packed rows of the tensors summed over it. Sums over
+different mesh dimensions commute, so summing over dp and then over tp is exactly the sum over the dp × tp processes.
+The other rule, one all-reduce per distinct *set* of mesh dimensions over a flattened sub-mesh, would take 1 instead
+of 2 collectives where every tensor is split on both dimensions, but up to 2^d − 1 on a d-dimensional mesh where the
+sets differ; and it needs a new process group per set, created by every process in the same order (on GPUs, an NCCL
+communicator and its buffers each), through the private ``DeviceMesh._flatten``. Per process group, the count is
+at most the number of mesh dimensions, and the groups already exist. The messages are a few KB (one float64 per tensor
+per column): latency, not bandwidth, is the cost either way. :func:`sum_over_shards_` (the trust stage),
+:func:`grad_norm` (``max_grad_norm``) and :func:`agree_` (skipping a step) all use this one rule.
+
+A gradient may be ``Partial`` (each process holds a summand) under tensor parallelism without FSDP2, e.g. the norms of
+``SequenceParallel``; FSDP2 reduces those itself. :func:`local` sums such a gradient (DTensor's redistribute to
+Replicate, one all-reduce per tensor each time it is read) before the update uses it, as torch's own optimizers do.
 
 Under ``ZeroRedundancyOptimizer`` each process's optimizer owns whole tensors, so their norms are already whole; only
 the global gradient norm (``max_grad_norm``) must sum over processes: pass ``partition_group``.
@@ -22,16 +47,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .trust import squared_norm
+from .trust import norm_dtype, squared_norm
 
 try:  # torch.distributed is absent from some builds (e.g. some macOS wheels)
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import Shard
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover - depends on the torch build
     dist = None
     DTensor = None
-    Shard = None
+    Replicate = None
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -41,8 +65,17 @@ def is_sharded(tensor: Tensor) -> bool:
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:
     """This process's part of each tensor: the local shard of a DTensor (a view: in-place updates reach the DTensor),
-    the tensor itself otherwise."""
-    return [t.to_local() if is_sharded(t) else t for t in tensors]
+    the tensor itself otherwise. A DTensor with a ``Partial`` placement (a gradient under tensor parallelism) is first
+    summed over those mesh dimensions: its part is then the whole sum, not this process's summand."""
+    return [_local(t) for t in tensors]
+
+
+def _local(tensor: Tensor) -> Tensor:
+    if not is_sharded(tensor):
+        return tensor
+    if any(p.is_partial() for p in tensor.placements):
+        tensor = tensor.redistribute(placements=[Replicate() if p.is_partial() else p for p in tensor.placements])
+    return tensor.to_local()
 
 
 def check_not_fsdp1(tensor: Tensor, where: str) -> None:
@@ -54,40 +87,45 @@ def check_not_fsdp1(tensor: Tensor, where: str) -> None:
                         "(torch.distributed.fsdp.fully_shard), which torchlamb supports, or DDP.")
 
 
-def _shard_key(tensor: Tensor) -> tuple[Any, tuple[int, ...]] | None:
-    """(mesh, mesh dims the tensor is sharded on) for a DTensor with some Shard placement, else None."""
+def summed_over(tensor: Tensor) -> tuple[Any, ...]:
+    """The process groups over which the local sums of squares of ``tensor`` add up to the whole tensor's: one per
+    mesh dimension that splits it (its placement is neither Replicate nor Partial, which :func:`local` makes
+    Replicate), none for a plain tensor. Dimensions of size 1 are left out: there is nothing to sum."""
     if not is_sharded(tensor):
-        return None
-    dims = tuple(i for i, placement in enumerate(tensor.placements) if isinstance(placement, Shard))
-    return (tensor.device_mesh, dims) if dims else None
+        return ()
+    mesh = tensor.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(tensor.placements)
+                 if not (placement.is_replicate() or placement.is_partial()) and mesh.size(dim) > 1)
 
 
-def _all_reduce_sum_(values: Tensor, mesh: Any, dims: tuple[int, ...]) -> None:
-    for dim in dims:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+def _all_reduce_rows_(values: Tensor, groups: Sequence[tuple[Any, ...]], op: str) -> Tensor:
+    """Reduce (``op``: "SUM" or "MAX") row ``i`` of ``values`` over each process group in ``groups[i]``, in place: one
+    all-reduce per distinct group, of the rows that need it (packed with index_select when not all do). Every process
+    of a group must pass the same groups in the same order, which holds as they hold the same tensors."""
+    for group in dict.fromkeys(group for row in groups for group in row):
+        reduce_op = getattr(dist.ReduceOp, op)  # here: without torch.distributed there is no group to reach this
+        rows = [i for i, row in enumerate(groups) if group in row]
+        if len(rows) == len(groups):
+            dist.all_reduce(values, op=reduce_op, group=group)
+        else:
+            index = torch.tensor(rows, device=values.device)
+            packed = values.index_select(0, index)
+            dist.all_reduce(packed, op=reduce_op, group=group)
+            values.index_copy_(0, index, packed)
+    return values
 
 
 def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> Tensor:
     """Turn per-tensor local sums of squares (rows of ``squares``, one per parameter) into whole-tensor sums, in place.
 
-    Rows of sharded parameters are summed over the processes holding their shards: one all-reduce for all the
-    tensors sharded alike (the usual FSDP2 case: one per step). Other rows are left as they are.
+    Each row is summed over the process groups of :func:`summed_over`: one all-reduce per distinct group for all the
+    tensors (one per step under FSDP2 and HSDP, two under FSDP2 × tensor parallelism). Other rows stay as they are.
     """
-    keys = [_shard_key(p) for p in params]
-    for key in dict.fromkeys(k for k in keys if k is not None):
-        rows = [i for i, k in enumerate(keys) if k == key]
-        if len(rows) == len(keys):
-            _all_reduce_sum_(squares, *key)
-        else:
-            index = torch.tensor(rows, device=squares.device)
-            packed = squares.index_select(0, index)
-            _all_reduce_sum_(packed, *key)
-            squares.index_copy_(0, index, packed)
-    return squares
+    return _all_reduce_rows_(squares, [summed_over(p) for p in params], "SUM")
 
 
 def any_sharded(params: Sequence[Tensor]) -> bool:
-    return any(_shard_key(p) is not None for p in params)
+    return any(summed_over(p) for p in params)
 
 
 def grad_norm(grads: Sequence[Tensor], *, partition_group: Any | None, device: torch.device) -> Tensor:
@@ -97,23 +135,19 @@ def grad_norm(grads: Sequence[Tensor], *, partition_group: Any | None, device: t
     process holds a disjoint share of whole tensors) the plain ones are summed over the group. Every process must call
     this, even one without gradients, as the collectives need every process.
     """
-    keys = [_shard_key(g) for g in grads]
-    total = squared_norm([g for g, k in zip(grads, keys) if k is None], device=device)
-    if partition_group is not None:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=partition_group)
-    for key in dict.fromkeys(k for k in keys if k is not None):
-        part = squared_norm([g.to_local() for g, k in zip(grads, keys) if k == key], device=device)
-        _all_reduce_sum_(part, *key)
-        total = total + part
-    return total.sqrt()
+    plain = () if partition_group is None else (partition_group,)
+    keys = [summed_over(g) if is_sharded(g) else plain for g in grads]
+    # One row per way of summing; the plain row always, so that a process without gradients joins the collective.
+    rows = list(dict.fromkeys([plain, *keys]))
+    squares = torch.stack([squared_norm(local([g for g, k in zip(grads, keys) if k == row]), device=device)
+                           .to(torch.float64) for row in rows])
+    total = _all_reduce_rows_(squares, rows, "SUM").sum()
+    return total.sqrt().to(norm_dtype(grads))
 
 
 def agree_(flag: Tensor, grads: Sequence[Tensor], partition_group: Any | None) -> Tensor:
     """Make a 0-dim float flag the maximum over the processes that share the model with this one, in place: over
     ``partition_group`` and over the mesh dimensions the gradients are sharded on. A single process: unchanged."""
-    if partition_group is not None:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=partition_group)
-    for mesh, dims in dict.fromkeys(k for k in (_shard_key(g) for g in grads) if k is not None):
-        for dim in dims:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    plain = () if partition_group is None else (partition_group,)
+    _all_reduce_rows_(flag.view(1), [plain + tuple(group for g in grads for group in summed_over(g))], "MAX")
     return flag
