@@ -156,13 +156,39 @@ def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, ste
     return full_parameters(model)
 
 
-def equivalence(rank: int, world: int, port: int, out: str, steps: int) -> None:
-    """Every mode × optimizer × path; rank 0 saves {key: parameters} to ``out``."""
+CHECKPOINTS = [("lamb", "fused"), ("lars", "foreach")]  # (optimizer, path) of the resharding runs
+
+
+def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, directory: str, first: int) -> None:
+    """Everything the tests run on 2 processes, in one process group (each spawn costs seconds of imports):
+    every mode × optimizer × path for ``steps`` steps, the collectives of one FSDP2 step, the skip agreement, the
+    FSDP1 refusals, and ``first`` steps of each checkpointed run saved under ``directory``. Rank 0 saves a dict."""
     with process_group(rank, world, port):
-        results = {f"{mode}/{name}/{path}": _distributed_run(mode, name, path, rank, world, steps)
-                   for mode in ("ddp", "fsdp2", "zero") for name in OPTIMIZERS for path in PATHS}
+        results = {
+            "equivalence": {f"{mode}/{name}/{path}": _distributed_run(mode, name, path, rank, world, steps)
+                            for mode in ("ddp", "fsdp2", "zero") for name in OPTIMIZERS for path in PATHS},
+            "counts": {f"{name}/{path}/clip={clip}": _count_one_step(name, path, clip, rank, world)
+                       for name in OPTIMIZERS for path in PATHS for clip in (None, 0.5)},
+            "skips": {f"{mode}/{name}": _skip_one_step(mode, name, rank, world)
+                      for mode in ("zero", "fsdp2") for name in OPTIMIZERS},
+            "fsdp1": {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
+                      for use_orig_params in (False, True) for name in OPTIMIZERS},
+        }
+        for name, path in CHECKPOINTS:
+            _checkpoint_run(f"{directory}/{name}-{path}", range(first), False, name, path, rank, world)
     if rank == 0:
         torch.save(results, out)
+
+
+def resume(rank: int, world: int, port: int, out: str, directory: str, first: int, then: int) -> None:
+    """Loads each checkpoint of ``two_process_runs`` (saved after ``first`` steps) at this world size and trains
+    ``then`` more steps; rank 0 saves {"optimizer-path": parameters}."""
+    with process_group(rank, world, port):
+        parameters = {f"{name}-{path}": _checkpoint_run(f"{directory}/{name}-{path}", range(first, first + then),
+                                                        True, name, path, rank, world)
+                      for name, path in CHECKPOINTS}
+    if rank == 0:
+        torch.save(parameters, out)
 
 
 class _CollectiveCounter(TorchDispatchMode):
@@ -176,15 +202,6 @@ class _CollectiveCounter(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
-
-
-def count_collectives(rank: int, world: int, port: int, out: str) -> None:
-    """For each optimizer and path under FSDP2: the all-reduces one step issues, without and with max_grad_norm."""
-    with process_group(rank, world, port):
-        counts = {f"{name}/{path}/clip={clip}": _count_one_step(name, path, clip, rank, world)
-                  for name in OPTIMIZERS for path in PATHS for clip in (None, 0.5)}
-    if rank == 0:
-        torch.save(counts, out)
 
 
 def _count_one_step(name: str, path: str, clip: float | None, rank: int, world: int) -> tuple[int, list[str]]:
@@ -212,45 +229,25 @@ def _count_one_step(name: str, path: str, clip: float | None, rank: int, world: 
     return len(calls), counter.ops
 
 
-def checkpoint(rank: int, world: int, port: int, out: str, directory: str, first: int, then: int,
-               name: str, path: str) -> None:
-    """FSDP2 training with torch.distributed.checkpoint: ``first`` > 0 trains that many steps and saves to
-    ``directory``; ``first`` == 0 loads it at this world size, trains ``then`` more steps and saves the parameters."""
-    with process_group(rank, world, port):
-        parameters = _checkpoint_run(directory, first, then, name, path, rank, world)
-    if first and rank == 0:
-        Path(directory, "steps").write_text(str(first))
-    if not first and rank == 0:
-        torch.save(parameters, out)
-
-
-def _checkpoint_run(directory: str, first: int, then: int, name: str, path: str, rank: int,
+def _checkpoint_run(directory: str, steps: range, load: bool, name: str, path: str, rank: int,
                     world: int) -> list[torch.Tensor] | None:
+    """FSDP2 training with torch.distributed.checkpoint: trains ``steps`` and saves to ``directory``, or (``load``)
+    loads from it at this world size, trains ``steps`` and returns the parameters."""
     model = make_model()
     fully_shard(model)
     optimizer_class, options = OPTIMIZERS[name]
     optimizer = optimizer_class(groups(model), **options, **PATHS[path])
-    if first:
-        train(model, optimizer, range(first), rank, world)
+    if load:
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
-        return None
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train(model, optimizer, steps, rank, world)
+    if load:
+        return full_parameters(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=directory)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    start = int(Path(directory, "steps").read_text())
-    train(model, optimizer, range(start, start + then), rank, world)
-    return full_parameters(model)
-
-
-def fsdp1(rank: int, world: int, port: int, out: str) -> None:
-    """Whether each optimizer refuses FSDP1's parameters, with and without use_orig_params; rank 0 saves the errors."""
-    with process_group(rank, world, port):
-        errors = {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
-                  for use_orig_params in (False, True) for name in OPTIMIZERS}
-    if rank == 0:
-        torch.save(errors, out)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    return None
 
 
 def _fsdp1_error(name: str, use_orig_params: bool) -> str | None:
@@ -261,16 +258,6 @@ def _fsdp1_error(name: str, use_orig_params: bool) -> str | None:
     except TypeError as error:
         return str(error)
     return None
-
-
-def skip_agreement(rank: int, world: int, port: int, out: str) -> None:
-    """nonfinite="skip" when only one process sees the Inf: under ZeRO (the Inf in rank 0's share) and under FSDP2
-    (on the accelerator path, flag kept on the device). Every process must skip; rank 0 saves what changed."""
-    with process_group(rank, world, port):
-        changed = {f"{mode}/{name}": _skip_one_step(mode, name, rank, world)
-                   for mode in ("zero", "fsdp2") for name in OPTIMIZERS}
-    if rank == 0:
-        torch.save(changed, out)
 
 
 def _skip_one_step(mode: str, name: str, rank: int, world: int) -> list[bool]:

@@ -1,7 +1,8 @@
 """Lamb and Lars across processes (gloo on the CPU): DDP, FSDP2 and ZeRO equal one process; FSDP2 norms cost one
 all-reduce per step; FSDP2 checkpoints reshard from 2 processes to 3 and to 1; FSDP1 is refused clearly.
 
-The training runs live in distributed_worker.py; each test starts its processes with torch.multiprocessing.spawn.
+The training runs live in distributed_worker.py: one spawn of 2 processes runs everything the 2-process tests check,
+then one spawn per world size resumes the checkpoints (imports dominate the time on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 STEPS = 4
+FIRST, THEN = 3, 2  # checkpointed runs: steps before the checkpoint, steps after resuming
 
 
 def free_port() -> int:
@@ -38,10 +40,20 @@ def assert_parameters_close(actual: list[torch.Tensor], expected: list[torch.Ten
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed") / "equivalence.pt"
-    spawn(worker.equivalence, 2, str(out), STEPS)
+def directory(tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def two_processes(directory):
+    out = directory / "two_processes.pt"
+    spawn(worker.two_process_runs, 2, str(out), STEPS, str(directory / "checkpoints"), FIRST)
     return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def runs(two_processes):
+    return two_processes["equivalence"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "zero"])
@@ -95,10 +107,9 @@ class _PerShardLamb:
                 p[rows] = leaf
 
 
-def test_fsdp2_step_issues_one_all_reduce_for_the_norms(tmp_path):
-    out = tmp_path / "counts.pt"
-    spawn(worker.count_collectives, 2, str(out))
-    counts = torch.load(out)
+def test_fsdp2_step_issues_one_all_reduce_for_the_norms(two_processes):
+    counts = two_processes["counts"]
+    assert len(counts) == len(worker.OPTIMIZERS) * len(worker.PATHS) * 2
     for key, (all_reduces, dispatched) in counts.items():
         # One for the norms of all groups; one more for the global gradient norm when max_grad_norm is set.
         expected = 1 if key.endswith("clip=None") else 2
@@ -108,31 +119,27 @@ def test_fsdp2_step_issues_one_all_reduce_for_the_norms(tmp_path):
         assert len(dispatched) == expected, (key, dispatched)
 
 
-@pytest.mark.parametrize(("name", "path"), [("lamb", "fused"), ("lars", "foreach")])
-def test_checkpoint_reshards_from_two_processes_to_three_and_one(tmp_path, name, path):
-    first, then = 3, 2
-    directory = tmp_path / "checkpoint"
-    spawn(worker.checkpoint, 2, "", str(directory), first, 0, name, path)
-    reference = worker.one_process(name, path, first + then)
-    for world in (3, 1):
-        out = tmp_path / f"world{world}.pt"
-        spawn(worker.checkpoint, world, str(out), str(directory), 0, then, name, path)
-        assert_parameters_close(torch.load(out), reference, f"resumed at world size {world}")
+@pytest.mark.parametrize("world", [3, 1])
+def test_checkpoint_reshards_from_two_processes_to_three_and_one(two_processes, directory, world):
+    out = directory / f"world{world}.pt"
+    spawn(worker.resume, world, str(out), str(directory / "checkpoints"), FIRST, THEN)
+    resumed = torch.load(out)
+    assert set(resumed) == {f"{name}-{path}" for name, path in worker.CHECKPOINTS}
+    for name, path in worker.CHECKPOINTS:
+        reference = worker.one_process(name, path, FIRST + THEN)
+        assert_parameters_close(resumed[f"{name}-{path}"], reference, f"{name} {path} resumed at world size {world}")
 
 
-def test_every_process_skips_when_one_sees_an_inf(tmp_path):
-    out = tmp_path / "skip.pt"
-    spawn(worker.skip_agreement, 2, str(out))  # a disagreement would hang a collective: the 60 s timeout fails it
-    changed = torch.load(out)
+def test_every_process_skips_when_one_sees_an_inf(two_processes):
+    # A disagreement would hang a collective: the 60 s timeout fails the spawn.
+    changed = two_processes["skips"]
     assert set(changed) == {f"{mode}/{name}" for mode in ("zero", "fsdp2") for name in worker.OPTIMIZERS}
     for key, flags in changed.items():
         assert not any(flags), key
 
 
-def test_fsdp1_parameters_are_refused(tmp_path):
-    out = tmp_path / "fsdp1.pt"
-    spawn(worker.fsdp1, 2, str(out))
-    errors = torch.load(out)
+def test_fsdp1_parameters_are_refused(two_processes):
+    errors = two_processes["fsdp1"]
     assert len(errors) == 4
     for key, message in errors.items():
         assert message is not None and "FSDP1" in message and "fully_shard" in message, key
