@@ -5,6 +5,9 @@ The float64 reference tests (test_reference.py) run the fused paths on random pr
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,6 +166,37 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
         assert _fused.kernels() is None  # cached: no second warning, no second attempt
     finally:
         _fused.kernels.cache_clear()
+
+
+def test_a_build_is_announced_and_timed_and_a_cached_load_is_silent(monkeypatch, tmp_path, capsys):
+    import types
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    builds = []
+
+    def fake_load_inline(name, *, build_directory, **kwargs):  # builds once, as torch does with a warm cache
+        library = Path(build_directory, f"{name}.so")
+        if not library.exists():
+            builds.append(name)
+            library.write_bytes(b"")
+        return types.SimpleNamespace()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load_inline", fake_load_inline)
+    try:
+        _fused.kernels.cache_clear()
+        assert _fused.kernels() is not None
+        first = capsys.readouterr().err
+        _fused.kernels.cache_clear()  # a new process: the library is on disk now
+        assert _fused.kernels() is not None
+        second = capsys.readouterr().err
+    finally:
+        _fused.kernels.cache_clear()
+    assert len(builds) == 1
+    assert "building the fused CPU kernels" in first and str(tmp_path) in first
+    assert re.search(r"fused CPU kernels built in \d+\.\d s", first)
+    assert second == ""
 
 
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])

@@ -17,18 +17,22 @@ Neither pass allocates a full-size temporary: writing into fresh memory costs pa
 slower than the arithmetic, which is what makes the foreach paths slow on the CPU. Large tensors are split across
 threads; small ones are processed whole, several tensors at once, so per-tensor overhead stays near a microsecond.
 
-The kernels are C++ compiled at first use with ``torch.utils.cpp_extension.load_inline`` (ninja, gcc; about 30 s)
-and cached by torch across processes. When they cannot be built, :func:`kernels` warns once and returns None, and
-the optimizers fall back to their foreach paths.
+The kernels are C++ compiled at first use with ``torch.utils.cpp_extension.load_inline`` (ninja, gcc; about 30 s,
+announced on stderr with its duration) and cached by torch across processes. When they cannot be built,
+:func:`kernels` warns once and returns None, and the optimizers fall back to their foreach paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import math
+import os
 import platform
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -414,39 +418,73 @@ _CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fassociative
            "-fno-trapping-math"]
 
 
-def _machine_tag() -> str:
-    """A short hash of this CPU's model and instruction-set flags: the kernels are built with -march=native, so a
-    cache directory shared between different machines must not hand one machine's build to another."""
+def _build_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags and of the torch the kernels are built against.
+
+    The kernels are built with -march=native, so a cache directory shared between machines must not hand one
+    machine's build to another; and two environments with their own torch (different versions, or the same one at
+    another path) would otherwise rebuild the one shared build back and forth, each with its own include paths.
+    """
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
         wanted = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))][:2]
     except OSError:
         wanted = []
-    return hashlib.sha1("\n".join([platform.machine(), *wanted]).encode()).hexdigest()[:10]
+    torch_build = [torch.__version__, str(Path(torch.__file__).resolve().parent)]
+    return hashlib.sha1("\n".join([platform.machine(), *wanted, *torch_build]).encode()).hexdigest()[:10]
 
 
 @functools.cache
 def kernels() -> Any | None:
     """The compiled kernels (built at first use, then cached by torch on disk), or None if they cannot be built.
 
-    The returned module has ``build_seconds``: how long loading took (about 30 s on a first build, ~0.1 s from
-    torch's extension cache).
+    A build (about 30 s, once per machine and kernel version) is announced on stderr before it starts and timed
+    when it ends, so that a first ``step()`` does not look hung; loading from torch's cache (~0.1 s) says nothing.
+    The returned module has ``build_seconds``: how long loading took.
     """
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+        _put_ninja_on_path()
+        name = f"torchlamb_fused_cpu_v9_{_build_tag()}"
+        directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
+        before = _built_libraries(directory)
+        if not before:
+            _say(f"torchlamb: building the fused CPU kernels in {directory} (first use on this machine: about 30 s; "
+                 "later runs load them from there)")
         start = time.perf_counter()
-        log.info("torchlamb: loading the fused CPU kernels (a first build takes about 30 s, then it is cached)")
-        module = load_inline(f"torchlamb_fused_cpu_v9_{_machine_tag()}", cpp_sources=_SOURCE,
-                             functions=["lamb_step", "lars_step"],
-                             extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        module = load_inline(name, cpp_sources=_SOURCE, functions=["lamb_step", "lars_step"], extra_cflags=_CFLAGS,
+                             extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         module.build_seconds = time.perf_counter() - start
+        if _built_libraries(directory) != before:  # torch also rebuilds when the sources changed
+            _say(f"torchlamb: fused CPU kernels built in {module.build_seconds:.1f} s")
         log.info("torchlamb: fused CPU kernels ready after %.1f s", module.build_seconds)
         return module
     except Exception as error:  # noqa: BLE001 - any build failure means: use the foreach path
         warnings.warn(f"torchlamb: the fused CPU kernels could not be built ({type(error).__name__}: {error}); "
                       "using the foreach implementation instead", RuntimeWarning, stacklevel=3)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ninja package (a dependency) installs it beside the environment's python,
+    which is on PATH only in an activated environment. Add it when no ninja is found."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def _built_libraries(directory: Path) -> dict[str, int]:
+    """The shared libraries in a build directory and their modification times (ns): a build changes them."""
+    return {path.name: path.stat().st_mtime_ns for path in directory.glob("*.so")}
+
+
+def _say(message: str) -> None:
+    """A message a user must see (logging.INFO is not shown by default): stderr, at once."""
+    print(message, file=sys.stderr, flush=True)
+    log.info(message)
 
 
 def supports(tensors: list[Tensor]) -> bool:
