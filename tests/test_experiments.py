@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -46,6 +48,8 @@ def test_run_writes_one_experiment(tiny, tmp_path):
     assert cli.main(["run", "batch_sweep", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "batch_sweep.md").read_text()
     assert "| 128 |" in report and "| 512 |" in report and "Adam vs LAMB" not in report
+    # The kernels are built before the runs, so the table's seconds time training, not a compiler.
+    assert "fused CPU kernels were built or loaded in" in report and "exclude it" in report
 
 
 def test_train_learns_and_flags_divergence(tiny):
@@ -53,8 +57,16 @@ def test_train_learns_and_flags_divergence(tiny):
     result = common.train(config, tiny)
     assert result.final_test_accuracy > 0.8 and not result.diverged
     assert result.steps[-1] == common.count_steps(config, train_size=2000) == 40
+    assert result.divergence == ""
     exploding = common.RunConfig(optimizer="adam", lr=1e4, batch_size=100, epochs=2, warmup_fraction=0.0)
-    assert common.train(exploding, tiny).diverged
+    diverged = common.train(exploding, tiny)
+    assert diverged.diverged
+    # The words say what the flag saw: a finite loss past the threshold is not called non-finite.
+    last = diverged.train_loss[-1]
+    if math.isfinite(last):
+        assert last > common.DIVERGED_LOSS and f"reached {last:.3g}" in diverged.divergence
+    else:
+        assert f"became {last}" in diverged.divergence
 
 
 def test_unknown_optimizer_is_rejected():

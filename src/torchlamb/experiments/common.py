@@ -67,6 +67,10 @@ class RunConfig:
     monitor_every: int | None = None
 
 
+# A training loss above this (an untrained 10-class MLP starts near ln 10 = 2.3) stops a run as diverged.
+DIVERGED_LOSS = 1e3
+
+
 @dataclass
 class RunResult:
     config: RunConfig
@@ -76,6 +80,7 @@ class RunResult:
     valid_accuracy: list[float] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
     diverged: bool = False
+    divergence: str = ""  # why the run was stopped as diverged, in words; empty if it was not
     seconds: float = 0.0
     monitor: TrustMonitor | None = None
 
@@ -86,6 +91,20 @@ class RunResult:
     @property
     def final_test_accuracy(self) -> float:
         return self.test_accuracy[-1] if self.test_accuracy else 0.0
+
+
+def load_fused_kernels() -> str:
+    """Builds (first use) or loads the fused CPU kernels that Lamb and Lars run on the CPU, before any run is timed,
+    so that the runs' seconds compare training and not a compiler; returns what happened, for the report."""
+    from .._fused import kernels
+
+    start = time.perf_counter()
+    module = kernels()
+    seconds = time.perf_counter() - start
+    if module is None:
+        return "The fused CPU kernels could not be built: Lamb and Lars ran their foreach paths."
+    return (f"The fused CPU kernels were built or loaded in {seconds:.1f} s before the runs; the runs' times "
+            "exclude it.")
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -110,7 +129,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(config: RunConfig, data: Data, progress: Any = None, evals_per_epoch: int = 1) -> RunResult:
-    """Train :func:`mlp` on ``data`` as ``config`` says; stop early if the loss becomes NaN/inf (divergence).
+    """Train :func:`mlp` on ``data`` as ``config`` says; stop early if the training loss becomes non-finite or
+    exceeds ``DIVERGED_LOSS`` (divergence, explained in ``RunResult.divergence``).
 
     The lr follows a linear warmup over ``warmup_fraction`` of the steps, then linear decay to ``end_factor``.
     ``progress`` is a tqdm bar (or None) advanced once per optimizer step.
@@ -145,8 +165,11 @@ def train(config: RunConfig, data: Data, progress: Any = None, evals_per_epoch: 
                 value = loss.item()
                 result.steps.append(step)
                 result.train_loss.append(value)
-                if not math.isfinite(value) or value > 1e3:
+                if not math.isfinite(value) or value > DIVERGED_LOSS:
                     result.diverged = True
+                    result.divergence = (f"its training loss became {value} at step {step}" if not math.isfinite(value)
+                                         else f"its training loss reached {value:.3g} at step {step}, past the "
+                                              f"{DIVERGED_LOSS:g} taken as divergence")
             if result.diverged or step % eval_every == 0 or step == total_steps:
                 result.epochs.append(step / steps_per_epoch)
                 result.valid_accuracy.append(accuracy(model, data.valid_x, data.valid_y))

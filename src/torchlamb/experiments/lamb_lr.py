@@ -67,7 +67,7 @@ def run(out: Path, full: bool = False) -> Summary:
     def verdict(result) -> str:
         best, final = max(result.test_accuracy), result.final_test_accuracy
         if result.diverged:
-            return "its loss became non-finite"
+            return f"diverged: {result.divergence}"
         if final < best - 0.2:
             return f"peaked at {100 * best:.1f}% and then collapsed to {100 * final:.1f}%"
         return f"trained stably to {100 * final:.1f}%"
