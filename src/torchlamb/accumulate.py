@@ -31,6 +31,10 @@ class GradientAccumulation:
 
     Under DDP, run the forward and backward of all micro-batches but the last inside ``model.no_sync()`` to save the
     gradient all-reduce (``accumulation.will_step`` says which micro-batch is the last).
+
+    Attributes:
+        steps: large batches completed: ``optimizer.step`` calls, any a GradScaler skipped included.
+        count: micro-batches accumulated since the last step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, micro_batches: int, *,

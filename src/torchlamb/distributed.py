@@ -9,7 +9,7 @@ of each tensor, then updates the local shards with the global ratios.
 Over which processes: a DTensor lives on a device mesh with one placement per mesh dimension. Its squares are summed
 over the process group of every mesh dimension that splits it — ``Shard`` or ``_StridedShard`` (FSDP2 over tensor
 parallelism), which in torch 2.13 is not a ``Shard`` subclass, so the rule is "neither Replicate nor Partial" — and
-over no other: a ``Replicate`` dimension holds copies, and summing over it would count the tensor once per copy.
+over no other: a ``Replicate`` dimension holds copies, and summing over it would count the tensor once per copy. ::
 
     FSDP2, 1-D mesh          (Shard(0),)                       summed over the mesh: 1 all-reduce per step
     HSDP, fully_shard on a   (Replicate(), Shard(0))           summed over the shard dimension only: 1

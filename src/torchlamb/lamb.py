@@ -77,7 +77,7 @@ class Lamb(LayerwiseOptimizer):
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
-        fused: use the fused two-pass CPU kernels (:mod:`torchlamb._fused`: compiled at first use, about 30 s,
+        fused: use the fused two-pass CPU kernels (``torchlamb._fused``: compiled at first use, about 30 s,
             and cached across processes). With ``fused`` and ``foreach`` both None (the default) the fused kernels
             run wherever they apply — dense contiguous CPU tensors — and foreach elsewhere (e.g. on CUDA). Where
             the kernels cannot be built, one warning says so and foreach runs.
@@ -96,10 +96,11 @@ class Lamb(LayerwiseOptimizer):
             step counts stay as they were; decided on the device, without a host synchronisation.
 
     With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` hands the loss scale and the overflow flag to
-    :meth:`step`, which unscales the gradients itself and, after an overflow, changes nothing (no host sync).
-    Calling ``scaler.unscale_(optimizer)`` first (e.g. to clip by hand) works too.
+    :meth:`~torchlamb._base.LayerwiseOptimizer.step`, which unscales the gradients itself and, after an overflow,
+    changes nothing (no host sync). Calling ``scaler.unscale_(optimizer)`` first (e.g. to clip by hand) works too.
 
-    After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio as device tensors.
+    After each step, :attr:`~torchlamb._base.LayerwiseOptimizer.trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio
+    as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
     """
 

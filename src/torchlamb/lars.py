@@ -72,7 +72,8 @@ class Lars(LayerwiseOptimizer):
         nonfinite: ``"propagate"`` or ``"skip"``, and ``torch.amp.GradScaler`` support, as for
             :class:`~torchlamb.Lamb`.
 
-    After each step, :attr:`trust_stats` holds the per-tensor ‖θ‖, the ratio's denominator and the ratio.
+    After each step, :attr:`~torchlamb._base.LayerwiseOptimizer.trust_stats` holds the per-tensor ‖θ‖, the ratio's
+    denominator and the ratio.
     Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters.
     """
 

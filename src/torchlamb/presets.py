@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Lamb options by preset name, for ``Lamb.from_preset(name, params)``.
 PRESETS: dict[str, dict[str, Any]] = {
     # You et al. 2019 as written; optax.lamb and TF-Addons LAMB defaults.
     "paper": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True),

@@ -3,9 +3,9 @@
 Large batches need two things besides a layer-wise optimizer (seed 001, You et al. 2019):
 
 * a **warmup**: the trust ratio tames each layer's step, but early moments are noisy; ramp the lr up linearly, then
-  decay it polynomially to the end of training (:func:`warmup_poly`);
+  decay it polynomially to the end of training (:func:`~torchlamb.warmup_poly`);
 * a **scaling rule** for the peak lr when the batch grows: LAMB's paper scales it with the square root of the
-  batch size, Goyal et al.'s rule for SGD/LARS linearly (:func:`scale_lr`).
+  batch size, Goyal et al.'s rule for SGD/LARS linearly (:func:`~torchlamb.scale_lr`).
 
 :data:`BERT_LAMB_PHASES` records the paper's two-phase BERT recipe (see ``docs/schedules.md``).
 """
@@ -117,7 +117,7 @@ class Phase(NamedTuple):
         return round(self.warmup_fraction * self.steps)
 
 
-# You et al. 2019's BERT-Large recipe with LAMB: 76 minutes on 1024 TPUv3 chips. Each phase restarts the schedule.
+#: You et al. 2019's BERT-Large recipe with LAMB (76 minutes on 1024 TPUv3 chips). Each phase restarts the schedule.
 BERT_LAMB_PHASES: tuple[Phase, Phase] = (
     Phase(seq_len=128, batch=65536, lr=6e-3, warmup_fraction=0.2843, steps=7038),
     Phase(seq_len=512, batch=32768, lr=4e-3, warmup_fraction=0.128, steps=1563),

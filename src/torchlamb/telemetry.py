@@ -1,6 +1,6 @@
 """TrustMonitor: watch the layer-wise trust ratio of any optimizer every N steps, then export or plot it.
 
-For every parameter tensor θ (a "layer") the monitor records, on its record steps,
+For every parameter tensor θ (a "layer") the monitor records, on its record steps::
 
     weight_norm = ‖θ‖          before the step
     update_norm = ‖u‖          the direction the step applied, θ ← θ − lr·r·u
@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from .trust import tensor_norms
 
+#: The per-tensor quantities a record holds (and ``plot_histograms`` can plot).
 QUANTITIES = ("weight_norm", "update_norm", "trust_ratio")
+#: The keys of a :class:`TrustRecord`, in the order of the CSV columns.
 FIELDS = ("step", "name", "group", *QUANTITIES)
 
 # Labels for the plots' axes.
@@ -42,7 +44,7 @@ _MAX_RIDGES = 40
 
 
 class TrustRecord(TypedDict):
-    """One row of :attr:`TrustMonitor.records`: one parameter tensor at one recorded step."""
+    """One row of :attr:`~torchlamb.TrustMonitor.records`: one parameter tensor at one recorded step."""
 
     step: int
     name: str
@@ -91,8 +93,9 @@ class TrustMonitor:
             ``{tensor: name}``; they take precedence over the model's names.
 
     Attributes:
-        records: one :class:`TrustRecord` dict per tensor and recorded step: ``step``, ``name``, ``group`` (index
-            in ``optimizer.param_groups``), ``weight_norm``, ``update_norm``, ``trust_ratio`` (Python numbers).
+        records: one :class:`~torchlamb.telemetry.TrustRecord` dict per tensor and recorded step: ``step``,
+            ``name``, ``group`` (index in ``optimizer.param_groups``), ``weight_norm``, ``update_norm``,
+            ``trust_ratio`` (Python numbers).
         step: how many optimizer steps the monitor has seen.
 
     Example::
@@ -228,7 +231,8 @@ class TrustMonitor:
 
     # -- export ------------------------------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
-        """Write :attr:`records` as CSV (a header row of :data:`FIELDS`, then one row per record); return the path.
+        """Write :attr:`records` as CSV (a header row of :data:`~torchlamb.telemetry.FIELDS`, then one row per
+        record); return the path.
 
         Floats are written with Python's ``repr``, so reading them back with ``float`` gives the same numbers
         (NaN is written ``nan``). Parent directories are created.

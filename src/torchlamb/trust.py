@@ -1,7 +1,7 @@
 """The trust stage: layer-wise adaptation shared by every optimizer in torchlamb.
 
 An optimizer computes a *direction* ``u`` for each parameter tensor ``θ`` (Adam's moments for LAMB, momentum
-for LARS). The trust stage turns the two per-tensor norms into a scale for that direction:
+for LARS). The trust stage turns the two per-tensor norms into a scale for that direction::
 
     w = φ(‖θ‖)           φ = identity, clamped to ``weight_norm_clip = (φ_min, φ_max)`` when given
     r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 for LAMB;
