@@ -5,6 +5,7 @@ Run it from the repository root (``torchlamb`` must be installed, e.g. editable 
     .venv/bin/python benchmarks/step_speed.py                        # both workloads, 20 rounds
     .venv/bin/python benchmarks/step_speed.py --workload many-small --rounds 5
     .venv/bin/python benchmarks/step_speed.py --quick                # tiny shapes, a few seconds
+    .venv/bin/python benchmarks/step_speed.py --compile --workload bert-base   # and torch.compile'd steps
 
 It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward or backward) for:
 
@@ -13,6 +14,7 @@ It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward o
 * ``Lamb(fused=True)``     -- torchlamb's fused two-pass CPU kernel (compiled at first use, then cached),
 * ``Lars(foreach=True)``, ``Lars(fused=True)`` -- torchlamb's LARS, multi-tensor and fused,
 * the LAMBs of pytorch_optimizer, torch-optimizer and timm where they are installed (``--no-public`` drops them),
+* with ``--compile``: ``Lamb``, ``Lars`` and ``AdamW`` (foreach) with ``torch.compile(optimizer.step)``,
 * ``AdamW(foreach=True)``  -- PyTorch's multi-tensor AdamW,
 * ``AdamW(fused=True)``    -- PyTorch's fused AdamW, the baseline every ratio is taken against.
 
@@ -61,6 +63,22 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Lars(fused=True)": lambda params: torchlamb.Lars(params, fused=True),
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
+}
+
+
+def compiled(factory: OptimizerFactory) -> OptimizerFactory:
+    """The optimizer with its step compiled by torch.compile (inductor, fullgraph): compiled during the warm-up."""
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        optimizer = factory(params)
+        optimizer.step = torch.compile(optimizer.step, fullgraph=True)
+        return optimizer
+    return make
+
+
+COMPILED: dict[str, OptimizerFactory] = {
+    "Lamb(compiled)": compiled(lambda params: torchlamb.Lamb(params, foreach=True)),
+    "Lars(compiled)": compiled(lambda params: torchlamb.Lars(params, foreach=True)),
+    "AdamW(compiled)": compiled(lambda params: torch.optim.AdamW(params, foreach=True)),
 }
 
 
@@ -269,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny shapes (BERT first dims / {QUICK_SCALE}, 200 x (512,)) for a smoke test")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add Lamb, Lars and AdamW with torch.compile(optimizer.step) (compiling takes minutes)")
     parser.add_argument("--no-public", action="store_true",
                         help="leave out other libraries' LAMBs even where they are installed")
     args = parser.parse_args(argv)
@@ -309,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     factories = dict(OPTIMIZERS)
     if not args.no_public:
         factories = {**public_lambs(), **factories}
+    if args.compile:
+        factories = {**COMPILED, **factories}
     print(f"step peak extra MB: how far one step raises {'allocated GPU memory' if device.type == 'cuda' else 'RSS'}"
           " above its level before the step (temporaries)")
     workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]

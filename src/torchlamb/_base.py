@@ -169,8 +169,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.partition_group = partition_group
         self.nonfinite = nonfinite
         super().__init__(params, defaults)
-        self.trust_stats: list[TrustStats] = []
-        self.grad_norm: Tensor | None = None
+        # What the last step measured, in one dict that step() updates in place: under torch.compile, assignments to
+        # an optimizer's attributes are dropped after the compiled step, a container's mutations are not.
+        self._last_step: dict[str, Any] = {"trust_stats": [], "grad_norm": None}
+
+    @property
+    def trust_stats(self) -> list[TrustStats]:
+        return self._last_step["trust_stats"]
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        return self._last_step["grad_norm"]
 
     # -- what a subclass provides ---------------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
@@ -325,12 +334,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # Pickles of earlier versions carry neither option; torch's load_state_dict passes only state and groups.
         self.__dict__.setdefault("nonfinite", "propagate")
         self.__dict__.setdefault("partition_group", None)
-        self.__dict__.setdefault("trust_stats", [])
-        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_last_step", {"trust_stats": [], "grad_norm": None})
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`, after checking that it fits these parameters.
+        """Load a state saved by ``state_dict``, after checking that it fits these parameters.
 
         In order: the hooks of ``register_load_state_dict_pre_hook`` (on a shallow copy, as in torch: a hook can
         repair an old checkpoint), the check, torch's loading, then the post-hooks, which see the loaded state.
@@ -470,9 +478,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                keep: Tensor | None = None, fused_possible: bool = True) -> Implementation:
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
         tensors, kernels built, no skip flag left on the device, state in the computing dtype); else foreach=None
-        picks foreach when all tensors share a device."""
+        picks foreach when all tensors share a device. Under torch.compile: foreach (single-tensor if foreach=False).
+        """
         fused, foreach = group["fused"], group["foreach"]
         tensors = params + grads
+        if torch.compiler.is_compiling():
+            # The C++ kernels are opaque to torch.compile (a graph break); the compiler fuses the foreach path itself.
+            return "foreach" if foreach is not False else "single_tensor"
         if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
             # step makes gradients contiguous where they are not.
@@ -492,7 +504,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
-        Each group's update runs up to the trust stage (:meth:`_first_pass`); the per-tensor sums of squares of all
+        Each group's update runs up to the trust stage (``_first_pass``); the per-tensor sums of squares of all
         groups are made whole-tensor sums — for sharded (FSDP2, HSDP, tensor-parallel) parameters one all-reduce
         per process group they are split over, nothing otherwise — turned into trust ratios, and the updates
         completed. Fused groups of whole tensors do all that in one call.
@@ -514,22 +526,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # A process without gradients (a ZeRO share) still takes part in the collectives, on its parameters' device.
         device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
         skip = self._skip_flag(all_grads, found_inf, device)
-        self.grad_norm = None
-        if skip is not None and self._read_skip_flag_on_cpu and all(p.is_cpu for p in all_params):
+        self._last_step["grad_norm"] = grad_norm = None
+        if (skip is not None and self._read_skip_flag_on_cpu and all(p.is_cpu for p in all_params)
+                and not torch.compiler.is_compiling()):  # compiled: the flag stays a tensor, as on an accelerator
             if skip.item():  # a CPU value: no synchronisation
-                self.trust_stats = []
+                self._last_step["trust_stats"] = []
                 return loss
             skip = None
         keep = None if skip is None else (~skip).float()
 
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             if sharded or self.partition_group is not None:  # every process takes part, with or without gradients
-                self.grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group,
-                                                       device=device)
+                grad_norm = distributed.grad_norm(all_grads, partition_group=self.partition_group, device=device)
             elif all_grads:
-                self.grad_norm = global_norm(_real(all_grads))
-            if self.grad_norm is not None and inverse_scale is not None:
-                self.grad_norm = self.grad_norm * inverse_scale.to(self.grad_norm.device)
+                grad_norm = global_norm(_real(all_grads))
+            if grad_norm is not None and inverse_scale is not None:
+                grad_norm = grad_norm * inverse_scale.to(grad_norm.device)
+            self._last_step["grad_norm"] = grad_norm
 
         stats: dict[int, TrustStats] = {}
         pending: list[tuple[int, list[Tensor], FirstPass]] = []
@@ -546,8 +559,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                         state["master"] = param.detach().to(torch.float32, copy=True)
                     self.state[param] = state
             grad_factor = inverse_scale
-            if self.grad_norm is not None:
-                clip = clip_factor(self.grad_norm, group["max_grad_norm"])
+            if grad_norm is not None:
+                clip = clip_factor(grad_norm, group["max_grad_norm"])
                 grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             targets, target_grads = self._targets(params, grads)
             # The fused kernels read state in the computing dtype; other state dtypes take the foreach path.
@@ -580,7 +593,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for stored, working in self._write_backs:
             stored.copy_(working)
         self._write_backs = []
-        self.trust_stats = [stats[index] for index in sorted(stats)]
+        self._last_step["trust_stats"] = [stats[index] for index in sorted(stats)]
         return loss
 
     def _skip_flag(self, grads: list[Tensor], found_inf: Tensor | None, device: torch.device) -> Tensor | None:
