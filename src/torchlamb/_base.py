@@ -17,13 +17,13 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused, distributed
+from . import _fused, distributed, kernels
 from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, sums_of_squares, trust_ratio
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
 Adapt = Union[bool, Literal["if_decayed"]]
 # How a group's update runs: a Python loop over tensors, torch._foreach_* ops, or the fused CPU kernels.
-Implementation = Literal["single_tensor", "foreach", "fused"]
+Implementation = Literal["single_tensor", "foreach", "fused", "triton"]
 # What a step does with NaN/Inf gradients: let them into the update (torch's behaviour) or change nothing.
 NonFinite = Literal["propagate", "skip"]
 # Parameters that get a float32 master copy and float32 state in groups with master_weights=True.
@@ -454,6 +454,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         where = f"param group {group_index}, position {position}"
         return f"parameter {names[position]!r} ({where})" if names else f"parameter at {where}"
 
+    # Whether this optimizer has Triton kernels (Lamb has; Lars not yet), and whether the tests run them on CPU
+    # tensors in Triton's interpreter (TRITON_INTERPRET=1), where they otherwise run on CUDA tensors only.
+    _has_triton_kernels = False
+    _triton_on_cpu = False
+
+    def _triton_takes(self, fused: bool | None, foreach: bool | None, params: list[Tensor],
+                      fused_possible: bool) -> bool:
+        """fused=True, or fused and foreach both None, on CUDA tensors the kernels take: the Triton kernels.
+        fused=True on CUDA without triton is an error that names what to install."""
+        device_type = params[0].device.type if params else "cpu"
+        on_device = device_type == "cuda" or (self._triton_on_cpu and device_type == "cpu")
+        wanted = fused or (fused is None and foreach is None)
+        if not (self._has_triton_kernels and on_device and wanted and fused_possible):
+            return False
+        module = kernels.triton_module()
+        if module is None:
+            if fused:
+                raise RuntimeError(f"{type(self).__name__}(fused=True) on CUDA runs Triton kernels, and triton does "
+                                   "not import here: pip install 'torchlamb[gpu]' (or foreach=True)")
+            return False
+        return module.supports(params)
+
     # -- the step ------------------------------------------------------------------------------------------
     def _params_with_grads(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
@@ -485,6 +507,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             # The C++ kernels are opaque to torch.compile (a graph break); the compiler fuses the foreach path itself.
             return "foreach" if foreach is not False else "single_tensor"
+        if self._triton_takes(fused, foreach, params, fused_possible):
+            return "triton"
         if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
             # step makes gradients contiguous where they are not.
@@ -608,7 +632,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # A copy: the all-reduce below must not write into the GradScaler's own tensor.
         flag = torch.zeros((), device=device) if found_inf is None else found_inf.reshape(()).to(device, torch.float32,
                                                                                                    copy=True)
-        local_grads = distributed.local(grads)
+        # Empty tensors hold nothing non-finite (and _foreach_norm(inf) refuses them: no identity for max).
+        local_grads = [g for g in distributed.local(grads) if g.numel()]
         if self.nonfinite == "skip" and local_grads:
             # The largest |g| of each tensor is NaN or Inf exactly when the tensor holds one (no overflow, unlike ‖g‖²).
             largest = torch.stack([m.to(device) for m in torch._foreach_norm(local_grads, math.inf)])

@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, kernels
 from ._base import (
     Adapt,
     Implementation,
@@ -77,10 +77,12 @@ class Lamb(LayerwiseOptimizer):
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
-        fused: use the fused two-pass CPU kernels (``torchlamb._fused``: compiled at first use, about 30 s,
-            and cached across processes). With ``fused`` and ``foreach`` both None (the default) the fused kernels
-            run wherever they apply — dense contiguous CPU tensors — and foreach elsewhere (e.g. on CUDA). Where
-            the kernels cannot be built, one warning says so and foreach runs.
+        fused: use the fused two-pass kernels: C++ on the CPU (``torchlamb._fused``: compiled at first use,
+            about 30 s, and cached across processes), Triton on CUDA (``torchlamb.kernels.triton_steps``; needs
+            triton, else fused=True raises). With ``fused`` and ``foreach`` both None (the default) the fused
+            kernels run wherever they apply — dense contiguous CPU tensors, dense float32/bfloat16/float16 CUDA
+            tensors where triton imports — and foreach elsewhere. Where the CPU kernels cannot be built, one
+            warning says so and foreach runs.
         master_weights: for float16/bfloat16 parameters, keep a float32 master copy and float32 moments in the
             state (saved by ``state_dict``, restored exactly by ``load_state_dict``); the update runs on the master
             and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
@@ -105,6 +107,8 @@ class Lamb(LayerwiseOptimizer):
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
+
+    _has_triton_kernels = True  # kernels/triton_steps.py: dense CUDA tensors take them by default
 
     def __init__(
         self,
@@ -167,8 +171,11 @@ class Lamb(LayerwiseOptimizer):
 
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
-        update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
-                  "single_tensor": _single_tensor_lamb}[implementation]
+        if implementation == "triton":
+            update = kernels.triton_module().lamb_first_pass
+        else:
+            update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
+                      "single_tensor": _single_tensor_lamb}[implementation]
         return update(targets, grads, self._states(params, "exp_avg"),
                       self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
                       grad_factor=grad_factor, keep=keep)

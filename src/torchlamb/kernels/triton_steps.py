@@ -1,0 +1,239 @@
+"""The fused GPU step of LAMB in Triton: two launches per dtype group instead of a dozen ``torch._foreach_*`` passes.
+
+Pass 1 (one launch over every tensor of a dtype group, one program per chunk of ``BLOCK`` elements) updates the
+moments in place and writes the chunk's partial sums of ‖θ‖² and ‖u‖², u = (m·c1) / (√v·c2 + ε) + λθ, without
+storing u. The partial sums are summed per tensor in float64 with a scan (no atomics: the result is bitwise the
+same from run to run) and handed to the optimizer's trust stage as a :class:`~torchlamb.trust.FirstPass` — so the
+ratio follows :func:`torchlamb.trust.trust_ratio` exactly, and sharded (FSDP2) tensors get their one all-reduce
+in between, as on the other paths. Pass 2 (one launch) recomputes u from θ, m and v with the same code, so the same
+values, and applies θ ← θ − lr·r·u.
+
+The tensors of a launch are reached through tables: one of int64 data pointers per operand (cast to typed pointers
+in the kernel, the dtype a compile-time constant) and one of (tensor index, chunk start) per program. Everything
+that changes from step to step — lr, the step counts and bias corrections, the global clip factor with GradScaler's
+inverse scale, the skip flag — is read from device memory, so ``step()`` never waits for the device and a changing
+lr compiles nothing new.
+
+Stored values are rounded to their dtype before pass 1 uses them (as the other paths round a moment before using
+it); bfloat16 is rounded to nearest even with bit operations, since Triton's interpreter truncates on that cast.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors: that is how the
+tests prove them without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..trust import FirstPass
+
+BLOCK = 1024  # elements per program; a multiple of 1024 keeps the programs' sums in float32 exact enough (tested)
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def supports(tensors: list[Tensor]) -> bool:
+    """Whether the Triton kernels can take these tensors: dense, contiguous, of a dtype they know."""
+    return all(t.layout == torch.strided and t.is_contiguous() and t.dtype in _TRITON_DTYPES for t in tensors)
+
+
+@triton.jit
+def _load(pointers, tensor, offsets, mask, DTYPE: tl.constexpr):
+    """Elements ``offsets`` of tensor ``tensor`` in a pointer table, as float32 (0 where masked)."""
+    base = tl.load(pointers + tensor).to(tl.pointer_type(DTYPE))
+    return tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to DTYPE (to nearest even), in DTYPE."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, 0x7FC00000, bits)  # NaN stays a (quiet) NaN: the carry above could flip its sign
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _store(pointers, tensor, offsets, mask, value, DTYPE: tl.constexpr):
+    """Stores float32 ``value`` rounded to DTYPE; returns the stored value as float32."""
+    stored = _rounded(value, DTYPE)
+    base = tl.load(pointers + tensor).to(tl.pointer_type(DTYPE))
+    tl.store(base + offsets, stored, mask=mask)
+    return stored.to(tl.float32)
+
+
+@triton.jit
+def _lamb_direction(m, v, theta, c1, c2, eps, decay):
+    """u = (m·c1) / (√v·c2 + ε) + decay·θ: one function for both passes, so both compute the same u."""
+    # Correctly rounded sqrt and division, as torch's (a GPU's default ones are approximate).
+    return tl.div_rn(m * c1, tl.sqrt_rn(v) * c2 + eps) + decay * theta
+
+
+@triton.jit
+def _lamb_pass1(param_pointers, grad_pointers, m_pointers, v_pointers, numels, chunk_tensors, chunk_starts,
+                corrections, scalars, partials, one_minus_beta1, one_minus_beta2, eps, decay, outside_decay,
+                PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, DECAY_OUTSIDE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    offsets = tl.load(chunk_starts + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(numels + tensor)
+    grad_factor = tl.load(scalars)  # ±1 (maximize) × the global clip factor × GradScaler's inverse scale
+    keep = tl.load(scalars + 1)  # 0 on a skipped step: nothing changes
+    c1 = tl.load(corrections + 2 * tensor)
+    c2 = tl.load(corrections + 2 * tensor + 1)
+
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    if DECAY_OUTSIDE:  # θ ← θ·(1 − lr·λ) before the update (decay outside the ratio)
+        lr = tl.load(scalars + 2)
+        theta = _store(param_pointers, tensor, offsets, mask, theta * (1.0 - lr * outside_decay * keep), PARAM)
+    grad = _load(grad_pointers, tensor, offsets, mask, GRAD)
+    grad = tl.where(keep != 0.0, grad * grad_factor, 0.0)  # a skipped step's gradient may hold Inf: 0·Inf is NaN
+    m = _load(m_pointers, tensor, offsets, mask, STATE)
+    v = _load(v_pointers, tensor, offsets, mask, STATE)
+    m = _store(m_pointers, tensor, offsets, mask, m + one_minus_beta1 * keep * (grad - m), STATE)
+    v = _store(v_pointers, tensor, offsets, mask, v + one_minus_beta2 * keep * (grad * grad - v), STATE)
+
+    update = tl.where(mask, _lamb_direction(m, v, theta, c1, c2, eps, decay), 0.0)
+    tl.store(partials + 2 * chunk, tl.sum(theta * theta, axis=0))
+    tl.store(partials + 2 * chunk + 1, tl.sum(update * update, axis=0))
+
+
+@triton.jit
+def _lamb_pass2(param_pointers, m_pointers, v_pointers, numels, chunk_tensors, chunk_starts, corrections, scales,
+                eps, decay, PARAM: tl.constexpr, STATE: tl.constexpr, BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    offsets = tl.load(chunk_starts + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(numels + tensor)
+    c1 = tl.load(corrections + 2 * tensor)
+    c2 = tl.load(corrections + 2 * tensor + 1)
+    scale = tl.load(scales + tensor)  # −lr·r (× the step-size factor, × keep)
+
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    m = _load(m_pointers, tensor, offsets, mask, STATE)
+    v = _load(v_pointers, tensor, offsets, mask, STATE)
+    update = _lamb_direction(m, v, theta, c1, c2, eps, decay)
+    _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
+
+
+# -- tables ----------------------------------------------------------------------------------------------------
+
+class _Chunks:
+    """Which program handles which elements, for tensors of these sizes: chunk c covers elements
+    [starts[c], starts[c] + BLOCK) of tensor tensors[c]; tensor i's chunks are offsets[i] .. offsets[i+1]."""
+
+    def __init__(self, numels: tuple[int, ...], device: torch.device) -> None:
+        counts = [-(-n // BLOCK) for n in numels]
+        self.count = sum(counts)
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.tensors = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts)).to(torch.int32)
+        self.starts = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts] or [torch.empty(0)])
+        self.tensors, self.starts = self.tensors.to(device), self.starts.to(torch.int64).to(device)
+        self.offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunks(numels: tuple[int, ...], device: torch.device) -> _Chunks:
+    """Built once per list of sizes (an optimizer's parameter list keeps its sizes), then reused."""
+    return _Chunks(numels, device)
+
+
+def _pointers(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """The int64 table of the tensors' data pointers on ``device``, copied without making the host wait."""
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def _sums_per_tensor(partials: Tensor, chunks: _Chunks) -> Tensor:
+    """The float64 [n, 2] sums of each tensor's chunk partial sums: a scan, then differences at the tensors'
+    boundaries (deterministic, unlike atomics; a tensor whose partials are all 0 sums to exactly 0)."""
+    scanned = torch.cat([partials.new_zeros(1, 2, dtype=torch.float64), partials.double().cumsum(0)])
+    return scanned[chunks.offsets[1:]] - scanned[chunks.offsets[:-1]]
+
+
+# -- the step --------------------------------------------------------------------------------------------------
+
+def _precise(step: Tensor) -> Tensor:
+    return step.to(torch.float64).clamp(min=1)  # as lamb._precise: a skipped first step leaves t = 0
+
+
+def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
+                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+    """LAMB's pass 1 in Triton for tensors on one device (the arguments of ``lamb._multi_tensor_lamb``), one launch
+    per combination of parameter, gradient and moment dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
+    device = params[0].device
+    n = len(params)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    factor = one if grad_factor is None else grad_factor.to(device, torch.float32).reshape(())
+    if maximize:
+        factor = -factor
+    kept = one if keep is None else keep.to(device, torch.float32).reshape(())
+    lr_value = lr.to(device, torch.float32).reshape(()) if isinstance(lr, Tensor) else one * lr
+    scalars = torch.stack([factor, kept, lr_value])
+
+    torch._foreach_add_(steps, 1 if keep is None else [keep.to(device)] * n)
+    t = _precise(torch.stack(steps))
+    if bias_correction is True:
+        corrections = torch.stack([1 / (1 - beta1**t), (1 - beta2**t).rsqrt()], 1)
+    else:
+        corrections = torch.ones(n, 2, dtype=torch.float64, device=device)
+    corrections = corrections.to(torch.float32).contiguous()
+    decay_inside = 0.0 if decay_outside_ratio else weight_decay
+    decay_outside = bool(decay_outside_ratio and weight_decay != 0)
+
+    launches = []  # (positions in the group, chunks, pointer tables, dtypes, corrections) per dtype combination
+    squares = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    for kind, positions in _by_dtypes(params, grads, exp_avgs).items():
+        chunks = _chunks(tuple(params[i].numel() for i in positions), device)
+        pointers = [_pointers([tensors[i] for i in positions], device) for tensors in (params, grads, exp_avgs,
+                                                                                         exp_avg_sqs)]
+        index = torch.tensor(positions, dtype=torch.int64, device=device)
+        launch_corrections = corrections[index].contiguous()
+        launches.append((index, chunks, pointers, kind, launch_corrections))
+        if not chunks.count:
+            continue
+        partials = torch.empty(chunks.count, 2, dtype=torch.float32, device=device)
+        _lamb_pass1[(chunks.count,)](
+            *pointers, chunks.numels, chunks.tensors, chunks.starts, launch_corrections, scalars, partials,
+            1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay, PARAM=kind[0], GRAD=kind[1], STATE=kind[2],
+            DECAY_OUTSIDE=decay_outside, BLOCK=BLOCK)
+        squares[index] = _sums_per_tensor(partials, chunks)
+
+    def finish(ratio: Tensor) -> None:
+        # −lr·r in float64 (a float lr keeps all its digits), times the step-size factor and the skip flag.
+        scale = ratio.to(device, torch.float64) * (-lr.to(device, torch.float64) if isinstance(lr, Tensor) else -lr)
+        if bias_correction == "step_size":
+            scale = scale * (1 - beta2**t).sqrt() / (1 - beta1**t)
+        elif bias_correction == "step_size_first_moment":
+            scale = scale / (1 - beta1**t)
+        scale = (scale * kept.double()).to(torch.float32)
+        for index, chunks, pointers, kind, launch_corrections in launches:
+            if chunks.count:
+                _lamb_pass2[(chunks.count,)](
+                    pointers[0], pointers[2], pointers[3], chunks.numels, chunks.tensors, chunks.starts,
+                    launch_corrections, scale[index].contiguous(), eps, decay_inside, PARAM=kind[0], STATE=kind[2],
+                    BLOCK=BLOCK)
+
+    return FirstPass(squares, finish)
+
+
+def _by_dtypes(params: list[Tensor], grads: list[Tensor], states: list[Tensor]) -> dict[tuple, list[int]]:
+    """Positions of the tensors by their (parameter, gradient, moment) Triton dtypes: one launch each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        groups.setdefault((_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype]), []).append(i)
+    return groups

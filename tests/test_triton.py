@@ -1,0 +1,169 @@
+"""Lamb's Triton kernels (torchlamb/kernels/triton_steps.py), run by Triton's interpreter on CPU tensors.
+
+conftest.py sets TRITON_INTERPRET=1 before anything imports the kernels where no GPU is. The optimizer takes the
+Triton path on CPU tensors here because the tests set ``Lamb._triton_on_cpu`` (on CUDA tensors it is the default).
+Checked: the float64 reference over the option matrix of test_matrix.py, the fused CPU kernels (the same arithmetic)
+for float32, bfloat16 and float16 parameters, the skip flag on the device, GradScaler, zero-norm, empty and 0-dim
+tensors, tensors over several chunks, determinism and a bitwise resume.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchlamb
+from torchlamb import Lamb, kernels
+
+steps_module = kernels.triton_module()
+pytestmark = pytest.mark.skipif(steps_module is None, reason="triton is not installed")
+
+from test_matrix import LAMB_OPTIONS, run_case  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """Lamb's dispatch sends CPU tensors to the Triton kernels; ``calls`` counts their pass-1 launches."""
+    calls = []
+    first_pass = steps_module.lamb_first_pass
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return first_pass(*args, **kwargs)
+
+    monkeypatch.setattr(Lamb, "_triton_on_cpu", True)
+    monkeypatch.setattr(steps_module, "lamb_first_pass", counted)
+    return calls
+
+
+def odd_problem(dtype=torch.float32, seed=0):
+    """Tensors across chunk boundaries (BLOCK = 1024), a 0-dim one, an empty one and a zero-initialised one."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3001,), (1024,), (2, 1025), (), (0, 3), (17,)]
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    params[5].zero_()
+    grads = [[torch.randn(shape, generator=generator).to(dtype) for shape in shapes] for _ in range(3)]
+    return params, grads
+
+
+def train(params, grads, **options):
+    tensors = [p.clone().requires_grad_() for p in params]
+    optimizer = Lamb(tensors, lr=0.01, weight_decay=0.01, **options)
+    for step_grads in grads:
+        for tensor, grad in zip(tensors, step_grads):
+            tensor.grad = grad.clone()
+        optimizer.step()
+    return tensors, optimizer
+
+
+@pytest.mark.parametrize(("option", "dtype"), [(option, torch.float32) for option in LAMB_OPTIONS]
+                         + [("defaults", torch.bfloat16), ("defaults", torch.float16)], ids=str)
+def test_triton_path_follows_the_float64_reference(triton_on_cpu, option, dtype):
+    # bfloat16 and float16 with master weights (run_case's rule): the kernels run on the float32 masters, so the
+    # option matrix in float32 covers the kernels' arithmetic.
+    run_case(Lamb, dtype, "fused", LAMB_OPTIONS[option], [{"weight_decay": 0.01}, {"weight_decay": 0.0}])
+    assert triton_on_cpu, "the Triton kernels did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("option", ["defaults", "pytorch_optimizer", "deepspeed"])
+def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, option, dtype):
+    # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
+    params, grads = odd_problem(dtype)
+    triton, triton_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
+    assert len(triton_on_cpu) == len(grads)
+    Lamb._triton_on_cpu = False
+    cpu, cpu_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
+    ulps = 0 if dtype == torch.float32 else 1  # a ratio a few float32 ulps apart may round θ the other way
+    for a, b in zip(triton, cpu):
+        tolerance = (2e-6 if dtype == torch.float32 else 0) + ulps * torch.finfo(dtype).eps * b.detach().abs().float()
+        assert ((a.detach().float() - b.detach().float()).abs() <= tolerance + 1e-7).all()
+    for field in ("weight_norm", "update_norm", "trust_ratio"):
+        torch.testing.assert_close(getattr(triton_optimizer.trust_stats[0], field),
+                                   getattr(cpu_optimizer.trust_stats[0], field), rtol=2e-6, atol=0)
+
+
+def test_zero_empty_and_0dim_tensors(triton_on_cpu):
+    params, grads = odd_problem()
+    tensors, optimizer = train(params, grads[:1])
+    stats = optimizer.trust_stats[0]
+    assert stats.weight_norm[5] == 0 and stats.trust_ratio[5] == 1.0  # the zero-norm fallback at the first step
+    assert tensors[4].numel() == 0 and stats.weight_norm[4] == 0 and stats.trust_ratio[4] == 1.0
+    assert all(torch.isfinite(t).all() for t in tensors)
+    assert not torch.equal(tensors[3], params[3])  # the 0-dim tensor moved
+
+
+def test_two_runs_are_bitwise_equal_and_a_resume_is_bitwise_identical(triton_on_cpu):
+    params, grads = odd_problem()
+    first, _ = train(params, grads)
+    second, _ = train(params, grads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+    resumed_params, optimizer = train(params, grads[:2])
+    copy = [p.detach().clone().requires_grad_() for p in resumed_params]
+    resumed = Lamb(copy, lr=0.01, weight_decay=0.01)
+    resumed.load_state_dict(optimizer.state_dict())
+    for tensor, grad in zip(copy, grads[2]):
+        tensor.grad = grad.clone()
+    resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(first, copy))
+
+
+def test_a_skipped_step_changes_nothing_without_reading_the_flag(triton_on_cpu, monkeypatch):
+    monkeypatch.setattr(Lamb, "_read_skip_flag_on_cpu", False)  # the flag stays a tensor, as on a GPU
+    params, grads = odd_problem()
+    tensors, optimizer = train(params, grads[:2], nonfinite="skip")
+    before = [t.detach().clone() for t in tensors]
+    state = {key: value.clone() for key, value in optimizer.state[tensors[0]].items()}
+    for tensor, grad in zip(tensors, grads[2]):
+        tensor.grad = grad.clone()
+    tensors[0].grad[7] = float("inf")
+    optimizer.step()
+    assert len(triton_on_cpu) == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors))
+    for key, value in optimizer.state[tensors[0]].items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu):
+    params, grads = odd_problem()
+    expected, _ = train(params, grads, max_grad_norm=1.0)
+    tensors = [p.clone().requires_grad_() for p in params]
+    optimizer = Lamb(tensors, lr=0.01, weight_decay=0.01, max_grad_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step_grads in grads:
+        loss = sum((t * g).sum() for t, g in zip(tensors, step_grads))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    for a, b in zip(tensors, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_changing_tensor_lr_is_read_from_the_device(triton_on_cpu):
+    params, grads = odd_problem()
+    tensors = [p.clone().requires_grad_() for p in params]
+    optimizer = Lamb(tensors, lr=torch.tensor(0.01), weight_decay=0.01)
+    scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=2, total_steps=6)
+    foreach = [p.clone().requires_grad_() for p in params]
+    reference = Lamb(foreach, lr=torch.tensor(0.01), weight_decay=0.01, foreach=True)
+    reference_scheduler = torchlamb.warmup_poly(reference, warmup_steps=2, total_steps=6)
+    for step_grads in grads:
+        for a, b, grad in zip(tensors, foreach, step_grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+        scheduler.step()
+        reference_scheduler.step()
+    assert len(triton_on_cpu) == len(grads)
+    for a, b in zip(tensors, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_without_triton_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_module", lambda: None)
+    params, grads = odd_problem()
+    with pytest.raises(RuntimeError, match=r"triton.*torchlamb\[gpu\]"):
+        train(params, grads, fused=True)
+    train(params, grads)  # fused=None: the other paths, silently
