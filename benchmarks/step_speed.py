@@ -11,7 +11,8 @@ It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward o
 
 * ``Lamb(foreach=False)``  -- torchlamb's single-tensor path (a Python loop over tensors),
 * ``Lamb(foreach=True)``   -- torchlamb's multi-tensor path (``torch._foreach_*`` ops),
-* ``Lamb(fused=True)``     -- torchlamb's fused two-pass CPU kernel (compiled at first use, then cached),
+* ``Lamb(fused=True)``     -- torchlamb's fused two-pass kernels: C++ on the CPU (compiled at first use, then
+  cached), Triton on CUDA,
 * ``Lars(foreach=True)``, ``Lars(fused=True)`` -- torchlamb's LARS, multi-tensor and fused,
 * the LAMBs of pytorch_optimizer, torch-optimizer and timm where they are installed (``--no-public`` drops them),
 * with ``--compile``: ``Lamb``, ``Lars`` and ``AdamW`` (foreach) with ``torch.compile(optimizer.step)``,

@@ -47,16 +47,16 @@ def problem(dtype):
     return params, grads
 
 
-def run_case(optimizer_class, dtype, path, options, group_options):
+def run_case(optimizer_class, dtype, path, options, group_options, device="cpu"):
     params, grads = problem(dtype)
-    tensors = [[p.clone().requires_grad_() for p in group] for group in params]
+    tensors = [[p.to(device, copy=True).requires_grad_() for p in group] for group in params]
     master = dtype in (torch.bfloat16, torch.float16)
     groups = [{"params": ts, **extra} for ts, extra in zip(tensors, group_options)]
     optimizer = optimizer_class(groups, **options, master_weights=master, **PATHS[path])
     for step_grads in grads:
         for ts, gs in zip(tensors, step_grads):
             for t, g in zip(ts, gs):
-                t.grad = g.clone()
+                t.grad = g.to(device, copy=True)
         optimizer.step()
 
     reference_class, group_class = (ReferenceLamb, RefGroup) if optimizer_class is Lamb else \
@@ -68,9 +68,9 @@ def run_case(optimizer_class, dtype, path, options, group_options):
         reference.step([[as_array(g) for g in gs] for gs in step_grads])
     for ts, expected_group in zip(tensors, reference.groups):
         for t, expected in zip(ts, expected_group.params):
-            computed = optimizer.state[t]["master"] if master else t.detach()
+            computed = (optimizer.state[t]["master"] if master else t.detach()).cpu()
             if master:
-                assert torch.equal(t.detach(), computed.to(dtype))  # θ is its master, rounded
+                assert torch.equal(t.detach().cpu(), computed.to(dtype))  # θ is its master, rounded
             scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
             tolerance = TOLERANCE[dtype]
             np.testing.assert_allclose(computed.double().numpy(), expected, rtol=tolerance, atol=tolerance * scale)

@@ -2,6 +2,7 @@
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports the kernels where no GPU is. The optimizer takes the
 Triton path on CPU tensors here because the tests set ``Lamb._triton_on_cpu`` (on CUDA tensors it is the default).
+With a GPU the same tests run compiled kernels on CUDA tensors (benchmarks/gpu_check.sh).
 Checked: the float64 reference over the option matrix of test_matrix.py, the fused CPU kernels (the same arithmetic)
 for float32, bfloat16 and float16 parameters, the skip flag on the device, GradScaler, zero-norm, empty and 0-dim
 tensors, tensors over several chunks, determinism and a bitwise resume.
@@ -16,6 +17,7 @@ import torchlamb
 from torchlamb import Lamb, kernels
 
 steps_module = kernels.triton_module()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(steps_module is None, reason="triton is not installed")
 
 from test_matrix import LAMB_OPTIONS, run_case  # noqa: E402
@@ -40,9 +42,9 @@ def odd_problem(dtype=torch.float32, seed=0):
     """Tensors across chunk boundaries (BLOCK = 1024), a 0-dim one, an empty one and a zero-initialised one."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(3001,), (1024,), (2, 1025), (), (0, 3), (17,)]
-    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    params = [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in shapes]
     params[5].zero_()
-    grads = [[torch.randn(shape, generator=generator).to(dtype) for shape in shapes] for _ in range(3)]
+    grads = [[torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in shapes] for _ in range(3)]
     return params, grads
 
 
@@ -61,7 +63,7 @@ def train(params, grads, **options):
 def test_triton_path_follows_the_float64_reference(triton_on_cpu, option, dtype):
     # bfloat16 and float16 with master weights (run_case's rule): the kernels run on the float32 masters, so the
     # option matrix in float32 covers the kernels' arithmetic.
-    run_case(Lamb, dtype, "fused", LAMB_OPTIONS[option], [{"weight_decay": 0.01}, {"weight_decay": 0.0}])
+    run_case(Lamb, dtype, "fused", LAMB_OPTIONS[option], [{"weight_decay": 0.01}, {"weight_decay": 0.0}], DEVICE)
     assert triton_on_cpu, "the Triton kernels did not run"
 
 
@@ -73,13 +75,15 @@ def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, option, dtype):
     triton, triton_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
     assert len(triton_on_cpu) == len(grads)
     Lamb._triton_on_cpu = False
+    params, grads = [p.cpu() for p in params], [[g.cpu() for g in step] for step in grads]
     cpu, cpu_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
     ulps = 0 if dtype == torch.float32 else 1  # a ratio a few float32 ulps apart may round θ the other way
+    triton = [t.detach().cpu() for t in triton]
     for a, b in zip(triton, cpu):
         tolerance = (2e-6 if dtype == torch.float32 else 0) + ulps * torch.finfo(dtype).eps * b.detach().abs().float()
         assert ((a.detach().float() - b.detach().float()).abs() <= tolerance + 1e-7).all()
     for field in ("weight_norm", "update_norm", "trust_ratio"):
-        torch.testing.assert_close(getattr(triton_optimizer.trust_stats[0], field),
+        torch.testing.assert_close(getattr(triton_optimizer.trust_stats[0], field).cpu(),
                                    getattr(cpu_optimizer.trust_stats[0], field), rtol=2e-6, atol=0)
 
 
@@ -130,7 +134,7 @@ def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu):
     expected, _ = train(params, grads, max_grad_norm=1.0)
     tensors = [p.clone().requires_grad_() for p in params]
     optimizer = Lamb(tensors, lr=0.01, weight_decay=0.01, max_grad_norm=1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
     for step_grads in grads:
         loss = sum((t * g).sum() for t, g in zip(tensors, step_grads))
         scaler.scale(loss).backward()
@@ -144,10 +148,10 @@ def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu):
 def test_a_changing_tensor_lr_is_read_from_the_device(triton_on_cpu):
     params, grads = odd_problem()
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = Lamb(tensors, lr=torch.tensor(0.01), weight_decay=0.01)
+    optimizer = Lamb(tensors, lr=torch.tensor(0.01, device=DEVICE), weight_decay=0.01)
     scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=2, total_steps=6)
     foreach = [p.clone().requires_grad_() for p in params]
-    reference = Lamb(foreach, lr=torch.tensor(0.01), weight_decay=0.01, foreach=True)
+    reference = Lamb(foreach, lr=torch.tensor(0.01, device=DEVICE), weight_decay=0.01, foreach=True)
     reference_scheduler = torchlamb.warmup_poly(reference, warmup_steps=2, total_steps=6)
     for step_grads in grads:
         for a, b, grad in zip(tensors, foreach, step_grads):
