@@ -87,6 +87,20 @@ def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, option, dtype):
                                    getattr(cpu_optimizer.trust_stats[0], field), rtol=2e-6, atol=0)
 
 
+def test_a_non_contiguous_gradient_is_read_in_its_parameters_order(triton_on_cpu):
+    weight = torch.randn(5, 7, device=DEVICE)
+    grad = torch.randn(7, 5, device=DEVICE).t()  # shape (5, 7), strides of the transpose
+    assert not grad.is_contiguous()
+    results = []
+    for options in ({}, {"foreach": True}):
+        tensor = weight.clone().requires_grad_()
+        tensor.grad = grad.clone() if options else grad
+        Lamb([tensor], lr=0.01, **options).step()
+        results.append(tensor.detach())
+    assert len(triton_on_cpu) == 1
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
 def test_zero_empty_and_0dim_tensors(triton_on_cpu):
     params, grads = odd_problem()
     tensors, optimizer = train(params, grads[:1])

@@ -177,6 +177,7 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     per combination of parameter, gradient and moment dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
     device = params[0].device
     n = len(params)
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # read with their parameters' offsets
     one = torch.ones((), dtype=torch.float32, device=device)
     factor = one if grad_factor is None else grad_factor.to(device, torch.float32).reshape(())
     if maximize:
