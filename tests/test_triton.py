@@ -1,7 +1,7 @@
-"""Lamb's Triton kernels (torchlamb/kernels/triton_steps.py), run by Triton's interpreter on CPU tensors.
+"""Lamb's and Lars's Triton kernels (torchlamb/kernels/triton_steps.py), run by Triton's interpreter on CPU tensors.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports the kernels where no GPU is. The optimizer takes the
-Triton path on CPU tensors here because the tests set ``Lamb._triton_on_cpu`` (on CUDA tensors it is the default).
+Triton path on CPU tensors here because the tests set ``_triton_on_cpu`` (on CUDA tensors it is the default).
 With a GPU the same tests run compiled kernels on CUDA tensors (benchmarks/gpu_check.sh).
 Checked: the float64 reference over the option matrix of test_matrix.py, the fused CPU kernels (the same arithmetic)
 for float32, bfloat16 and float16 parameters, the skip flag on the device, GradScaler, zero-norm, empty and 0-dim
@@ -14,27 +14,32 @@ import pytest
 import torch
 
 import torchlamb
-from torchlamb import Lamb, kernels
+from torchlamb import Lamb, Lars, kernels
 
 steps_module = kernels.triton_module()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(steps_module is None, reason="triton is not installed")
 
-from test_matrix import LAMB_OPTIONS, run_case  # noqa: E402
+from test_matrix import LAMB_OPTIONS, LARS_OPTIONS, run_case  # noqa: E402
+
+OPTIONS = {Lamb: LAMB_OPTIONS, Lars: LARS_OPTIONS}
+BOTH = pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 
 
 @pytest.fixture(autouse=True)
 def triton_on_cpu(monkeypatch):
-    """Lamb's dispatch sends CPU tensors to the Triton kernels; ``calls`` counts their pass-1 launches."""
+    """The dispatch sends CPU tensors to the Triton kernels; ``calls`` counts their pass-1 launches."""
     calls = []
-    first_pass = steps_module.lamb_first_pass
 
-    def counted(*args, **kwargs):
-        calls.append(len(args[0]))
-        return first_pass(*args, **kwargs)
+    def counting(first_pass):
+        def counted(*args, **kwargs):
+            calls.append(len(args[0]))
+            return first_pass(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(Lamb, "_triton_on_cpu", True)
-    monkeypatch.setattr(steps_module, "lamb_first_pass", counted)
+    for optimizer_class, name in ((Lamb, "lamb_first_pass"), (Lars, "lars_first_pass")):
+        monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+        monkeypatch.setattr(steps_module, name, counting(getattr(steps_module, name)))
     return calls
 
 
@@ -48,9 +53,15 @@ def odd_problem(dtype=torch.float32, seed=0):
     return params, grads
 
 
-def train(params, grads, **options):
+def make(optimizer_class, tensors, **options):
+    if optimizer_class is Lars:
+        return Lars(tensors, **{"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01, **options})
+    return Lamb(tensors, **{"lr": 0.01, "weight_decay": 0.01, **options})
+
+
+def train(params, grads, optimizer_class=Lamb, **options):
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = Lamb(tensors, lr=0.01, weight_decay=0.01, **options)
+    optimizer = make(optimizer_class, tensors, **options)
     for step_grads in grads:
         for tensor, grad in zip(tensors, step_grads):
             tensor.grad = grad.clone()
@@ -58,25 +69,30 @@ def train(params, grads, **options):
     return tensors, optimizer
 
 
-@pytest.mark.parametrize(("option", "dtype"), [(option, torch.float32) for option in LAMB_OPTIONS]
-                         + [("defaults", torch.bfloat16), ("defaults", torch.float16)], ids=str)
-def test_triton_path_follows_the_float64_reference(triton_on_cpu, option, dtype):
+@pytest.mark.parametrize(("optimizer_class", "option", "dtype"),
+                         [(c, option, torch.float32) for c in (Lamb, Lars) for option in OPTIONS[c]]
+                         + [(Lamb, "defaults", torch.bfloat16), (Lamb, "defaults", torch.float16)], ids=str)
+def test_triton_path_follows_the_float64_reference(triton_on_cpu, optimizer_class, option, dtype):
     # bfloat16 and float16 with master weights (run_case's rule): the kernels run on the float32 masters, so the
     # option matrix in float32 covers the kernels' arithmetic.
-    run_case(Lamb, dtype, "fused", LAMB_OPTIONS[option], [{"weight_decay": 0.01}, {"weight_decay": 0.0}], DEVICE)
+    run_case(optimizer_class, dtype, "fused", OPTIONS[optimizer_class][option],
+             [{"weight_decay": 0.01}, {"weight_decay": 0.0}], DEVICE)
     assert triton_on_cpu, "the Triton kernels did not run"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("option", ["defaults", "pytorch_optimizer", "deepspeed"])
-def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, option, dtype):
+@pytest.mark.parametrize(("optimizer_class", "option"), [(Lamb, "defaults"), (Lamb, "pytorch_optimizer"),
+                                                         (Lamb, "deepspeed"), (Lars, "defaults"),
+                                                         (Lars, "nesterov_split")], ids=str)
+def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype):
     # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
     params, grads = odd_problem(dtype)
-    triton, triton_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
+    options = OPTIONS[optimizer_class][option]
+    triton, triton_optimizer = train(params, grads, optimizer_class, fused=True, **options)
     assert len(triton_on_cpu) == len(grads)
-    Lamb._triton_on_cpu = False
+    optimizer_class._triton_on_cpu = False
     params, grads = [p.cpu() for p in params], [[g.cpu() for g in step] for step in grads]
-    cpu, cpu_optimizer = train(params, grads, fused=True, **LAMB_OPTIONS[option])
+    cpu, cpu_optimizer = train(params, grads, optimizer_class, fused=True, **options)
     ulps = 0 if dtype == torch.float32 else 1  # a ratio a few float32 ulps apart may round θ the other way
     triton = [t.detach().cpu() for t in triton]
     for a, b in zip(triton, cpu):
@@ -111,15 +127,16 @@ def test_zero_empty_and_0dim_tensors(triton_on_cpu):
     assert not torch.equal(tensors[3], params[3])  # the 0-dim tensor moved
 
 
-def test_two_runs_are_bitwise_equal_and_a_resume_is_bitwise_identical(triton_on_cpu):
+@BOTH
+def test_two_runs_are_bitwise_equal_and_a_resume_is_bitwise_identical(triton_on_cpu, optimizer_class):
     params, grads = odd_problem()
-    first, _ = train(params, grads)
-    second, _ = train(params, grads)
+    first, _ = train(params, grads, optimizer_class)
+    second, _ = train(params, grads, optimizer_class)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
-    resumed_params, optimizer = train(params, grads[:2])
+    resumed_params, optimizer = train(params, grads[:2], optimizer_class)
     copy = [p.detach().clone().requires_grad_() for p in resumed_params]
-    resumed = Lamb(copy, lr=0.01, weight_decay=0.01)
+    resumed = make(optimizer_class, copy)
     resumed.load_state_dict(optimizer.state_dict())
     for tensor, grad in zip(copy, grads[2]):
         tensor.grad = grad.clone()
@@ -127,10 +144,11 @@ def test_two_runs_are_bitwise_equal_and_a_resume_is_bitwise_identical(triton_on_
     assert all(torch.equal(a, b) for a, b in zip(first, copy))
 
 
-def test_a_skipped_step_changes_nothing_without_reading_the_flag(triton_on_cpu, monkeypatch):
-    monkeypatch.setattr(Lamb, "_read_skip_flag_on_cpu", False)  # the flag stays a tensor, as on a GPU
+@BOTH
+def test_a_skipped_step_changes_nothing_without_reading_the_flag(triton_on_cpu, monkeypatch, optimizer_class):
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", False)  # the flag stays a tensor, as on a GPU
     params, grads = odd_problem()
-    tensors, optimizer = train(params, grads[:2], nonfinite="skip")
+    tensors, optimizer = train(params, grads[:2], optimizer_class, nonfinite="skip")
     before = [t.detach().clone() for t in tensors]
     state = {key: value.clone() for key, value in optimizer.state[tensors[0]].items()}
     for tensor, grad in zip(tensors, grads[2]):
@@ -143,11 +161,12 @@ def test_a_skipped_step_changes_nothing_without_reading_the_flag(triton_on_cpu, 
         assert torch.equal(value, state[key]), key
 
 
-def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu):
+@BOTH
+def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu, optimizer_class):
     params, grads = odd_problem()
-    expected, _ = train(params, grads, max_grad_norm=1.0)
+    expected, _ = train(params, grads, optimizer_class, max_grad_norm=1.0)
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = Lamb(tensors, lr=0.01, weight_decay=0.01, max_grad_norm=1.0)
+    optimizer = make(optimizer_class, tensors, max_grad_norm=1.0)
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
     for step_grads in grads:
         loss = sum((t * g).sum() for t, g in zip(tensors, step_grads))
@@ -159,13 +178,14 @@ def test_gradscaler_unscales_inside_the_kernel(triton_on_cpu):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_a_changing_tensor_lr_is_read_from_the_device(triton_on_cpu):
+@BOTH
+def test_a_changing_tensor_lr_is_read_from_the_device(triton_on_cpu, optimizer_class):
     params, grads = odd_problem()
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = Lamb(tensors, lr=torch.tensor(0.01, device=DEVICE), weight_decay=0.01)
+    optimizer = make(optimizer_class, tensors, lr=torch.tensor(0.01, device=DEVICE))
     scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=2, total_steps=6)
     foreach = [p.clone().requires_grad_() for p in params]
-    reference = Lamb(foreach, lr=torch.tensor(0.01, device=DEVICE), weight_decay=0.01, foreach=True)
+    reference = make(optimizer_class, foreach, lr=torch.tensor(0.01, device=DEVICE), foreach=True)
     reference_scheduler = torchlamb.warmup_poly(reference, warmup_steps=2, total_steps=6)
     for step_grads in grads:
         for a, b, grad in zip(tensors, foreach, step_grads):
@@ -179,9 +199,10 @@ def test_a_changing_tensor_lr_is_read_from_the_device(triton_on_cpu):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_fused_without_triton_names_what_to_install(monkeypatch):
+@BOTH
+def test_fused_without_triton_names_what_to_install(monkeypatch, optimizer_class):
     monkeypatch.setattr(kernels, "triton_module", lambda: None)
     params, grads = odd_problem()
     with pytest.raises(RuntimeError, match=r"triton.*torchlamb\[gpu\]"):
-        train(params, grads, fused=True)
-    train(params, grads)  # fused=None: the other paths, silently
+        train(params, grads, optimizer_class, fused=True)
+    train(params, grads, optimizer_class)  # fused=None: the other paths, silently

@@ -454,7 +454,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         where = f"param group {group_index}, position {position}"
         return f"parameter {names[position]!r} ({where})" if names else f"parameter at {where}"
 
-    # Whether this optimizer has Triton kernels (Lamb has; Lars not yet), and whether the tests run them on CPU
+    # Whether this optimizer has Triton kernels (Lamb and Lars have), and whether the tests run them on CPU
     # tensors in Triton's interpreter (TRITON_INTERPRET=1), where they otherwise run on CUDA tensors only.
     _has_triton_kernels = False
     _triton_on_cpu = False

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, kernels
 from ._base import (
     Adapt,
     Implementation,
@@ -63,8 +63,8 @@ class Lars(LayerwiseOptimizer):
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
-        fused: use the fused two-pass CPU kernels, as for :class:`~torchlamb.Lamb` (the default, None, picks them
-            for dense contiguous CPU tensors and foreach elsewhere).
+        fused: use the fused two-pass kernels, C++ on the CPU and Triton on CUDA, as for :class:`~torchlamb.Lamb`
+            (the default, None, picks them where they apply and foreach elsewhere).
         master_weights: float32 master copies (and momentum buffers) for float16/bfloat16 parameters, as for
             :class:`~torchlamb.Lamb`.
         state_dtype: the dtype the momentum buffers are stored in, as for :class:`~torchlamb.Lamb`.
@@ -78,6 +78,8 @@ class Lars(LayerwiseOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
+
+    _has_triton_kernels = True  # kernels/triton_steps.py: dense CUDA tensors take them by default
 
     def __init__(
         self,
@@ -128,8 +130,11 @@ class Lars(LayerwiseOptimizer):
 
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
-        update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
-                  "single_tensor": _single_tensor_lars}[implementation]
+        if implementation == "triton":
+            update = kernels.triton_module().lars_first_pass
+        else:
+            update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
+                      "single_tensor": _single_tensor_lars}[implementation]
         return update(targets, grads, self._states(params, "momentum_buffer"),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 

@@ -1,4 +1,4 @@
-"""The fused GPU step of LAMB in Triton: two launches per dtype group instead of a dozen ``torch._foreach_*`` passes.
+"""The fused GPU steps of LAMB and LARS in Triton: two launches per dtype group instead of a dozen foreach passes.
 
 Pass 1 (one launch over every tensor of a dtype group, one program per chunk of ``BLOCK`` elements) updates the
 moments in place and writes the chunk's partial sums of ‖θ‖² and ‖u‖², u = (m·c1) / (√v·c2 + ε) + λθ, without
@@ -7,6 +7,9 @@ same from run to run) and handed to the optimizer's trust stage as a :class:`~to
 ratio follows :func:`torchlamb.trust.trust_ratio` exactly, and sharded (FSDP2) tensors get their one all-reduce
 in between, as on the other paths. Pass 2 (one launch) recomputes u from θ, m and v with the same code, so the same
 values, and applies θ ← θ − lr·r·u.
+
+LARS: pass 1 reads θ and g for ‖θ‖², ‖g‖² and ‖g + λθ‖²; pass 2 reads θ, g and the momentum buffer b and writes
+b ← μb + r·(g + λθ) and θ ← θ − lr·b (Nesterov: θ − lr·(r·(g + λθ) + μb)).
 
 The tensors of a launch are reached through tables: one of int64 data pointers per operand (cast to typed pointers
 in the kernel, the dtype a compile-time constant) and one of (tensor index, chunk start) per program. Everything
@@ -126,6 +129,53 @@ def _lamb_pass2(param_pointers, m_pointers, v_pointers, numels, chunk_tensors, c
     _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
 
 
+@triton.jit
+def _lars_pass1(param_pointers, grad_pointers, numels, chunk_tensors, chunk_starts, scalars, partials, weight_decay,
+                PARAM: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    offsets = tl.load(chunk_starts + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(numels + tensor)
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    grad = _lars_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
+    update = grad + weight_decay * theta
+    tl.store(partials + 3 * chunk, tl.sum(theta * theta, axis=0))
+    tl.store(partials + 3 * chunk + 1, tl.sum(grad * grad, axis=0))
+    tl.store(partials + 3 * chunk + 2, tl.sum(update * update, axis=0))
+
+
+@triton.jit
+def _lars_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD: tl.constexpr):
+    """g × the gradient factor, or 0 on a skipped step (whose gradient may hold Inf: 0·Inf is NaN)."""
+    grad = _load(grad_pointers, tensor, offsets, mask, GRAD)
+    return tl.where(tl.load(scalars + 1) != 0.0, grad * tl.load(scalars), 0.0)
+
+
+@triton.jit
+def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, numels, chunk_tensors, chunk_starts, scalars, ratios,
+                weight_decay, momentum, NESTEROV: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr,
+                STATE: tl.constexpr, BLOCK: tl.constexpr):
+    """b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov); u = g + λθ recomputed as in pass 1. On a skipped
+    step (keep 0, so r = 0 here) b ← b and θ ← θ."""
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensors + chunk)
+    offsets = tl.load(chunk_starts + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(numels + tensor)
+    keep = tl.load(scalars + 1)
+    lr = tl.load(scalars + 2)
+    ratio = tl.load(ratios + tensor)  # r × keep
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    grad = _lars_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
+    scaled = ratio * (grad + weight_decay * theta)
+    buffer = _load(buffer_pointers, tensor, offsets, mask, STATE)
+    buffer = _store(buffer_pointers, tensor, offsets, mask, (keep * momentum + (1.0 - keep)) * buffer + scaled, STATE)
+    if NESTEROV:
+        direction = scaled + momentum * buffer
+    else:
+        direction = buffer
+    _store(param_pointers, tensor, offsets, mask, theta - (lr * keep) * direction, PARAM)
+
+
 # -- tables ----------------------------------------------------------------------------------------------------
 
 class _Chunks:
@@ -157,9 +207,9 @@ def _pointers(tensors: list[Tensor], device: torch.device) -> Tensor:
 
 
 def _sums_per_tensor(partials: Tensor, chunks: _Chunks) -> Tensor:
-    """The float64 [n, 2] sums of each tensor's chunk partial sums: a scan, then differences at the tensors'
+    """The float64 [n, k] sums of each tensor's chunk partial sums: a scan, then differences at the tensors'
     boundaries (deterministic, unlike atomics; a tensor whose partials are all 0 sums to exactly 0)."""
-    scanned = torch.cat([partials.new_zeros(1, 2, dtype=torch.float64), partials.double().cumsum(0)])
+    scanned = torch.cat([partials.new_zeros(1, partials.shape[1], dtype=torch.float64), partials.double().cumsum(0)])
     return scanned[chunks.offsets[1:]] - scanned[chunks.offsets[:-1]]
 
 
@@ -169,14 +219,33 @@ def _precise(step: Tensor) -> Tensor:
     return step.to(torch.float64).clamp(min=1)  # as lamb._precise: a skipped first step leaves t = 0
 
 
-def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
-    """LAMB's pass 1 in Triton for tensors on one device (the arguments of ``lamb._multi_tensor_lamb``), one launch
-    per combination of parameter, gradient and moment dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
+class _Launch:
+    """The tensors of one launch (one combination of parameter, gradient and state dtypes): their positions in the
+    group, their chunks and pointer tables, and the Triton dtypes."""
+
+    def __init__(self, positions: list[int], operands: list[list[Tensor]], kind: tuple, device: torch.device):
+        self.index = torch.tensor(positions, dtype=torch.int64, device=device)
+        self.chunks = _chunks(tuple(operands[0][i].numel() for i in positions), device)
+        self.pointers = [_pointers([tensors[i] for i in positions], device) for tensors in operands]
+        self.kind = kind
+        self.grid = (self.chunks.count,)
+
+
+def _launches(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
+              device: torch.device) -> list[_Launch]:
+    """One launch per (parameter, gradient, state) dtype combination, operands in the order params, grads, states."""
+    by_kind: dict[tuple, list[int]] = {}
+    for i, (p, g, s) in enumerate(zip(params, grads, states[0])):
+        by_kind.setdefault((_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype]), []).append(i)
+    return [_Launch(positions, [params, grads, *states], kind, device) for kind, positions in by_kind.items()]
+
+
+def _step_scalars(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], lr: float | Tensor,
+                  maximize: bool, grad_factor: Tensor | None, keep: Tensor | None) -> tuple:
+    """What the kernels read from the device each step: [gradient factor, keep, lr] as float32 (the factor is ±1
+    for maximize times the global clip factor and GradScaler's inverse scale; keep is 0 on a skipped step), and the
+    contiguous gradients; counts the steps (by keep)."""
     device = params[0].device
-    n = len(params)
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # read with their parameters' offsets
     one = torch.ones((), dtype=torch.float32, device=device)
     factor = one if grad_factor is None else grad_factor.to(device, torch.float32).reshape(())
@@ -184,57 +253,90 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         factor = -factor
     kept = one if keep is None else keep.to(device, torch.float32).reshape(())
     lr_value = lr.to(device, torch.float32).reshape(()) if isinstance(lr, Tensor) else one * lr
-    scalars = torch.stack([factor, kept, lr_value])
+    torch._foreach_add_(steps, 1 if keep is None else [keep.to(device)] * len(steps))
+    return torch.stack([factor, kept, lr_value]), kept, grads
 
-    torch._foreach_add_(steps, 1 if keep is None else [keep.to(device)] * n)
+
+def _lr64(lr: float | Tensor, device: torch.device) -> float | Tensor:
+    """lr for float64 arithmetic on the device: a float keeps all its digits."""
+    return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
+
+
+def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
+                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+    """LAMB's pass 1 in Triton for tensors on one device (the arguments of ``lamb._multi_tensor_lamb``), one launch
+    per combination of dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
+    device = params[0].device
+    scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
     t = _precise(torch.stack(steps))
     if bias_correction is True:
         corrections = torch.stack([1 / (1 - beta1**t), (1 - beta2**t).rsqrt()], 1)
     else:
-        corrections = torch.ones(n, 2, dtype=torch.float64, device=device)
-    corrections = corrections.to(torch.float32).contiguous()
+        corrections = torch.ones(len(params), 2, dtype=torch.float64, device=device)
+    corrections = corrections.to(torch.float32)
     decay_inside = 0.0 if decay_outside_ratio else weight_decay
     decay_outside = bool(decay_outside_ratio and weight_decay != 0)
 
-    launches = []  # (positions in the group, chunks, pointer tables, dtypes, corrections) per dtype combination
-    squares = torch.zeros(n, 2, dtype=torch.float64, device=device)
-    for kind, positions in _by_dtypes(params, grads, exp_avgs).items():
-        chunks = _chunks(tuple(params[i].numel() for i in positions), device)
-        pointers = [_pointers([tensors[i] for i in positions], device) for tensors in (params, grads, exp_avgs,
-                                                                                         exp_avg_sqs)]
-        index = torch.tensor(positions, dtype=torch.int64, device=device)
-        launch_corrections = corrections[index].contiguous()
-        launches.append((index, chunks, pointers, kind, launch_corrections))
-        if not chunks.count:
-            continue
-        partials = torch.empty(chunks.count, 2, dtype=torch.float32, device=device)
-        _lamb_pass1[(chunks.count,)](
-            *pointers, chunks.numels, chunks.tensors, chunks.starts, launch_corrections, scalars, partials,
-            1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay, PARAM=kind[0], GRAD=kind[1], STATE=kind[2],
-            DECAY_OUTSIDE=decay_outside, BLOCK=BLOCK)
-        squares[index] = _sums_per_tensor(partials, chunks)
+    launches = _launches(params, grads, [exp_avgs, exp_avg_sqs], device)
+    squares = torch.zeros(len(params), 2, dtype=torch.float64, device=device)
+    for launch in launches:
+        launch.corrections = corrections[launch.index].contiguous()
+        if launch.chunks.count:
+            partials = torch.empty(launch.chunks.count, 2, dtype=torch.float32, device=device)
+            _lamb_pass1[launch.grid](
+                *launch.pointers, launch.chunks.numels, launch.chunks.tensors, launch.chunks.starts,
+                launch.corrections, scalars, partials, 1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay,
+                PARAM=launch.kind[0], GRAD=launch.kind[1], STATE=launch.kind[2], DECAY_OUTSIDE=decay_outside,
+                BLOCK=BLOCK)
+            squares[launch.index] = _sums_per_tensor(partials, launch.chunks)
 
     def finish(ratio: Tensor) -> None:
-        # −lr·r in float64 (a float lr keeps all its digits), times the step-size factor and the skip flag.
-        scale = ratio.to(device, torch.float64) * (-lr.to(device, torch.float64) if isinstance(lr, Tensor) else -lr)
+        # −lr·r in float64, times the step-size factor and the skip flag.
+        scale = ratio.to(device, torch.float64) * -_lr64(lr, device)
         if bias_correction == "step_size":
             scale = scale * (1 - beta2**t).sqrt() / (1 - beta1**t)
         elif bias_correction == "step_size_first_moment":
             scale = scale / (1 - beta1**t)
         scale = (scale * kept.double()).to(torch.float32)
-        for index, chunks, pointers, kind, launch_corrections in launches:
-            if chunks.count:
-                _lamb_pass2[(chunks.count,)](
-                    pointers[0], pointers[2], pointers[3], chunks.numels, chunks.tensors, chunks.starts,
-                    launch_corrections, scale[index].contiguous(), eps, decay_inside, PARAM=kind[0], STATE=kind[2],
-                    BLOCK=BLOCK)
+        for launch in launches:
+            if launch.chunks.count:
+                param_pointers, _, m_pointers, v_pointers = launch.pointers
+                _lamb_pass2[launch.grid](
+                    param_pointers, m_pointers, v_pointers, launch.chunks.numels, launch.chunks.tensors,
+                    launch.chunks.starts, launch.corrections, scale[launch.index].contiguous(), eps, decay_inside,
+                    PARAM=launch.kind[0], STATE=launch.kind[2], BLOCK=BLOCK)
 
     return FirstPass(squares, finish)
 
 
-def _by_dtypes(params: list[Tensor], grads: list[Tensor], states: list[Tensor]) -> dict[tuple, list[int]]:
-    """Positions of the tensors by their (parameter, gradient, moment) Triton dtypes: one launch each."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        groups.setdefault((_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype]), []).append(i)
-    return groups
+def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
+                    *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
+                    split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
+                    keep: Tensor | None = None) -> FirstPass:
+    """LARS's pass 1 in Triton (the arguments of ``lars._multi_tensor_lars``): ‖θ‖², ‖g‖², ‖g + λθ‖² per tensor,
+    reading θ and g only; the FirstPass's ``finish(ratio)`` runs pass 2 (momentum buffer and θ)."""
+    device = params[0].device
+    scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
+    launches = _launches(params, grads, [momentum_buffers], device)
+    squares = torch.zeros(len(params), 3, dtype=torch.float64, device=device)
+    for launch in launches:
+        if launch.chunks.count:
+            partials = torch.empty(launch.chunks.count, 3, dtype=torch.float32, device=device)
+            param_pointers, grad_pointers, _ = launch.pointers
+            _lars_pass1[launch.grid](
+                param_pointers, grad_pointers, launch.chunks.numels, launch.chunks.tensors, launch.chunks.starts,
+                scalars, partials, weight_decay, PARAM=launch.kind[0], GRAD=launch.kind[1], BLOCK=BLOCK)
+            squares[launch.index] = _sums_per_tensor(partials, launch.chunks)
+
+    def finish(ratio: Tensor) -> None:
+        ratios = (ratio.to(device, torch.float64) * kept.double()).to(torch.float32)
+        for launch in launches:
+            if launch.chunks.count:
+                _lars_pass2[launch.grid](
+                    *launch.pointers, launch.chunks.numels, launch.chunks.tensors, launch.chunks.starts, scalars,
+                    ratios[launch.index].contiguous(), weight_decay, momentum, NESTEROV=bool(nesterov),
+                    PARAM=launch.kind[0], GRAD=launch.kind[1], STATE=launch.kind[2], BLOCK=BLOCK)
+
+    return FirstPass(squares, finish)
