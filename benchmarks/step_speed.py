@@ -318,10 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     print("ratio = optimizer step time / AdamW(fused=True) step time in the same round; median over rounds")
 
     if device.type == "cpu":
-        from torchlamb import _fused
+        from torchlamb.kernels import cpu as cpu_kernels
 
         progress("loading the fused kernels (a first build takes about 30 s)")
-        kernels = _fused.kernels()  # built (or loaded from torch's cache) here, so no timed step includes it
+        kernels = cpu_kernels.load()  # built (or loaded from torch's cache) here, so no timed step includes it
         if kernels is None:
             print("fused kernels: unavailable, the fused=True rows run the foreach path")
         else:

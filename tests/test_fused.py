@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchlamb import PRESETS, Lamb, Lars, _fused
+from torchlamb import PRESETS, Lamb, Lars
+from torchlamb.kernels import cpu as cpu_kernels
 
-pytestmark = pytest.mark.skipif(_fused.kernels() is None, reason="the fused kernel could not be built here")
+pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the fused kernel could not be built here")
 
 
 def run(params, grads_per_step, optimizer_class=Lamb, **options):
@@ -122,8 +123,8 @@ def test_large_tensors_split_across_threads_match_foreach():
 def test_default_picks_the_fused_kernels_on_cpu(optimizer_class, monkeypatch):
     calls = []
     name = "fused_lamb_step" if optimizer_class is Lamb else "fused_lars_step"
-    original = getattr(_fused, name)
-    monkeypatch.setattr(_fused, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     params, grads = problem()
     run(params, grads[:1], optimizer_class)  # fused=None, foreach=None
     run(params, grads[:1], optimizer_class, foreach=True)
@@ -143,7 +144,7 @@ def test_default_falls_back_quietly_where_the_kernels_do_not_apply(optimizer_cla
 
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 def test_unbuildable_kernels_mean_foreach(optimizer_class, monkeypatch):
-    monkeypatch.setattr(_fused, "kernels", lambda: None)  # as after a failed build (which warned once)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)  # as after a failed build (which warned once)
     params, grads = problem()
     for options in (dict(), dict(fused=True)):
         fused, _ = run(params, grads, optimizer_class, lr=0.01, **options)
@@ -159,13 +160,13 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(cpp_extension, "load_inline", broken)
-    _fused.kernels.cache_clear()
+    cpu_kernels.load.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built.*no compiler"):
-            assert _fused.kernels() is None
-        assert _fused.kernels() is None  # cached: no second warning, no second attempt
+            assert cpu_kernels.load() is None
+        assert cpu_kernels.load() is None  # cached: no second warning, no second attempt
     finally:
-        _fused.kernels.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 def test_a_build_is_announced_and_timed_and_a_cached_load_is_silent(monkeypatch, tmp_path, capsys):
@@ -185,14 +186,14 @@ def test_a_build_is_announced_and_timed_and_a_cached_load_is_silent(monkeypatch,
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load_inline", fake_load_inline)
     try:
-        _fused.kernels.cache_clear()
-        assert _fused.kernels() is not None
+        cpu_kernels.load.cache_clear()
+        assert cpu_kernels.load() is not None
         first = capsys.readouterr().err
-        _fused.kernels.cache_clear()  # a new process: the library is on disk now
-        assert _fused.kernels() is not None
+        cpu_kernels.load.cache_clear()  # a new process: the library is on disk now
+        assert cpu_kernels.load() is not None
         second = capsys.readouterr().err
     finally:
-        _fused.kernels.cache_clear()
+        cpu_kernels.load.cache_clear()
     assert len(builds) == 1
     assert "building the fused CPU kernels" in first and str(tmp_path) in first
     assert re.search(r"fused CPU kernels built in \d+\.\d s", first)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchlamb import Lamb, Lars, _fused, param_groups
+from torchlamb import Lamb, Lars, param_groups
+from torchlamb.kernels import cpu as cpu_kernels
 
 # foreach=None (with fused=None) is the default: the fused kernels on the CPU.
 IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True, None], ids=["single_tensor", "foreach", "default"])
@@ -189,7 +190,7 @@ def test_implementation_choice(optimizer_class):  # the choice lives in the shar
 
     assert chosen(foreach=True) == "foreach"
     assert chosen(foreach=False) == "single_tensor"
-    if _fused.kernels() is not None:
+    if cpu_kernels.load() is not None:
         assert chosen() == "fused"  # dense CPU tensors: the fused kernels by default
         assert chosen(fused=True) == "fused"
     assert chosen(fused=False) == "foreach"  # foreach=None: one device

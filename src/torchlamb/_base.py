@@ -17,7 +17,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused, distributed, kernels
+from . import distributed, kernels
+from .kernels import cpu as cpu_kernels
 from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, sums_of_squares, trust_ratio
 
 # A group's ``adapt``: apply the trust ratio (True), not (False), or only where weight_decay != 0 ("if_decayed").
@@ -512,10 +513,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
             # step makes gradients contiguous where they are not.
-            if _fused.supports(params) and _fused.kernels() is not None:
+            if cpu_kernels.supports(params) and cpu_kernels.load() is not None:
                 return "fused"
             if fused:
-                if not _fused.supports(params) and not getattr(self, "_warned_fused", False):
+                if not cpu_kernels.supports(params) and not getattr(self, "_warned_fused", False):
                     self._warned_fused = True
                     warnings.warn(f"{type(self).__name__}(fused=True) runs on dense contiguous CPU tensors only; "
                                   "using the foreach implementation", RuntimeWarning, stacklevel=3)

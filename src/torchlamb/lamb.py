@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import _fused, kernels
+from . import kernels
 from ._base import (
     Adapt,
     Implementation,
@@ -22,6 +22,7 @@ from ._base import (
     squares_of,
     zero_if_skipped,
 )
+from .kernels import cpu as cpu_kernels
 from .presets import PRESETS
 from .trust import ClipRange, FirstPass, TrustStats
 
@@ -77,7 +78,7 @@ class Lamb(LayerwiseOptimizer):
         adapt: the default of every group's ``adapt`` (see ``params``).
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; False: a Python loop over tensors.
-        fused: use the fused two-pass kernels: C++ on the CPU (``torchlamb._fused``: compiled at first use,
+        fused: use the fused two-pass kernels: C++ on the CPU (``torchlamb.kernels.cpu``: compiled at first use,
             about 30 s, and cached across processes), Triton on CUDA (``torchlamb.kernels.triton_steps``; needs
             triton, else fused=True raises). With ``fused`` and ``foreach`` both None (the default) the fused
             kernels run wherever they apply — dense contiguous CPU tensors, dense float32/bfloat16/float16 CUDA
@@ -174,7 +175,7 @@ class Lamb(LayerwiseOptimizer):
         if implementation == "triton":
             update = kernels.triton_module().lamb_first_pass
         else:
-            update = {"fused": _fused.fused_lamb, "foreach": _multi_tensor_lamb,
+            update = {"fused": cpu_kernels.fused_lamb, "foreach": _multi_tensor_lamb,
                       "single_tensor": _single_tensor_lamb}[implementation]
         return update(targets, grads, self._states(params, "exp_avg"),
                       self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
@@ -185,7 +186,7 @@ class Lamb(LayerwiseOptimizer):
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = _fused.fused_lamb_step(targets, grads, self._states(params, "exp_avg"),
+        result = cpu_kernels.fused_lamb_step(targets, grads, self._states(params, "exp_avg"),
                                         self._states(params, "exp_avg_sq"), self._states(params, "step"),
                                         **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))

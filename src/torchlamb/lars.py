@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _fused, kernels
+from . import kernels
 from ._base import (
     Adapt,
     Implementation,
@@ -21,6 +21,7 @@ from ._base import (
     if_kept,
     zero_if_skipped,
 )
+from .kernels import cpu as cpu_kernels
 from .trust import ClipRange, FirstPass, TrustStats, sums_of_squares
 
 Denominator = Literal["combined", "split"]
@@ -133,7 +134,7 @@ class Lars(LayerwiseOptimizer):
         if implementation == "triton":
             update = kernels.triton_module().lars_first_pass
         else:
-            update = {"fused": _fused.fused_lars, "foreach": _multi_tensor_lars,
+            update = {"fused": cpu_kernels.fused_lars, "foreach": _multi_tensor_lars,
                       "single_tensor": _single_tensor_lars}[implementation]
         return update(targets, grads, self._states(params, "momentum_buffer"),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
@@ -146,7 +147,7 @@ class Lars(LayerwiseOptimizer):
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = _fused.fused_lars_step(targets, grads, self._states(params, "momentum_buffer"),
+        result = cpu_kernels.fused_lars_step(targets, grads, self._states(params, "momentum_buffer"),
                                         self._states(params, "step"), **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))
         return TrustStats(params, *result)

@@ -96,10 +96,10 @@ class RunResult:
 def load_fused_kernels() -> str:
     """Builds (first use) or loads the fused CPU kernels that Lamb and Lars run on the CPU, before any run is timed,
     so that the runs' seconds compare training and not a compiler; returns what happened, for the report."""
-    from .._fused import kernels
+    from ..kernels import cpu
 
     start = time.perf_counter()
-    module = kernels()
+    module = cpu.load()
     seconds = time.perf_counter() - start
     if module is None:
         return "The fused CPU kernels could not be built: Lamb and Lars ran their foreach paths."
