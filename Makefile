@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml requirements-compare.txt
 demo: $(STAMP)
 	$(VENV)/bin/torchlamb demo
 
+# --durations: the slowest tests, so that a CI log shows where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
