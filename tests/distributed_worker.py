@@ -174,10 +174,34 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
             "fsdp1": {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
                       for use_orig_params in (False, True) for name in OPTIMIZERS},
         }
+        # The Triton kernels under FSDP2, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 comes from the
+        # tests' environment): each shard's partial sums, one all-reduce, then pass 2.
+        if torchlamb.kernels.triton_module() is not None:
+            results["triton"] = {name: _triton_fsdp2_run(name, rank, world, steps) for name in OPTIMIZERS}
         for name, path in CHECKPOINTS:
             _checkpoint_run(f"{directory}/{name}-{path}", range(first), False, name, path, rank, world)
     if rank == 0:
         torch.save(results, out)
+
+
+def _triton_fsdp2_run(name: str, rank: int, world: int, steps: int) -> tuple[list[torch.Tensor], int]:
+    """(parameters, how many first passes ran in Triton) of an FSDP2 run on the Triton path."""
+    optimizer_class = OPTIMIZERS[name][0]
+    module = torchlamb.kernels.triton_module()
+    first_pass_name = "lamb_first_pass" if name == "lamb" else "lars_first_pass"
+    first_pass, calls = getattr(module, first_pass_name), []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return first_pass(*args, **kwargs)
+
+    optimizer_class._triton_on_cpu = True
+    setattr(module, first_pass_name, counted)
+    try:
+        return _distributed_run("fsdp2", name, "fused", rank, world, steps), len(calls)
+    finally:
+        optimizer_class._triton_on_cpu = False
+        setattr(module, first_pass_name, first_pass)
 
 
 def resume(rank: int, world: int, port: int, out: str, directory: str, first: int, then: int) -> None:

@@ -1,4 +1,5 @@
-"""Lamb and Lars across processes (gloo on the CPU): DDP, FSDP2 and ZeRO equal one process; FSDP2 norms cost one
+"""Lamb and Lars across processes (gloo on the CPU): DDP, FSDP2 (also on the Triton path, in Triton's interpreter)
+and ZeRO equal one process; FSDP2 norms cost one
 all-reduce per step; FSDP2 checkpoints reshard from 2 processes to 3 and to 1; FSDP1 is refused clearly.
 
 The training runs live in distributed_worker.py: one spawn of 2 processes runs everything the 2-process tests check,
@@ -64,6 +65,16 @@ def test_two_processes_equal_one(runs, mode, name, path):
     start = worker.full_parameters(worker.make_model())
     assert any(not torch.equal(a, b) for a, b in zip(reference, start))  # the run moved the parameters
     assert_parameters_close(runs[f"{mode}/{name}/{path}"], reference, f"{mode} {name} {path}")
+
+
+@pytest.mark.parametrize("name", list(worker.OPTIMIZERS))
+def test_fsdp2_on_the_triton_path_equals_one_process(two_processes, name):
+    if "triton" not in two_processes:
+        pytest.skip("triton is not installed")
+    parameters, triton_steps = two_processes["triton"][name]
+    # Every step's first pass of every group ran in the Triton kernels (on this process's shards).
+    assert triton_steps == STEPS * len(worker.groups(worker.make_model()))
+    assert_parameters_close(parameters, worker.one_process(name, "foreach", STEPS), f"fsdp2 {name} triton")
 
 
 def test_per_shard_norms_would_be_caught():
