@@ -1,6 +1,6 @@
 """Lamb and Lars across processes (gloo on the CPU): DDP, FSDP2 (also on the Triton path, in Triton's interpreter)
-and ZeRO equal one process; FSDP2 norms cost one
-all-reduce per step; FSDP2 checkpoints reshard from 2 processes to 3 and to 1; FSDP1 is refused clearly.
+and ZeRO equal one process; FSDP2 norms cost one all-reduce per step; FSDP2 checkpoints reshard from 2 processes to
+3 and to 1; FSDP1 is refused clearly.
 
 The training runs live in distributed_worker.py: one spawn of 2 processes runs everything the 2-process tests check,
 then one spawn per world size resumes the checkpoints (imports dominate the time on 2 cores).
