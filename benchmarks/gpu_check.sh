@@ -8,8 +8,9 @@
 #
 # The lent GPU machine has its own torch and triton and reaches no package index: the check runs its python with
 # PYTHONPATH=src, in a venv that sees the system's packages, adding only what is missing from .gpu-wheels/.
-# It prints the machine, the test summary and the step_speed.py tables; paste them, with the date, into
-# benchmarks/README.md. About 5 minutes on an H200; the device tool allows 10 per command.
+# It prints the machine, the test summary and the step_speed.py tables (float32; bfloat16 parameters with float32
+# masters; torch.compile'd foreach steps, bounded to 4 minutes); paste them, with the date, into
+# benchmarks/README.md. Expected to take 5 to 8 minutes on an H200; the device tool allows 10 per command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,5 +50,10 @@ echo "== step speed against AdamW(fused=True), paired in one process"
 if [[ $dry_run == 1 ]]; then
     "$python" benchmarks/step_speed.py --device cpu --quick --rounds 2 --no-public --workload many-small
 else
-    "$python" benchmarks/step_speed.py --device cuda --rounds 20 --no-public --compile
+    "$python" benchmarks/step_speed.py --device cuda --rounds 20 --no-public
+    "$python" benchmarks/step_speed.py --device cuda --rounds 20 --no-public --workload bert-base \
+        --dtype bfloat16 --master-weights
+    # torch.compile of the foreach steps: bounded, as compiling 199 tensors' steps may take minutes.
+    timeout 240 "$python" benchmarks/step_speed.py --device cuda --rounds 10 --no-public --workload bert-base \
+        --compile || echo "the --compile run did not finish within 240 s"
 fi

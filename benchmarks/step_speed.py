@@ -6,6 +6,7 @@ Run it from the repository root (``torchlamb`` must be installed, e.g. editable 
     .venv/bin/python benchmarks/step_speed.py --workload many-small --rounds 5
     .venv/bin/python benchmarks/step_speed.py --quick                # tiny shapes, a few seconds
     .venv/bin/python benchmarks/step_speed.py --compile --workload bert-base   # and torch.compile'd steps
+    .venv/bin/python benchmarks/step_speed.py --dtype bfloat16 --master-weights  # bf16 parameters, fp32 masters
 
 It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward or backward) for:
 
@@ -58,12 +59,14 @@ Shape = tuple[int, ...]
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 BASELINE = "AdamW(fused=True)"
+# Options every torchlamb optimizer here gets: {"master_weights": True} with --master-weights.
+TORCHLAMB_OPTIONS: dict[str, object] = {}
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False),
-    "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True),
-    "Lamb(fused=True)": lambda params: torchlamb.Lamb(params, fused=True),
-    "Lars(foreach=True)": lambda params: torchlamb.Lars(params, foreach=True),
-    "Lars(fused=True)": lambda params: torchlamb.Lars(params, fused=True),
+    "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False, **TORCHLAMB_OPTIONS),
+    "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True, **TORCHLAMB_OPTIONS),
+    "Lamb(fused=True)": lambda params: torchlamb.Lamb(params, fused=True, **TORCHLAMB_OPTIONS),
+    "Lars(foreach=True)": lambda params: torchlamb.Lars(params, foreach=True, **TORCHLAMB_OPTIONS),
+    "Lars(fused=True)": lambda params: torchlamb.Lars(params, fused=True, **TORCHLAMB_OPTIONS),
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
 }
@@ -80,8 +83,8 @@ def compiled(factory: OptimizerFactory) -> OptimizerFactory:
 
 
 COMPILED: dict[str, OptimizerFactory] = {
-    "Lamb(compiled)": compiled(lambda params: torchlamb.Lamb(params, foreach=True)),
-    "Lars(compiled)": compiled(lambda params: torchlamb.Lars(params, foreach=True)),
+    "Lamb(compiled)": compiled(lambda params: torchlamb.Lamb(params, foreach=True, **TORCHLAMB_OPTIONS)),
+    "Lars(compiled)": compiled(lambda params: torchlamb.Lars(params, foreach=True, **TORCHLAMB_OPTIONS)),
     "AdamW(compiled)": compiled(lambda params: torch.optim.AdamW(params, foreach=True)),
 }
 
@@ -155,13 +158,14 @@ def workload_shapes(name: str, quick: bool) -> list[Shape]:
     raise ValueError(f"unknown workload {name!r}")
 
 
-def make_params(shapes: list[Shape], device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes: list[Shape], device: torch.device, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Parameters with fixed random gradients already in ``.grad``; the same values for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        param = torch.randn(shape, generator=generator).to(device).requires_grad_()
-        param.grad = torch.randn(shape, generator=generator).to(device)
+        param = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        param.grad = torch.randn(shape, generator=generator).to(device, dtype)
         params.append(param)
     return params
 
@@ -225,14 +229,16 @@ def progress(message: str) -> None:
 
 
 def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
-                 factories: dict[str, OptimizerFactory]) -> None:
+                 factories: dict[str, OptimizerFactory], dtype: torch.dtype = torch.float32) -> None:
     numel = sum(torch.Size(shape).numel() for shape in shapes)
-    print(f"\n== {name}: {len(shapes)} float32 tensors, {numel:,} values, {rounds} rounds, {warmup} warm-up steps ==")
+    masters = " (float32 masters for torchlamb)" if TORCHLAMB_OPTIONS.get("master_weights") else ""
+    print(f"\n== {name}: {len(shapes)} {str(dtype).removeprefix('torch.')} tensors{masters}, {numel:,} values, "
+          f"{rounds} rounds, {warmup} warm-up steps ==")
 
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for opt_name, factory in factories.items():
         progress(f"[{name}] {opt_name}: building params and warming up ({warmup} steps)")
-        optimizer = factory(make_params(shapes, device))
+        optimizer = factory(make_params(shapes, device, dtype=dtype))
         for _ in range(warmup):
             timed_step(optimizer, device)
         optimizers[opt_name] = optimizer
@@ -262,7 +268,7 @@ def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, devic
         print(f"{opt_name:<24} {1e3 * statistics.median(times[opt_name]):>15.3f} "
               f"{statistics.median(ratios[opt_name]):>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
               f"{f'{min(ratios[opt_name]):.3f}-{max(ratios[opt_name]):.3f}':>15} {memory:>19}")
-    print(f"(one gradient-sized buffer: {4 * numel / 2**20:.0f} MB)")
+    print(f"(one gradient-sized buffer: {dtype.itemsize * numel / 2**20:.0f} MB)")
 
     sys.stdout.flush()
     del optimizers  # free this workload's params, grads and states before the next one
@@ -294,6 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny shapes (BERT first dims / {QUICK_SCALE}, 200 x (512,)) for a smoke test")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the parameters' dtype (default float32)")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="torchlamb's optimizers keep float32 masters of bfloat16/float16 parameters")
     parser.add_argument("--compile", action="store_true",
                         help="add Lamb, Lars and AdamW with torch.compile(optimizer.step) (compiling takes minutes)")
     parser.add_argument("--no-public", action="store_true",
@@ -333,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"fused kernels: loaded in {kernels.build_seconds:.1f} s (the C++ build on first use; cached after)")
 
+    if args.master_weights:
+        TORCHLAMB_OPTIONS["master_weights"] = True
     factories = dict(OPTIMIZERS)
     if not args.no_public:
         factories = {**public_lambs(), **factories}
@@ -342,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
           " above its level before the step (temporaries)")
     workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]
     for name in workloads:
-        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device, factories)
+        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device, factories,
+                     getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
