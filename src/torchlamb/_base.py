@@ -455,9 +455,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         where = f"param group {group_index}, position {position}"
         return f"parameter {names[position]!r} ({where})" if names else f"parameter at {where}"
 
-    # Whether this optimizer has Triton kernels (Lamb and Lars have), and whether the tests run them on CPU
-    # tensors in Triton's interpreter (TRITON_INTERPRET=1), where they otherwise run on CUDA tensors only.
-    _has_triton_kernels = False
+    # Whether the tests run the Triton kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1), where
+    # they otherwise run on CUDA tensors only.
     _triton_on_cpu = False
 
     def _triton_takes(self, fused: bool | None, foreach: bool | None, params: list[Tensor],
@@ -467,7 +466,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         device_type = params[0].device.type if params else "cpu"
         on_device = device_type == "cuda" or (self._triton_on_cpu and device_type == "cpu")
         wanted = fused or (fused is None and foreach is None)
-        if not (self._has_triton_kernels and on_device and wanted and fused_possible):
+        if not (on_device and wanted and fused_possible):
             return False
         module = kernels.triton_module()
         if module is None:

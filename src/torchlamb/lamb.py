@@ -109,8 +109,6 @@ class Lamb(LayerwiseOptimizer):
 
     _state_keys = ("exp_avg", "exp_avg_sq")
 
-    _has_triton_kernels = True  # kernels/triton_steps.py: dense CUDA tensors take them by default
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],

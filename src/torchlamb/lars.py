@@ -80,8 +80,6 @@ class Lars(LayerwiseOptimizer):
 
     _state_keys = ("momentum_buffer",)
 
-    _has_triton_kernels = True  # kernels/triton_steps.py: dense CUDA tensors take them by default
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],

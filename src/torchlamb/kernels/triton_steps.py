@@ -225,8 +225,10 @@ def _sums_per_tensor(partials: Tensor, chunks: _Chunks) -> Tensor:
 
 # -- the step --------------------------------------------------------------------------------------------------
 
-def _precise(step: Tensor) -> Tensor:
-    return step.to(torch.float64).clamp(min=1)  # as lamb._precise: a skipped first step leaves t = 0
+@functools.lru_cache(maxsize=64)
+def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
+    """A launch's positions in its group as a device tensor, copied to the device once."""
+    return torch.tensor(positions, dtype=torch.int64, device=device)
 
 
 class _Launch:
@@ -234,7 +236,7 @@ class _Launch:
     group, their chunks and pointer tables, and the Triton dtypes."""
 
     def __init__(self, positions: list[int], operands: list[list[Tensor]], kind: tuple, device: torch.device):
-        self.index = torch.tensor(positions, dtype=torch.int64, device=device)
+        self.index = _index(tuple(positions), device)
         self.chunks = _chunks(tuple(operands[0][i].numel() for i in positions), device)
         self.pointers = [_pointers([tensors[i] for i in positions], device) for tensors in operands]
         self.kind = kind
@@ -280,6 +282,9 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     per combination of dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
     device = params[0].device
     scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
+    # Imported here: the optimizers import this package, and these are the bias-correction rules every path shares.
+    from ..lamb import _precise, _step_size_factor
+
     t = _precise(torch.stack(steps))
     if bias_correction is True:
         corrections = torch.stack([1 / (1 - beta1**t), (1 - beta2**t).rsqrt()], 1)
@@ -305,10 +310,9 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     def finish(ratio: Tensor) -> None:
         # −lr·r in float64, times the step-size factor and the skip flag.
         scale = ratio.to(device, torch.float64) * -_lr64(lr, device)
-        if bias_correction == "step_size":
-            scale = scale * (1 - beta2**t).sqrt() / (1 - beta1**t)
-        elif bias_correction == "step_size_first_moment":
-            scale = scale / (1 - beta1**t)
+        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, t)
+        if step_size_factor is not None:
+            scale = scale * step_size_factor
         scale = (scale * kept.double()).to(torch.float32)
         for launch in launches:
             if launch.chunks.count:
