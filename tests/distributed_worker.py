@@ -173,6 +173,7 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
                       for mode in ("zero", "fsdp2") for name in OPTIMIZERS},
             "fsdp1": {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
                       for use_orig_params in (False, True) for name in OPTIMIZERS},
+            "noise_scale": _noise_scale_run(rank, world, steps),
         }
         # The Triton kernels under FSDP2, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 comes from the
         # tests' environment): each shard's partial sums, one all-reduce, then pass 2.
@@ -182,6 +183,17 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
             _checkpoint_run(f"{directory}/{name}-{path}", range(first), False, name, path, rank, world)
     if rank == 0:
         torch.save(results, out)
+
+
+def _noise_scale_run(rank: int, world: int, steps: int) -> dict[str, torch.Tensor]:
+    """NoiseScale's estimates after a DDP run of Lamb: each process's gradient (b = its share of the batch) against
+    the averaged one (B = the global batch), every step's estimates in one EMA (ema 0.5)."""
+    model = make_model()
+    optimizer = torchlamb.Lamb(groups(model), **OPTIMIZERS["lamb"][1])
+    noise = torchlamb.NoiseScale(model, optimizer, batch_size=GLOBAL_BATCH // world, ema=0.5, every=1)
+    train(DistributedDataParallel(model), optimizer, range(steps), rank, world)
+    noise.remove()
+    return {**noise.estimates(), "large_batch": torch.tensor(noise.large_batch)}
 
 
 def _triton_fsdp2_run(name: str, rank: int, world: int, steps: int) -> tuple[list[torch.Tensor], int]:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_worker as worker
+import torchlamb
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -154,6 +155,38 @@ def test_fsdp1_parameters_are_refused(two_processes):
     assert len(errors) == 4
     for key, message in errors.items():
         assert message is not None and "FSDP1" in message and "fully_shard" in message, key
+
+
+def test_noise_scale_under_ddp_takes_each_process_gradient_against_the_averaged_one(two_processes):
+    """The reference, in one process and float64: per step, each process's share of the batch gives the small-batch
+    gradient (b = 6), their mean the large-batch one (B = 12); the estimators and their EMAs as in
+    tests/test_noise_scale.py."""
+    from test_noise_scale import reference
+
+    measured = two_processes["noise_scale"]
+    assert measured.pop("large_batch").item() == worker.GLOBAL_BATCH
+    model = worker.make_model()
+    optimizer = torchlamb.Lamb(worker.groups(model), **worker.OPTIMIZERS["lamb"][1])
+    share = worker.GLOBAL_BATCH // 2
+    small, large = [], []
+    for step in range(STEPS):
+        x, y = worker.batch(step)
+        grads = [torch.autograd.grad(torch.nn.functional.mse_loss(model(x[r * share:(r + 1) * share]),
+                                                                  y[r * share:(r + 1) * share]),
+                                     list(model.parameters())) for r in range(2)]
+        squares = torch.stack([torch.stack([g.double().square().sum() for g in rank]) for rank in grads])
+        averaged = [(a.double() + b.double()) / 2 for a, b in zip(*grads)]
+        small.append(squares.mean(0))
+        large.append(torch.stack([g.square().sum() for g in averaged]))
+        for p, g in zip(model.parameters(), averaged):
+            p.grad = g.float()
+        optimizer.step()
+    small, large = torch.stack(small), torch.stack(large)
+    # Per tensor, then all tensors together (the last entry).
+    expected = reference(torch.cat([small, small.sum(1, keepdim=True)], 1),
+                         torch.cat([large, large.sum(1, keepdim=True)], 1), share, worker.GLOBAL_BATCH, 0.5)
+    for quantity, value in expected.items():
+        torch.testing.assert_close(measured[quantity], value, rtol=1e-4, atol=1e-9, msg=quantity)
 
 
 def test_fsdp_example_runs_under_torchrun():

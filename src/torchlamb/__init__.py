@@ -4,11 +4,12 @@ from .accumulate import GradientAccumulation
 from .groups import param_groups
 from .lamb import Lamb
 from .lars import Lars
+from .noise_scale import NoiseScale
 from .presets import PRESETS
 from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
 from .telemetry import TrustMonitor
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "TrustMonitor", "TrustStats",
-           "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
+__all__ = ["BERT_LAMB_PHASES", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "NoiseScale", "TrustMonitor",
+           "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
 __version__ = "0.1.0"
