@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from torchlamb import cli  # noqa: E402
-from torchlamb.experiments import adam_vs_lamb, batch_sweep, common, lamb_lr  # noqa: E402
+from torchlamb.experiments import adam_vs_lamb, batch_sweep, common, critical_batch, lamb_lr  # noqa: E402
 
 
 @pytest.fixture
@@ -22,23 +23,27 @@ def tiny(monkeypatch):
         pytest.skip(str(error))
     small = common.Data(data.train_x[:2000], data.train_y[:2000], data.valid_x[:500], data.valid_y[:500],
                         data.test_x[:1000], data.test_y[:1000])
-    for module in (adam_vs_lamb, lamb_lr, batch_sweep):
+    for module in (adam_vs_lamb, lamb_lr, batch_sweep, critical_batch):
         monkeypatch.setattr(module, "mnist_data", lambda: small)
     monkeypatch.setattr(adam_vs_lamb, "EPOCHS", {"reduced": 2, "full": 2})
     monkeypatch.setattr(lamb_lr, "EPOCHS", {"reduced": 2, "full": 2})
     monkeypatch.setattr(batch_sweep, "BATCH_SIZES", {"reduced": [128, 512], "full": [128, 512]})
     monkeypatch.setattr(batch_sweep, "EPOCHS", {"reduced": 1, "full": 1})
+    tiny_study = critical_batch.Settings(batch_sizes=(64, 256), optimizers=("lamb", "adamw"), target=0.8,
+                                         seeds=(0, 1), first_cap=300)
+    monkeypatch.setattr(critical_batch, "SETTINGS", {"reduced": tiny_study, "full": tiny_study})
     return small
 
 
 def test_demo_writes_a_report_whose_figures_exist(tiny, tmp_path):
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "README.md").read_text()
-    for title in ("1. Adam vs LAMB", "2. LAMB: lr 0.01 vs 0.1", "3. Accuracy against batch size"):
+    for title in ("1. Adam vs LAMB", "2. LAMB: lr 0.01 vs 0.1", "3. Accuracy against batch size",
+                  "4. Where large batches stop paying"):
         assert title in report
-    assert report.count("**What it shows:**") == 3
+    assert report.count("**What it shows:**") == 4
     figures = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
-    assert len(figures) >= 7
+    assert len(figures) >= 9
     for figure in figures:
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "adam_vs_lamb_lamb_telemetry.csv").stat().st_size > 0
@@ -50,6 +55,21 @@ def test_run_writes_one_experiment(tiny, tmp_path):
     assert "| 128 |" in report and "| 512 |" in report and "Adam vs LAMB" not in report
     # The kernels are built before the runs, so the table's seconds time training, not a compiler.
     assert "fused CPU kernels were built or loaded in" in report and "exclude it" in report
+
+
+def test_the_critical_batch_study_fits_and_says_what_it_found(tiny, tmp_path):
+    summary = critical_batch.run(tmp_path)
+    assert [row[0] for row in summary.rows] == [64, 256]
+    # Two seeds at each best lr: every cell that reached the target shows a mean and a range.
+    cells = [cell for row in summary.rows for cell in row[1:]]
+    assert all("[" in cell for cell in cells), cells
+    assert "LAMB's B_crit" in summary.text and "AdamW" in summary.text
+    assert "B_simple measured at batch 64" in summary.text
+    for path, _ in summary.figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {path.name for path, _ in summary.figures} == {"critical_batch.png", "noise_scale_lamb.png"}
+    saved = json.loads((tmp_path / "critical_batch.json").read_text())
+    assert set(saved["cells"]) == {"lamb", "adamw"} and len(saved["cells"]["lamb"]["64"]["seed_steps"]) == 2
 
 
 def test_train_learns_and_flags_divergence(tiny):
@@ -71,4 +91,4 @@ def test_train_learns_and_flags_divergence(tiny):
 
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="optimizer"):
-        common.make_optimizer(common.RunConfig(optimizer="sgd", lr=0.1, batch_size=1, epochs=1), common.mlp())
+        common.make_optimizer(common.RunConfig(optimizer="adagrad", lr=0.1, batch_size=1, epochs=1), common.mlp())

@@ -95,6 +95,9 @@ class NoiseScale:
         group: the data-parallel process group; default: the world group when torch.distributed is initialized.
 
     Attributes:
+        names: the measured tensors' names, in the order of the per-tensor estimates.
+        small_batch: b, examples behind one backward pass's gradient.
+        large_batch: B, examples behind the gradient the optimizer steps with.
         records: :class:`NoiseRecord` dicts, one per tensor and one for all of them (``name`` :data:`ALL`) at
             each record step.
         step: optimizer steps seen.
@@ -204,9 +207,9 @@ class NoiseScale:
 
     # -- estimates -------------------------------------------------------------------------------------------------
     def estimates(self) -> dict[str, Tensor]:
-        """The bias-corrected moving averages as device tensors (no sync): ``grad_sq`` (|G|²), ``trace`` (tr(Σ)) and
-        ``b_simple`` (their ratio), each with one entry per tensor (in :attr:`names` order) and all tensors last.
-        NaN where no step has been measured yet."""
+        """The bias-corrected moving averages as device tensors (no sync): ``grad_sq`` (``|G|²``), ``trace``
+        (``tr(Σ)``) and ``b_simple`` (their ratio), each with one entry per tensor (in the order of ``names``) and
+        all tensors last. NaN where no step has been measured yet."""
         correction = 1.0 - self.ema ** self._updates  # 0 before the first update: 0/0 gives NaN, as it should
         grad_sq = self._ema_grad_sq / correction
         trace = self._ema_trace / correction
@@ -214,7 +217,7 @@ class NoiseScale:
 
     @property
     def b_simple(self) -> float:
-        """The current estimate of B_simple for all tensors together, in examples (reads it back: a sync)."""
+        """The current estimate of B_simple for all tensors together, in examples; reading it syncs with the device."""
         return self.estimates()["b_simple"][-1].item()
 
     def _record(self) -> None:

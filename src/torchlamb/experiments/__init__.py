@@ -1,8 +1,9 @@
 """The experiments, one readable script each (``torchlamb run NAME``): the MNIST experiments of the seeds and the
 paper, which ``torchlamb demo`` runs together, and the longer MLM pre-training comparison, which runs alone."""
 
-from . import adam_vs_lamb, batch_sweep, lamb_lr, mlm
+from . import adam_vs_lamb, batch_sweep, critical_batch, lamb_lr, mlm
 
-EXPERIMENTS = {"adam_vs_lamb": adam_vs_lamb, "lamb_lr": lamb_lr, "batch_sweep": batch_sweep}
+EXPERIMENTS = {"adam_vs_lamb": adam_vs_lamb, "lamb_lr": lamb_lr, "batch_sweep": batch_sweep,
+               "critical_batch": critical_batch}
 # Run only by name: ``torchlamb run mlm`` (26 minutes on 2 cores), not by ``torchlamb demo``.
 SEPARATE = {"mlm": mlm}

@@ -21,7 +21,7 @@ from ..lars import Lars
 from ..schedules import warmup_poly
 from ..telemetry import TrustMonitor
 
-OPTIMIZERS = ("adam", "adamw", "lamb", "lars")
+OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "sgd")
 
 
 def mlp() -> nn.Module:
@@ -120,6 +120,8 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
         return Lamb(params, lr=config.lr, betas=config.betas)
     if config.optimizer == "lars":
         return Lars(params, lr=config.lr, momentum=0.9)
+    if config.optimizer == "sgd":  # the control: momentum SGD without a trust ratio (Nesterov)
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
