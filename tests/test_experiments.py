@@ -27,6 +27,7 @@ def tiny(monkeypatch):
         monkeypatch.setattr(module, "mnist_data", lambda: small)
     monkeypatch.setattr(adam_vs_lamb, "EPOCHS", {"reduced": 2, "full": 2})
     monkeypatch.setattr(lamb_lr, "EPOCHS", {"reduced": 2, "full": 2})
+    monkeypatch.setattr(lamb_lr, "AUTHOR_EPOCHS", {"reduced": 0.1, "full": 0.1})
     monkeypatch.setattr(batch_sweep, "BATCH_SIZES", {"reduced": [128, 512], "full": [128, 512]})
     monkeypatch.setattr(batch_sweep, "EPOCHS", {"reduced": 1, "full": 1})
     tiny_study = critical_batch.Settings(batch_sizes=(64, 256), optimizers=("lamb", "adamw"), target=0.8,
@@ -87,6 +88,30 @@ def test_train_learns_and_flags_divergence(tiny):
         assert last > common.DIVERGED_LOSS and f"reached {last:.3g}" in diverged.divergence
     else:
         assert f"became {last}" in diverged.divergence
+
+
+def test_lamb_lr_verdicts_keep_a_finite_loss_apart_from_learning():
+    config = common.RunConfig(optimizer="lamb", lr=0.1, batch_size=64, epochs=1)
+
+    def result(accuracies, loss=0.5, diverged=""):
+        return common.RunResult(config, train_loss=[loss], test_accuracy=accuracies, diverged=bool(diverged),
+                                divergence=diverged)
+
+    assert lamb_lr.verdict(result([0.9, 0.97])) == "trained stably to 97.0%"
+    assert lamb_lr.verdict(result([0.91, 0.6])) == "peaked at 91.0% and then fell to 60.0%"
+    assert lamb_lr.verdict(result([0.91, 0.1135], loss=2.3)) == (
+        "kept a finite loss (2.3) but did not learn: 11.3% final test accuracy, after peaking at 91.0%")
+    assert lamb_lr.verdict(result([0.1, 0.1], loss=2.3)).endswith("did not learn: 10.0% final test accuracy")
+    assert lamb_lr.verdict(result([0.5], diverged="its training loss became nan at step 3")).startswith("diverged")
+
+
+def test_the_convnet_is_seed_002s_network():
+    import torch
+
+    model = common.convnet()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(20, 1, 5, 5), (20,), (50, 20, 5, 5), (50,), (500, 800), (500,), (10, 500), (10,)]
+    assert model(torch.zeros(3, 784)).shape == (3, 10)
 
 
 def test_unknown_optimizer_is_rejected():

@@ -29,6 +29,17 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def convnet() -> nn.Module:
+    """The PyTorch-examples MNIST ConvNet that seed 002's public code trained: conv 1→20 5×5, max-pool, conv 20→50
+    5×5, max-pool, fc 800→500, fc 500→10, ReLU."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
+
+
+MODELS = {"mlp": mlp, "convnet": convnet}
+
+
 @dataclass(frozen=True)
 class Data:
     """MNIST normalised with the usual mean and std: train/validation (50k/10k of the training set) and test."""
@@ -52,7 +63,8 @@ def mnist_data() -> Data:
 @dataclass(frozen=True)
 class RunConfig:
     """One training run. ``exempt_norms``: put biases in an un-decayed, un-adapted group (param_groups);
-    False applies decay and the ratio to every tensor, as the seed 002 experiments did."""
+    False applies decay and the ratio to every tensor, as the seed 002 experiments did. ``model``: a key of
+    ``MODELS``; ``bias_correction`` is Lamb's."""
 
     optimizer: str
     lr: float
@@ -65,6 +77,8 @@ class RunConfig:
     exempt_norms: bool = True
     seed: int = 0
     monitor_every: int | None = None
+    model: str = "mlp"
+    bias_correction: bool = True
 
 
 # A training loss above this (an untrained 10-class MLP starts near ln 10 = 2.3) stops a run as diverged.
@@ -117,7 +131,7 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas)
     if config.optimizer == "lamb":
-        return Lamb(params, lr=config.lr, betas=config.betas)
+        return Lamb(params, lr=config.lr, betas=config.betas, bias_correction=config.bias_correction)
     if config.optimizer == "lars":
         return Lars(params, lr=config.lr, momentum=0.9)
     if config.optimizer == "sgd":  # the control: momentum SGD without a trust ratio (Nesterov)
@@ -131,14 +145,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(config: RunConfig, data: Data, progress: Any = None, evals_per_epoch: int = 1) -> RunResult:
-    """Train :func:`mlp` on ``data`` as ``config`` says; stop early if the training loss becomes non-finite or
+    """Train ``config.model`` on ``data`` as ``config`` says; stop early if the training loss becomes non-finite or
     exceeds ``DIVERGED_LOSS`` (divergence, explained in ``RunResult.divergence``).
 
     The lr follows a linear warmup over ``warmup_fraction`` of the steps, then linear decay to ``end_factor``.
     ``progress`` is a tqdm bar (or None) advanced once per optimizer step.
     """
     torch.manual_seed(config.seed)
-    model = mlp()
+    model = MODELS[config.model]()
     optimizer = make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
     total_steps = count_steps(config, len(data.train_x))
