@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # --durations: the slowest tests, so that a CI log shows where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

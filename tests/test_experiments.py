@@ -14,31 +14,39 @@ from torchlamb import cli  # noqa: E402
 from torchlamb.experiments import adam_vs_lamb, batch_sweep, common, critical_batch, lamb_lr  # noqa: E402
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    """Real MNIST, cut to 2000/500/1000 examples, and the experiments shrunk to seconds."""
+@pytest.fixture(scope="module")
+def tiny():
+    """Real MNIST, cut to 2000/500/1000 examples, and the experiments shrunk to seconds (for this module's tests)."""
     try:
         data = common.mnist_data()
     except FileNotFoundError as error:
         pytest.skip(str(error))
     small = common.Data(data.train_x[:2000], data.train_y[:2000], data.valid_x[:500], data.valid_y[:500],
                         data.test_x[:1000], data.test_y[:1000])
-    for module in (adam_vs_lamb, lamb_lr, batch_sweep, critical_batch):
-        monkeypatch.setattr(module, "mnist_data", lambda: small)
-    monkeypatch.setattr(adam_vs_lamb, "EPOCHS", {"reduced": 2, "full": 2})
-    monkeypatch.setattr(lamb_lr, "EPOCHS", {"reduced": 2, "full": 2})
-    monkeypatch.setattr(lamb_lr, "AUTHOR_EPOCHS", {"reduced": 0.1, "full": 0.1})
-    monkeypatch.setattr(batch_sweep, "BATCH_SIZES", {"reduced": [128, 512], "full": [128, 512]})
-    monkeypatch.setattr(batch_sweep, "EPOCHS", {"reduced": 1, "full": 1})
     tiny_study = critical_batch.Settings(batch_sizes=(64, 256), optimizers=("lamb", "adamw"), target=0.8,
-                                         seeds=(0, 1), first_cap=300)
-    monkeypatch.setattr(critical_batch, "SETTINGS", {"reduced": tiny_study, "full": tiny_study})
-    return small
+                                         seeds=(0, 1), first_cap=200)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for module in (adam_vs_lamb, lamb_lr, batch_sweep, critical_batch):
+            monkeypatch.setattr(module, "mnist_data", lambda: small)
+        monkeypatch.setattr(adam_vs_lamb, "EPOCHS", {"reduced": 2, "full": 2})
+        monkeypatch.setattr(lamb_lr, "EPOCHS", {"reduced": 2, "full": 2})
+        monkeypatch.setattr(lamb_lr, "AUTHOR_EPOCHS", {"reduced": 0.1, "full": 0.1})
+        monkeypatch.setattr(batch_sweep, "BATCH_SIZES", {"reduced": [128, 512], "full": [128, 512]})
+        monkeypatch.setattr(batch_sweep, "EPOCHS", {"reduced": 1, "full": 1})
+        monkeypatch.setattr(critical_batch, "SETTINGS", {"reduced": tiny_study, "full": tiny_study})
+        yield small
 
 
-def test_demo_writes_a_report_whose_figures_exist(tiny, tmp_path):
-    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
-    report = (tmp_path / "README.md").read_text()
+@pytest.fixture(scope="module")
+def demo(tiny, tmp_path_factory):
+    """The folder `torchlamb demo` wrote, at the tiny size: several tests read it, so it runs once."""
+    out = tmp_path_factory.mktemp("demo")
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_a_report_whose_figures_exist(demo):
+    report = (demo / "README.md").read_text()
     for title in ("1. Adam vs LAMB", "2. LAMB: lr 0.01 vs 0.1", "3. Accuracy against batch size",
                   "4. Where large batches stop paying"):
         assert title in report
@@ -46,8 +54,8 @@ def test_demo_writes_a_report_whose_figures_exist(tiny, tmp_path):
     figures = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert len(figures) >= 9
     for figure in figures:
-        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "adam_vs_lamb_lamb_telemetry.csv").stat().st_size > 0
+        assert (demo / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (demo / "adam_vs_lamb_lamb_telemetry.csv").stat().st_size > 0
 
 
 def test_run_writes_one_experiment(tiny, tmp_path):
@@ -58,18 +66,17 @@ def test_run_writes_one_experiment(tiny, tmp_path):
     assert "fused CPU kernels were built or loaded in" in report and "exclude it" in report
 
 
-def test_the_critical_batch_study_fits_and_says_what_it_found(tiny, tmp_path):
-    summary = critical_batch.run(tmp_path)
-    assert [row[0] for row in summary.rows] == [64, 256]
-    # Two seeds at each best lr: every cell that reached the target shows a mean and a range.
-    cells = [cell for row in summary.rows for cell in row[1:]]
-    assert all("[" in cell for cell in cells), cells
-    assert "LAMB's B_crit" in summary.text and "AdamW" in summary.text
-    assert "B_simple measured at batch 64" in summary.text
-    for path, _ in summary.figures:
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {path.name for path, _ in summary.figures} == {"critical_batch.png", "noise_scale_lamb.png"}
-    saved = json.loads((tmp_path / "critical_batch.json").read_text())
+def test_the_critical_batch_study_fits_and_says_what_it_found(demo):
+    section = (demo / "README.md").read_text().split("## 4. Where large batches stop paying")[1]
+    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
+    assert [row.split(" | ")[0] for row in table] == ["| 64", "| 256"]
+    # Two seeds at each best lr: a cell that reached the target shows a mean, the range over seeds and its lr.
+    cells = [cell for row in table for cell in row.strip("| ").split(" | ")[1:]]
+    assert all(cell == "not reached" or "[" in cell for cell in cells), cells
+    assert any("–" in cell for cell in cells), cells
+    assert "LAMB's B_crit" in section and "B_simple measured at batch 64" in section
+    assert "(critical_batch.png)" in section and "(noise_scale_lamb.png)" in section
+    saved = json.loads((demo / "critical_batch.json").read_text())
     assert set(saved["cells"]) == {"lamb", "adamw"} and len(saved["cells"]["lamb"]["64"]["seed_steps"]) == 2
 
 

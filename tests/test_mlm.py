@@ -72,8 +72,17 @@ def test_a_tiny_run_learns(small_data, optimizer):
         assert result.trust_ratios[-1]
 
 
-def test_the_comparison_runs_at_tiny_size(small_data):
-    grids, repeats = mlm.compare("tiny", small_data)
+def test_the_comparison_and_its_report_at_tiny_size(tmp_path, monkeypatch):
+    """One tiny comparison (``mlm.run``, which calls ``mlm.compare``): its grids and repeats, then its report."""
+    compare, compared = mlm.compare, []
+
+    def spy(*args, **kwargs):
+        compared.append(compare(*args, **kwargs))
+        return compared[-1]
+
+    monkeypatch.setattr(mlm, "compare", spy)
+    summary = mlm.run(tmp_path, size="tiny")
+    (grids, repeats), = compared
     two_phase = "LAMB, batch 512, two-phase (16 then 32 tokens)"
     assert list(grids) == list(repeats) == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
                                             "LARS, batch 512", two_phase]
@@ -95,6 +104,11 @@ def test_the_comparison_runs_at_tiny_size(small_data):
         assert mlm.mean_curve([first, second])[-1] == pytest.approx(
             (first.final_validation_loss + second.final_validation_loss) / 2)
 
+    assert [row[0] for row in summary.rows] == list(grids)
+    assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
+    assert "1,024 sequences for every run" in summary.text
+    assert all(len(row[3].split(", ")) == len(mlm.SEEDS) for row in summary.rows)  # a final loss per seed
+
 
 @pytest.mark.parametrize("size", list(mlm.SEQUENCES))
 def test_every_run_sees_the_same_sequences(size):
@@ -107,15 +121,6 @@ def test_large_batch_adamw_grid_follows_the_sqrt_rule():
     lrs = [config.lr for config in mlm.comparison_configs("reduced")["AdamW, batch 512"]]
     centre = mlm.BASELINE_LR * (mlm.LARGE_BATCH / mlm.SMALL_BATCH) ** 0.5
     assert lrs == pytest.approx([centre / 2, centre, centre * 2])
-
-
-def test_the_report_at_tiny_size(tmp_path):
-    summary = mlm.run(tmp_path, size="tiny")
-    assert [row[0] for row in summary.rows] == ["AdamW, batch 64", "LAMB, batch 512", "AdamW, batch 512",
-                                                 "LARS, batch 512", "LAMB, batch 512, two-phase (16 then 32 tokens)"]
-    assert all(path.exists() and path.stat().st_size > 10_000 for path, _ in summary.figures)
-    assert "1,024 sequences for every run" in summary.text
-    assert all(len(row[3].split(", ")) == len(mlm.SEEDS) for row in summary.rows)  # a final loss per seed
 
 
 def test_two_phase_sequence_length(small_data, monkeypatch):
