@@ -5,6 +5,7 @@ tests/test_experiments.py."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,18 +44,17 @@ def test_check_steps_are_geometric_and_end_at_the_limit():
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    """Steps to the target as a function of lr alone: fewest at ``best``, 20% more per factor 2 away; the limits the
-    search passed are recorded."""
-    limits = []
+    """Steps to the target as a function of lr alone: fewest at ``fake.best`` (set by the test), 20% more per factor 2
+    away; ``fake.limits`` records the limit of every run the search started."""
+    fake = SimpleNamespace(best=None, limits=[])
 
     def steps_to_target(trial, data, target, limit, **_):
-        limits.append(limit)
-        steps = round(100 * 1.2 ** abs(math.log2(trial.lr / fake_training.best)))
+        fake.limits.append(limit)
+        steps = round(100 * 1.2 ** abs(math.log2(trial.lr / fake.best)))
         return Outcome(steps, "target") if steps <= limit else Outcome(None, "limit")
 
     monkeypatch.setattr(critical_batch, "steps_to_target", steps_to_target)
-    fake_training.limits = limits
-    return fake_training
+    return fake
 
 
 class _Bar:
