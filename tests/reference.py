@@ -21,6 +21,7 @@ decay applied as theta * (1 - lr * wd) before the norms instead of inside r_t; t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +94,10 @@ class RefGroup:
     max_grad_norm: float | None = None
     adapt: bool | str = True
     maximize: bool = False
+    # The moments as they are stored: store(m, v) -> (m, v) rounded to the storage format, or None for float64.
+    # stored_update: u is computed from the stored moments (8-bit state), else from the unrounded ones.
+    store: Callable | None = None
+    stored_update: bool = True
     # per tensor: [t, m, v]
     state: list[list] = field(default_factory=list)
 
@@ -114,6 +119,10 @@ class ReferenceLamb(_Reference):
         state[1] = b1 * state[1] + (1 - b1) * g
         state[2] = b2 * state[2] + (1 - b2) * g * g
         m_hat, v_hat = state[1], state[2]
+        if group.store is not None:
+            state[1], state[2] = group.store(state[1], state[2])
+            if group.stored_update:
+                m_hat, v_hat = state[1], state[2]
         if group.bias_correction is True:
             m_hat = m_hat / (1 - b1**t)
             v_hat = v_hat / (1 - b2**t)
@@ -145,6 +154,10 @@ class RefLarsGroup:
     max_grad_norm: float | None = None
     adapt: bool | str = True
     maximize: bool = False
+    # The buffer as it is stored: store(b) -> b rounded to the storage format, or None for float64;
+    # stored_update: θ moves by the stored buffer (8-bit state), else by the unrounded one.
+    store: Callable | None = None
+    stored_update: bool = True
     buffers: list[np.ndarray] = field(default_factory=list)
 
 
@@ -168,9 +181,57 @@ class ReferenceLars(_Reference):
         else:
             denominator = float(np.sqrt(np.sum(u * u)))
         ratio = trust(group, theta, denominator, group.trust_coefficient)
-        group.buffers[i] = group.momentum * group.buffers[i] + ratio * u
+        buffer = group.momentum * group.buffers[i] + ratio * u
+        group.buffers[i] = buffer if group.store is None else group.store(buffer)
+        if group.stored_update:
+            buffer = group.buffers[i]
         if group.nesterov:
-            move = group.lr * (ratio * u + group.momentum * group.buffers[i])
+            move = group.lr * (ratio * u + group.momentum * buffer)
         else:
-            move = group.lr * group.buffers[i]
+            move = group.lr * buffer
         return theta - move, ratio, [move, ratio * u, group.buffers[i]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage formats of the state, for the ``store`` hooks above: the moments rounded as an optimizer stores them.
+
+
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (to nearest, ties to even), as float64: float32's upper 16 bits after rounding."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
+def dynamic_code_map(signed: bool) -> np.ndarray:
+    """The 256 sorted float32 values of torchlamb's "dynamic" code map, from its definition: 0; magnitudes in
+    decades 10^-e (e = 0..bits-1, bits = 7 signed, 8 unsigned), decade e holding 2^(bits-1-e) values spread linearly
+    over (0.1, 1]·10^-e up to its top; both signs when signed, plus half the smallest magnitude to make 256."""
+    bits = 7 if signed else 8
+    magnitudes = [10.0**-e * (0.1 + 0.9 * (j + 1) / 2 ** (bits - 1 - e))
+                  for e in range(bits) for j in range(2 ** (bits - 1 - e))]
+    values = [0.0, *magnitudes]
+    if signed:
+        values += [-m for m in magnitudes] + [min(magnitudes) / 2]
+    return np.array(sorted(values), dtype=np.float32)
+
+
+def blockwise_8bit(x: np.ndarray, signed: bool, floor: bool = False, block: int = 256) -> np.ndarray:
+    """x stored block-wise in 8 bits and read back (float64): each block of ``block`` consecutive values (flattened)
+    is divided by its largest magnitude in float32 and rounded to the nearest entry of the code map (ties to the
+    lower entry); ``floor``: a positive value never rounds to 0. Read back: entry × largest magnitude, in float32."""
+    table = dynamic_code_map(signed)
+    midpoints = ((table[1:].astype(np.float64) + table[:-1]) / 2).astype(np.float32)
+    zero = int(np.flatnonzero(table == 0)[0])
+    flat = np.asarray(x, dtype=np.float32).ravel()
+    padded = np.zeros(-(-flat.size // block) * block, dtype=np.float32)
+    padded[: flat.size] = flat
+    rows = padded.reshape(-1, block)
+    absmax = np.abs(rows).max(axis=1, keepdims=True)
+    safe = np.where(absmax > 0, absmax, np.float32(1))
+    normalized = np.where(absmax > 0, rows / safe, np.float32(0)).astype(np.float32)
+    codes = np.searchsorted(midpoints, normalized, side="left")
+    if floor:
+        codes = np.where((rows > 0) & (codes == zero), zero + 1, codes)
+    values = (table[codes] * absmax).astype(np.float32)
+    return values.ravel()[: flat.size].reshape(np.shape(x)).astype(np.float64)

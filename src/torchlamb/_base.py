@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from . import distributed, kernels
+from . import distributed, kernels, quantized
 from .kernels import cpu as cpu_kernels
 from .trust import FirstPass, TrustStats, clip_factor, global_norm, norm_dtype, sums_of_squares, trust_ratio
 
@@ -150,6 +150,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     # The keys that each parameter's state holds, besides 'step'; set by subclasses.
     _state_keys: tuple[str, ...] = ()
+    # How each of them is kept under state_dtype="8bit" (codes and block scales, see torchlamb.quantized).
+    _quantized: tuple[quantized.Stored, ...] = ()
 
     # torch.amp.GradScaler then leaves unscaling and skipping to step(): it sets self.grad_scale (the loss scale) and
     # self.found_inf (> 0 after an overflow) before calling step(), which divides the gradients by the scale and
@@ -199,14 +201,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         check_bool("foreach", group["foreach"], allow_none=True, group_index=group_index)
         check_bool("fused", group["fused"], allow_none=True, group_index=group_index)
         check_bool("master_weights", group["master_weights"], group_index=group_index)
-        if group["state_dtype"] not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"state_dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), "
+        if group["state_dtype"] not in (None, "8bit", torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"state_dtype must be None, a floating torch.dtype (e.g. torch.bfloat16) or '8bit', "
                             f"got {group['state_dtype']!r}{_where(group_index)}")
         if group["fused"] and group["foreach"]:
             raise ValueError("foreach and fused cannot both be True: choose one implementation")
 
     def _new_state(self, param: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         """The zero state of ``param``, its tensors in ``dtype`` (float32 under master weights)."""
+        raise NotImplementedError
+
+    def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
+        """:meth:`_first_pass` for parameters whose state is stored in 8 bits (see :meth:`_stores_8bit`)."""
         raise NotImplementedError
 
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -262,10 +269,50 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return param.real.dtype if param.is_complex() else param.dtype
 
     def _state_dtype(self, group: dict[str, Any], param: Tensor) -> torch.dtype:
-        """The dtype ``param``'s moments or buffers are stored in."""
-        if group["state_dtype"] is not None:
+        """The dtype ``param``'s moments or buffers are stored in, where they are not stored in 8 bits."""
+        if group["state_dtype"] not in (None, "8bit"):
             return group["state_dtype"] if not param.is_complex() else param.dtype
         return torch.float32 if self._has_master(group, param) else param.dtype
+
+    @staticmethod
+    def _stores_8bit(group: dict[str, Any], param: Tensor) -> bool:
+        """Whether ``param``'s state is kept in 8 bits: ``state_dtype="8bit"`` and a real floating tensor of at least
+        ``torchlamb.quantized.MIN_NUMEL`` elements (smaller ones keep it in float)."""
+        return group["state_dtype"] == "8bit" and quantized.quantizes(param)
+
+    def _initial_state(self, group: dict[str, Any], param: Tensor, label: str) -> dict[str, Tensor]:
+        """The state of a parameter before its first step: step 0, zero moments or buffers, and the master copy."""
+        state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
+        if self._stores_8bit(group, param):
+            if distributed.is_sharded(param):
+                raise ValueError(f"{type(self).__name__}(state_dtype='8bit') does not support sharded (DTensor) "
+                                 f"parameters yet ({label}); use state_dtype=torch.bfloat16 or None")
+            for stored in self._quantized:
+                state.update(stored.zeros(param))
+        else:
+            state.update(self._new_state(param, self._state_dtype(group, param)))
+        if self._has_master(group, param):
+            state["master"] = param.detach().to(torch.float32, copy=True)
+        return state
+
+    def _group_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                          grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
+                          keep: Tensor | None) -> FirstPass:
+        """:meth:`_first_pass`, with the parameters whose state is stored in 8 bits taken apart to
+        :meth:`_quantized_first_pass`; the two results are put back in the order of ``params``."""
+        eight_bit = [self._stores_8bit(group, p) for p in params]
+        if not any(eight_bit):
+            return self._first_pass(group, params, targets, grads, grad_factor, implementation, keep)
+        parts = []
+        for wanted in (False, True):
+            positions = [i for i, is_8bit in enumerate(eight_bit) if is_8bit == wanted]
+            if not positions:
+                continue
+            pick = [params[i] for i in positions], [targets[i] for i in positions], [grads[i] for i in positions]
+            first = (self._quantized_first_pass(group, *pick, grad_factor, keep) if wanted
+                     else self._first_pass(group, *pick, grad_factor, implementation, keep))
+            parts.append((positions, first))
+        return _merged(len(params), parts)
 
     # -- master weights ------------------------------------------------------------------------------------
     @staticmethod
@@ -348,6 +395,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         optimizer's value for that group — the constructor's default unless the group set its own — and is
         checked with the others. Keys that are not options (``initial_lr`` of a scheduler) are kept as saved.
 
+        Every option is restored as saved except ``state_dtype``: how the state is stored is this optimizer's
+        choice, not part of the training's math. Saved state that fits the saved ``state_dtype`` is converted to
+        this optimizer's (e.g. a float32-state checkpoint into ``state_dtype="8bit"``, or back).
+
         Raises ValueError, naming the parameter, when groups, state keys, shapes or dtypes do not match, and
         ValueError/TypeError for an option out of range; the optimizer is unchanged then.
         """
@@ -378,22 +429,41 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _take_saved_state(self, saved_state: dict[Any, dict[str, Any]],
                           params_by_id: dict[Any, tuple[Tensor, str, dict[str, Any]]]) -> None:
-        """Undo what torch's loading does to our state, which is not an ordinary optimizer's."""
+        """Undo what torch's loading does to our state, which is not an ordinary optimizer's, and convert the saved
+        state to this optimizer's ``state_dtype``."""
+        groups = {param: group for group in self.param_groups for param in group["params"]}
         for saved_id, saved in saved_state.items():
-            param, _, group = params_by_id[saved_id]
+            param, _, saved_group = params_by_id[saved_id]
             state = self.state[param]
             # torch casts every loaded tensor to its parameter's dtype: that would round float32 master weights and
             # moments to bfloat16 (apex's mixed-precision LAMB loses its masters that way). Take the saved ones.
-            for key in (*self._state_keys, "master"):
-                if key in saved and saved[key].dtype != param.dtype:
+            for key in set(saved) - {"step"}:
+                if saved[key].dtype != param.dtype:
                     state[key] = saved[key].to(param.device, copy=True)
             # torch keeps a loaded 'step' where it was saved, in its dtype; ours lives beside its parameter (no host
             # sync) and is float32 whatever the default dtype (see the class docstring).
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+            self._convert_state_(state, param, saved_group, groups[param])
             # State keeps its parameter's memory layout, as when it is created, so the fused kernels can take it.
-            for key in (*self._state_keys, "master"):
+            for key in (*self._state_keys, *(stored.codes_key for stored in self._quantized), "master"):
                 if key in state and state[key].stride() != param.stride():
                     state[key] = torch.empty_like(param, dtype=state[key].dtype).copy_(state[key])
+
+    def _convert_state_(self, state: dict[str, Tensor], param: Tensor, saved_group: dict[str, Any],
+                        group: dict[str, Any]) -> None:
+        """Turn ``param``'s state, stored as ``saved_group`` says, into the storage ``group`` asks for: float to
+        8-bit, 8-bit to float, or one float dtype to another."""
+        was_8bit, is_8bit = self._stores_8bit(saved_group, param), self._stores_8bit(group, param)
+        dtype = self._state_dtype(group, param)
+        for stored in self._quantized:
+            if was_8bit and not is_8bit:
+                value = stored.to_float(state).to(dtype)
+                del state[stored.codes_key], state[stored.absmax_key]
+                state[stored.key] = value
+            elif is_8bit and not was_8bit:
+                state.update(stored.from_float(state.pop(stored.key)))
+            elif not is_8bit and state[stored.key].dtype != dtype:
+                state[stored.key] = state[stored.key].to(dtype)
 
     def _loadable(self, state_dict: Any) -> tuple[dict[str, Any], dict[Any, tuple[Tensor, str, dict[str, Any]]]]:
         """Raise ValueError/TypeError unless ``state_dict`` fits. Return it with the options its groups lack filled
@@ -419,7 +489,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             filled = {**{key: group[key] if key in group else self.defaults[key] for key in sorted(missing)},
                       **saved}
             self._validate_group(filled, index)
-            filled_groups.append(filled)
+            filled_groups.append({**filled, "state_dtype": group["state_dtype"]})
             for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 # The loaded group's master_weights is the one that will hold.
                 params_by_id[saved_id] = (param, self._param_label(group, index, position), filled)
@@ -428,14 +498,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint has state for parameter id {saved_id!r}, which no param group lists")
             param, label, group = params_by_id[saved_id]
             master = self._has_master(group, param)
-            expected_keys = {"step", *self._state_keys, *(["master"] if master else [])}
+            eight_bit = self._stores_8bit(group, param)
+            moment_keys = ([key for stored in self._quantized for key in (stored.codes_key, stored.absmax_key)]
+                           if eight_bit else self._state_keys)
+            expected_keys = {"step", *moment_keys, *(["master"] if master else [])}
             if not isinstance(state, dict) or set(state) != expected_keys:
                 keys = sorted(state) if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"state of {label} has keys {keys}, expected {sorted(expected_keys)}")
             step = state["step"]
             if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1)):
                 raise ValueError(f"state of {label}: 'step' must be a number or a one-element tensor")
-            for key in expected_keys - {"step"}:
+            if eight_bit:
+                for stored in self._quantized:
+                    stored.check(state, param, label)
+            for key in expected_keys - {"step", *(moment_keys if eight_bit else [])}:
                 value = state[key]
                 if not isinstance(value, Tensor):
                     raise ValueError(f"state of {label}: {key!r} must be a tensor, got {type(value).__name__}")
@@ -574,14 +650,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
             if not params:
                 continue
-            for param in params:
-                if not self.state[param]:
-                    master = self._has_master(group, param)
-                    state = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
-                             **self._new_state(param, self._state_dtype(group, param))}
-                    if master:
-                        state["master"] = param.detach().to(torch.float32, copy=True)
-                    self.state[param] = state
+            for position, param in enumerate(group["params"]):
+                if param.grad is not None and not self.state[param]:
+                    self.state[param] = self._initial_state(group, param,
+                                                            self._param_label(group, index, position))
             grad_factor = inverse_scale
             if grad_norm is not None:
                 clip = clip_factor(grad_norm, group["max_grad_norm"])
@@ -589,14 +661,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             targets, target_grads = self._targets(params, grads)
             # The fused kernels read state in the computing dtype; other state dtypes take the foreach path.
             state_as_computed = group["state_dtype"] is None or all(
-                self._state_dtype(group, p) == self._compute_dtype(p) for p in params)
+                self._state_dtype(group, p) == self._compute_dtype(p) and not self._stores_8bit(group, p)
+                for p in params)
             implementation = self._choose_implementation(group, targets, target_grads,
                                                          keep, fused_possible=state_as_computed)
             if implementation == "fused" and not sharded:
                 stats[index] = self._whole_step(group, params, targets, target_grads, grad_factor)
             else:
-                pending.append((index, params, self._first_pass(group, params, targets, target_grads, grad_factor,
-                                                                implementation, keep)))
+                pending.append((index, params, self._group_first_pass(group, params, targets, target_grads,
+                                                                      grad_factor, implementation, keep)))
 
         if pending:
             squares = [first.squares for _, _, first in pending]
@@ -645,6 +718,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 def _real(tensors: list[Tensor]) -> list[Tensor]:
     """This process's part of each tensor (see torchlamb.distributed.local), complex ones as real views."""
     return [torch.view_as_real(t) if t.is_complex() else t for t in distributed.local(tensors)]
+
+
+def _merged(n: int, parts: list[tuple[list[int], FirstPass]]) -> FirstPass:
+    """One FirstPass of ``n`` tensors from FirstPasses of some of them: ``parts`` holds (their positions, theirs)."""
+    first_squares = parts[0][1].squares
+    squares = first_squares.new_zeros(n, first_squares.shape[1])
+    indices = [torch.tensor(positions, device=squares.device) for positions, _ in parts]
+    for index, (_, first) in zip(indices, parts):
+        squares[index] = first.squares.to(squares.device)
+
+    def finish(ratio: Tensor) -> None:
+        for index, (_, first) in zip(indices, parts):
+            first.finish(ratio[index.to(ratio.device)])
+
+    return FirstPass(squares, finish)
 
 
 def squares_of(*columns: list[Tensor]) -> Tensor:

@@ -24,11 +24,14 @@ from ._base import (
 )
 from .kernels import cpu as cpu_kernels
 from .presets import PRESETS
+from .quantized import Stored
 from .trust import ClipRange, FirstPass, TrustStats
 
 # True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
 BiasCorrection = Union[bool, Literal["step_size", "step_size_first_moment"]]
 _STEP_SIZE_MODES = ("step_size", "step_size_first_moment")
+# The moments under state_dtype="8bit": m as signed codes, v as √v in unsigned codes (see torchlamb.quantized).
+_MOMENTS_8BIT = (Stored("exp_avg", "exp_avg"), Stored("exp_avg_sq", "exp_avg_sqrt", sqrt=True))
 
 
 class Lamb(LayerwiseOptimizer):
@@ -89,7 +92,11 @@ class Lamb(LayerwiseOptimizer):
             and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
         state_dtype: the dtype the moments are stored in (e.g. ``torch.bfloat16`` to halve their memory); the
             update still computes in the parameter's (or master's) dtype. None: that dtype. Groups whose state is
-            stored in another dtype take the foreach path.
+            stored in another dtype take the foreach path. ``"8bit"``: block-wise 8-bit moments
+            (:mod:`torchlamb.quantized`; a quarter of float32's memory) for tensors of at least 4096 elements,
+            float for smaller ones. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for √v,
+            ``exp_avg_sqrt_codes``/``exp_avg_sqrt_absmax``; u and its norm are computed from the moments as stored,
+            so the trust ratio is that of the update applied.
         partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
             holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
             norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
@@ -108,6 +115,7 @@ class Lamb(LayerwiseOptimizer):
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
+    _quantized = _MOMENTS_8BIT
 
     def __init__(
         self,
@@ -178,6 +186,11 @@ class Lamb(LayerwiseOptimizer):
         return update(targets, grads, self._states(params, "exp_avg"),
                       self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
                       grad_factor=grad_factor, keep=keep)
+
+    def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
+        return _quantized_lamb(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
+                               **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         return norms[:, 1]  # ‖u‖
@@ -251,7 +264,12 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
+    return _one_by_one(params, updates, steps, lr, beta1, beta2, bias_correction, keep)
 
+
+def _one_by_one(params: list[Tensor], updates: list[Tensor], steps: list[Tensor], lr: float | Tensor, beta1: float,
+                beta2: float, bias_correction: BiasCorrection, keep: Tensor | None) -> FirstPass:
+    """The FirstPass of updates u computed one tensor at a time: ‖θ‖², ‖u‖², and θ ← θ − lr·r·u to finish."""
     def finish(ratio: Tensor) -> None:
         for param, update, step, r in zip(params, updates, steps, ratio.unbind(0)):
             scale = r.to(param.device) * -lr
@@ -263,6 +281,38 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             param.add_(update * scale)
 
     return FirstPass(squares_of(params, updates), finish)
+
+
+def _quantized_lamb(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                    steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, bias_correction: BiasCorrection, decay_outside_ratio: bool, maximize: bool,
+                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+    """LAMB with 8-bit moments, one tensor at a time: m and s = √v are dequantized, updated in float32
+    (v = s², then s = √v) and stored; u is then computed from the moments *as stored*, dequantized again, so that
+    ‖u‖ — hence the trust ratio — is that of the update the parameter receives. A skipped step stores nothing."""
+    first, second = _MOMENTS_8BIT
+    weight1, weight2 = if_kept(keep, 1 - beta1, 0.0), if_kept(keep, 1 - beta2, 0.0)
+    decay_factor = if_kept(keep, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
+    updates = []
+    for param, grad, state, step in zip(params, grads, states, steps):
+        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0].float()
+        step += 1 if keep is None else keep
+        if decay_outside_ratio and weight_decay != 0:
+            param.mul_(decay_factor)
+        exp_avg = first.load(state).lerp_(grad, weight1)
+        exp_avg_sq = second.load(state).square_().lerp_(grad * grad, weight2)
+        first.save_(state, exp_avg, keep)
+        second.save_(state, exp_avg_sq.sqrt_(), keep)
+        exp_avg, root = first.load(state), second.load(state)
+        if bias_correction is True:
+            t = _precise(step)
+            exp_avg = exp_avg / (1 - beta1**t).float()
+            root = root / (1 - beta2**t).sqrt().float()
+        update = exp_avg / (root + eps)
+        if weight_decay != 0 and not decay_outside_ratio:
+            update = update.add(param, alpha=weight_decay)
+        updates.append(update)
+    return _one_by_one(params, updates, steps, lr, beta1, beta2, bias_correction, keep)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

@@ -22,9 +22,12 @@ from ._base import (
     zero_if_skipped,
 )
 from .kernels import cpu as cpu_kernels
+from .quantized import Stored
 from .trust import ClipRange, FirstPass, TrustStats, sums_of_squares
 
 Denominator = Literal["combined", "split"]
+# The momentum buffer under state_dtype="8bit", in signed codes (see torchlamb.quantized).
+_BUFFER_8BIT = Stored("momentum_buffer", "momentum_buffer")
 
 
 class Lars(LayerwiseOptimizer):
@@ -68,7 +71,9 @@ class Lars(LayerwiseOptimizer):
             (the default, None, picks them where they apply and foreach elsewhere).
         master_weights: float32 master copies (and momentum buffers) for float16/bfloat16 parameters, as for
             :class:`~torchlamb.Lamb`.
-        state_dtype: the dtype the momentum buffers are stored in, as for :class:`~torchlamb.Lamb`.
+        state_dtype: the dtype the momentum buffers are stored in, as for :class:`~torchlamb.Lamb`; ``"8bit"``
+            keeps them block-wise in 8 bits (``momentum_buffer_codes``/``momentum_buffer_absmax``), and the
+            parameter moves by the buffer as stored.
         partition_group: the process group under ``ZeroRedundancyOptimizer``, as for :class:`~torchlamb.Lamb`.
         nonfinite: ``"propagate"`` or ``"skip"``, and ``torch.amp.GradScaler`` support, as for
             :class:`~torchlamb.Lamb`.
@@ -79,6 +84,7 @@ class Lars(LayerwiseOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
+    _quantized = (_BUFFER_8BIT,)
 
     def __init__(
         self,
@@ -137,6 +143,11 @@ class Lars(LayerwiseOptimizer):
         return update(targets, grads, self._states(params, "momentum_buffer"),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
+    def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
+        return _quantized_lars(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
+                               **self._options(group), grad_factor=grad_factor, keep=keep)
+
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         # Columns: ‖θ‖, ‖g‖, ‖g + λθ‖.
         if group["denominator"] == "split":
@@ -180,6 +191,35 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buff
             buffer.mul_(buffer_factor).add_(scaled_update)
             direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
             _subtract_scaled_([param], [direction], step_lr)
+
+    return FirstPass(_squares(params, effective, updates, split_denominator), finish)
+
+
+def _quantized_lars(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], steps: list[Tensor],
+                    *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
+                    split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
+                    keep: Tensor | None = None) -> FirstPass:
+    """LARS with an 8-bit momentum buffer, one tensor at a time: b is dequantized, updated in float32 and stored,
+    and θ moves by the buffer as stored (dequantized again), the one the next step continues from. A skipped step
+    stores nothing and moves nothing."""
+    effective, updates = [], []
+    for param, grad, step in zip(params, grads, steps):
+        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
+        step += 1 if keep is None else keep
+        effective.append(grad)
+        updates.append(grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad)
+
+    def finish(ratio: Tensor) -> None:
+        step_lr = lr if keep is None else lr * keep
+        for param, update, state, r in zip(params, updates, states, ratio.unbind(0)):
+            scaled_update = update.float() * r.to(param.device, torch.float32)
+            buffer = _BUFFER_8BIT.load(state).mul_(momentum).add_(scaled_update)
+            _BUFFER_8BIT.save_(state, buffer, keep)
+            buffer = _BUFFER_8BIT.load(state)
+            direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
+            if keep is not None:
+                direction = direction * keep.to(param.device)  # the skipped step's update may hold NaN
+            _subtract_scaled_([param], [direction.to(param.dtype)], step_lr)
 
     return FirstPass(_squares(params, effective, updates, split_denominator), finish)
 
