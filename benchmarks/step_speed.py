@@ -14,7 +14,8 @@ It times one ``optimizer.step()`` (gradients already in ``p.grad``; no forward o
 * ``Lamb(foreach=True)``   -- torchlamb's multi-tensor path (``torch._foreach_*`` ops),
 * ``Lamb(fused=True)``     -- torchlamb's fused two-pass kernels: C++ on the CPU (compiled at first use, then
   cached), Triton on CUDA,
-* ``Lars(foreach=True)``, ``Lars(fused=True)`` -- torchlamb's LARS, multi-tensor and fused,
+* ``Lamb(fused=True, state_dtype='8bit')`` -- the fused kernels on 8-bit block-wise moments,
+* ``Lars(foreach=True)``, ``Lars(fused=True)`` -- torchlamb's LARS, multi-tensor and fused (also on an 8-bit buffer),
 * the LAMBs of pytorch_optimizer, torch-optimizer and timm where they are installed (``--no-public`` drops them),
 * with ``--compile``: ``Lamb``, ``Lars`` and ``AdamW`` (foreach) with ``torch.compile(optimizer.step)``,
 * ``AdamW(foreach=True)``  -- PyTorch's multi-tensor AdamW,
@@ -65,8 +66,12 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Lamb(foreach=False)": lambda params: torchlamb.Lamb(params, foreach=False, **TORCHLAMB_OPTIONS),
     "Lamb(foreach=True)": lambda params: torchlamb.Lamb(params, foreach=True, **TORCHLAMB_OPTIONS),
     "Lamb(fused=True)": lambda params: torchlamb.Lamb(params, fused=True, **TORCHLAMB_OPTIONS),
+    "Lamb(fused=True, state_dtype='8bit')": lambda params: torchlamb.Lamb(params, fused=True, state_dtype="8bit",
+                                                                          **TORCHLAMB_OPTIONS),
     "Lars(foreach=True)": lambda params: torchlamb.Lars(params, foreach=True, **TORCHLAMB_OPTIONS),
     "Lars(fused=True)": lambda params: torchlamb.Lars(params, fused=True, **TORCHLAMB_OPTIONS),
+    "Lars(fused=True, state_dtype='8bit')": lambda params: torchlamb.Lars(params, fused=True, state_dtype="8bit",
+                                                                          **TORCHLAMB_OPTIONS),
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
 }

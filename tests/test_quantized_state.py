@@ -20,7 +20,11 @@ import reference as ref
 from torchlamb import Lamb, Lars, quantized
 from torchlamb.trust import trust_ratio
 
-SHAPES = [(96, 128), (128,), (10, 96), (48, 200)]  # two tensors of >= 4096 elements (8-bit), two small (float)
+# Three tensors of >= 4096 elements (8-bit), two small ones (float state); the fused kernels split the largest
+# (> 32768 elements, not a whole number of blocks) between threads, at block boundaries.
+SHAPES = [(96, 128), (128,), (10, 96), (48, 200), (129, 300)]
+# The 8-bit state's two implementations: torch operations (foreach=True, and on CUDA) and the fused CPU kernels.
+PATHS = pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=["torch", "fused"])
 
 
 def problem(seed: int, steps: int, shapes=SHAPES, scales=None):
@@ -129,10 +133,11 @@ def test_a_positive_value_is_never_stored_as_zero_with_the_floor():
 
 # -- LAMB and LARS with 8-bit state against the reference that stores the same way --------------------------------
 
+@PATHS
 @pytest.mark.parametrize("options", LAMB_OPTIONS, ids=range(len(LAMB_OPTIONS)))
-def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options):
+def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options, path):
     params, grads = problem(seed=1, steps=12)
-    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options)
+    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options, **path)
     expected, expected_ratios = run_reference(Lamb, params, grads, store=eight_bit_moments, **options)
     assert "exp_avg_codes" in optimizer.state[tensors[0]] and "exp_avg" in optimizer.state[tensors[1]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
@@ -145,10 +150,11 @@ LARS_OPTIONS = [dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, weight_decay=
                 dict(lr=0.5, momentum=0.8, trust_coefficient=0.01, nesterov=True, max_grad_norm=1.0)]
 
 
+@PATHS
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=range(len(LARS_OPTIONS)))
-def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options):
+def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path):
     params, grads = problem(seed=2, steps=12)
-    tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options)
+    tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options, **path)
     expected, expected_ratios = run_reference(Lars, params, grads, store=eight_bit_buffer, **options)
     assert "momentum_buffer_codes" in optimizer.state[tensors[0]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
@@ -157,11 +163,12 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options):
         assert float((moved - want_moved).norm() / want_moved.norm()) < 1e-3
 
 
-def test_the_trust_ratio_is_that_of_the_update_applied():
+@PATHS
+def test_the_trust_ratio_is_that_of_the_update_applied(path):
     """‖θ_new − θ‖ = lr·r·‖u‖ with u from the stored moments, and r = trust_ratio(‖θ‖, ‖u‖)."""
     params, grads = problem(seed=3, steps=6, shapes=[(64, 256)])
     tensor = params[0].clone().requires_grad_()
-    optimizer = Lamb([tensor], lr=0.05, weight_decay=0.01, state_dtype="8bit")
+    optimizer = Lamb([tensor], lr=0.05, weight_decay=0.01, state_dtype="8bit", **path)
     for step_grads in grads:
         before = tensor.detach().clone()
         tensor.grad = step_grads[0]
@@ -170,15 +177,16 @@ def test_the_trust_ratio_is_that_of_the_update_applied():
         moved = float((tensor.detach().double() - before.double()).norm())
         ratio = float(stats.trust_ratio[0])
         assert moved == pytest.approx(0.05 * ratio * float(stats.update_norm[0]), rel=1e-5)
-        assert ratio == float(trust_ratio(stats.weight_norm, stats.update_norm, adapt=True,
-                                          weight_norm_clip=None, trust_clip=None, trust_eps=0.0)[0])
+        assert ratio == pytest.approx(float(trust_ratio(stats.weight_norm, stats.update_norm, adapt=True,
+                                                        weight_norm_clip=None, trust_clip=None, trust_eps=0.0)[0]),
+                                      rel=1e-6)
         assert float(stats.weight_norm[0]) == pytest.approx(float(before.double().norm()), rel=1e-6)
 
 
 # -- what 8 bits cost, against the plain float64 reference --------------------------------------------------------
 
 def _relative_errors(params, grads, **options):
-    tensors, _, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options)
+    tensors, _, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", fused=True, **options)
     expected, expected_ratios = run_reference(Lamb, params, grads, **options)
     ratio_error = float(((ratios.double() - expected_ratios) / expected_ratios).abs().max())
     moved = tensors[0].detach().double() - params[0].double()
@@ -219,39 +227,46 @@ def bfloat16_moments(m, v):
     return ref.round_to_bfloat16(m), ref.round_to_bfloat16(v)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(foreach):
-    """u is computed from the float32 moments, which are then stored rounded to bfloat16 (stored_update=False)."""
+# The paths over bfloat16 state: the torch ones compute u from the float32 moments, which are then stored rounded
+# (stored_update=False); the fused kernels round first and compute u from the stored moments (as for 8 bits).
+BFLOAT16_PATHS = pytest.mark.parametrize(("path", "stored_update"), [
+    (dict(foreach=False), False), (dict(foreach=True), False), (dict(fused=True), True)],
+    ids=["single_tensor", "foreach", "fused"])
+
+
+@BFLOAT16_PATHS
+def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, stored_update):
     params, grads = problem(seed=7, steps=12)
     options = LAMB_OPTIONS[0]
-    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype=torch.bfloat16, foreach=foreach,
-                                           **options)
+    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype=torch.bfloat16, **path, **options)
     assert optimizer.state[tensors[0]]["exp_avg"].dtype == torch.bfloat16
 
-    group = ref.RefGroup(params=[p.double().numpy() for p in params], store=bfloat16_moments, stored_update=False,
-                         **options)
+    group = ref.RefGroup(params=[p.double().numpy() for p in params], store=bfloat16_moments,
+                         stored_update=stored_update, **options)
     reference = ref.ReferenceLamb([group])
     for step_grads in grads:
         reference.step([[g.double().numpy() for g in step_grads]])
     for tensor, want, start in zip(tensors, reference.groups[0].params, params):
         moved, want_moved = tensor.detach().double() - start.double(), torch.from_numpy(want) - start.double()
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-5  # 2.3e-3 without the rounding
+        # 6e-5 measured (a moment computed in float32 and one in float64 may round to neighbouring bfloat16
+        # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost.
+        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-4
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(foreach):
+@BFLOAT16_PATHS
+def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stored_update):
     params, grads = problem(seed=8, steps=12)
     options = LARS_OPTIONS[0]
-    tensors, _, _ = run_torch(Lars, params, grads, state_dtype=torch.bfloat16, foreach=foreach, **options)
-    # θ moves by the float32 buffer, which is then stored rounded (stored_update=False).
+    tensors, _, _ = run_torch(Lars, params, grads, state_dtype=torch.bfloat16, **path, **options)
+    # θ moves by the float32 buffer, stored rounded after (torch paths), or by the rounded one (fused).
     group = ref.RefLarsGroup(params=[p.double().numpy() for p in params], store=ref.round_to_bfloat16,
-                             stored_update=False, **options)
+                             stored_update=stored_update, **options)
     reference = ref.ReferenceLars([group])
     for step_grads in grads:
         reference.step([[g.double().numpy() for g in step_grads]])
     for tensor, want, start in zip(tensors, reference.groups[0].params, params):
         moved, want_moved = tensor.detach().double() - start.double(), torch.from_numpy(want) - start.double()
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-5
+        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-4  # as for Lamb
 
 
 # -- everything else keeps working ------------------------------------------------------------------------------

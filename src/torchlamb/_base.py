@@ -216,6 +216,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """:meth:`_first_pass` for parameters whose state is stored in 8 bits (see :meth:`_stores_8bit`)."""
         raise NotImplementedError
 
+    def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
+        """:meth:`_whole_step` for parameters whose state is stored in 8 bits."""
+        raise NotImplementedError
+
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's options for :func:`torchlamb.trust.trust_ratio`."""
         # 'if_decayed' reproduces apex's and timm's LAMB, which skip the ratio for groups without weight decay.
@@ -243,12 +248,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """The fused step in one call, trust stage included, for tensors that are whole on this process."""
         raise NotImplementedError
 
-    def _states(self, params: list[Tensor], key: str) -> list[Tensor]:
+    def _states(self, params: list[Tensor], key: str, as_stored: bool = False) -> list[Tensor]:
         """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them), complex
         state as real views. State stored in another dtype than the update computes in (``state_dtype``) comes as
-        a working copy in the computing dtype, written back at the end of the step."""
+        a working copy in the computing dtype, written back at the end of the step — unless ``as_stored`` (for the
+        fused CPU kernels, which read and write bfloat16/float16 state themselves)."""
         states = _real([self.state[p][key] for p in params])
-        if key == "step":
+        if key == "step" or as_stored:
             return states
         working = []
         for param, stored in zip(params, states):
@@ -273,6 +279,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if group["state_dtype"] not in (None, "8bit"):
             return group["state_dtype"] if not param.is_complex() else param.dtype
         return torch.float32 if self._has_master(group, param) else param.dtype
+
+    def _fused_reads_state(self, group: dict[str, Any], param: Tensor, triton: bool = False) -> bool:
+        """Whether the fused kernels take ``param``'s state as stored: in the computing dtype, in 8 bits (handed to
+        torch operations on the Triton path), or — the CPU kernels only — bfloat16/float16 beside float32."""
+        if group["state_dtype"] is None or self._stores_8bit(group, param):
+            return True
+        stored, computed = self._state_dtype(group, param), self._compute_dtype(param)
+        return stored == computed or (not triton and computed == torch.float32 and stored in LOW_PRECISION)
 
     @staticmethod
     def _stores_8bit(group: dict[str, Any], param: Tensor) -> bool:
@@ -313,6 +327,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                      else self._first_pass(group, *pick, grad_factor, implementation, keep))
             parts.append((positions, first))
         return _merged(len(params), parts)
+
+    def _group_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                          grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
+        """:meth:`_whole_step`, with the parameters whose state is stored in 8 bits taken apart to
+        :meth:`_quantized_whole_step`; the statistics are put back in the order of ``params``."""
+        eight_bit = [self._stores_8bit(group, p) for p in params]
+        if not any(eight_bit):
+            return self._whole_step(group, params, targets, grads, grad_factor)
+        columns = None
+        for wanted in (False, True):
+            positions = [i for i, is_8bit in enumerate(eight_bit) if is_8bit == wanted]
+            if not positions:
+                continue
+            pick = [params[i] for i in positions], [targets[i] for i in positions], [grads[i] for i in positions]
+            part = (self._quantized_whole_step(group, *pick, grad_factor) if wanted
+                    else self._whole_step(group, *pick, grad_factor))
+            values = torch.stack([part.weight_norm, part.update_norm, part.trust_ratio])
+            if columns is None:
+                columns = values.new_zeros(3, len(params))
+            columns[:, positions] = values
+        return TrustStats(params, *columns.unbind(0))
 
     # -- master weights ------------------------------------------------------------------------------------
     @staticmethod
@@ -573,7 +608,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return params, grads
 
     def _choose_implementation(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                               keep: Tensor | None = None, fused_possible: bool = True) -> Implementation:
+                               keep: Tensor | None = None, fused_possible: bool = True,
+                               triton_possible: bool = True) -> Implementation:
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
         tensors, kernels built, no skip flag left on the device, state in the computing dtype); else foreach=None
         picks foreach when all tensors share a device. Under torch.compile: foreach (single-tensor if foreach=False).
@@ -583,7 +619,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             # The C++ kernels are opaque to torch.compile (a graph break); the compiler fuses the foreach path itself.
             return "foreach" if foreach is not False else "single_tensor"
-        if self._triton_takes(fused, foreach, params, fused_possible):
+        if self._triton_takes(fused, foreach, params, fused_possible and triton_possible):
             return "triton"
         if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
@@ -659,14 +695,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 clip = clip_factor(grad_norm, group["max_grad_norm"])
                 grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             targets, target_grads = self._targets(params, grads)
-            # The fused kernels read state in the computing dtype; other state dtypes take the foreach path.
-            state_as_computed = group["state_dtype"] is None or all(
-                self._state_dtype(group, p) == self._compute_dtype(p) and not self._stores_8bit(group, p)
-                for p in params)
-            implementation = self._choose_implementation(group, targets, target_grads,
-                                                         keep, fused_possible=state_as_computed)
+            # State the fused kernels cannot read as stored takes the foreach path (see _fused_reads_state).
+            implementation = self._choose_implementation(
+                group, targets, target_grads, keep,
+                fused_possible=all(self._fused_reads_state(group, p) for p in params),
+                triton_possible=all(self._fused_reads_state(group, p, triton=True) for p in params))
             if implementation == "fused" and not sharded:
-                stats[index] = self._whole_step(group, params, targets, target_grads, grad_factor)
+                stats[index] = self._group_whole_step(group, params, targets, target_grads, grad_factor)
             else:
                 pending.append((index, params, self._group_first_pass(group, params, targets, target_grads,
                                                                       grad_factor, implementation, keep)))

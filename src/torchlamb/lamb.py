@@ -183,24 +183,33 @@ class Lamb(LayerwiseOptimizer):
         else:
             update = {"fused": cpu_kernels.fused_lamb, "foreach": _multi_tensor_lamb,
                       "single_tensor": _single_tensor_lamb}[implementation]
-        return update(targets, grads, self._states(params, "exp_avg"),
-                      self._states(params, "exp_avg_sq"), self._states(params, "step"), **self._options(group),
-                      grad_factor=grad_factor, keep=keep)
+        as_stored = implementation == "fused"  # the fused kernels read and write bfloat16/float16 state themselves
+        return update(targets, grads, self._states(params, "exp_avg", as_stored),
+                      self._states(params, "exp_avg_sq", as_stored), self._states(params, "step"),
+                      **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
         return _quantized_lamb(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
 
+    def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
+        result = cpu_kernels.fused_lamb_8bit_step(targets, grads, [self.state[p] for p in params],
+                                                  self._states(params, "step"), _MOMENTS_8BIT,
+                                                  **self._options(group), grad_factor=grad_factor,
+                                                  trust_options=self._trust_options(group))
+        return TrustStats(params, *result)
+
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         return norms[:, 1]  # ‖u‖
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lamb_step(targets, grads, self._states(params, "exp_avg"),
-                                        self._states(params, "exp_avg_sq"), self._states(params, "step"),
-                                        **self._options(group), grad_factor=grad_factor,
-                                        trust_options=self._trust_options(group))
+        result = cpu_kernels.fused_lamb_step(targets, grads, self._states(params, "exp_avg", as_stored=True),
+                                             self._states(params, "exp_avg_sq", as_stored=True),
+                                             self._states(params, "step"), **self._options(group),
+                                             grad_factor=grad_factor, trust_options=self._trust_options(group))
         return TrustStats(params, *result)
 
     @staticmethod

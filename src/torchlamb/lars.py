@@ -140,13 +140,20 @@ class Lars(LayerwiseOptimizer):
         else:
             update = {"fused": cpu_kernels.fused_lars, "foreach": _multi_tensor_lars,
                       "single_tensor": _single_tensor_lars}[implementation]
-        return update(targets, grads, self._states(params, "momentum_buffer"),
+        return update(targets, grads, self._states(params, "momentum_buffer", implementation == "fused"),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
         return _quantized_lars(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
+
+    def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                              grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
+        result = cpu_kernels.fused_lars_8bit_step(targets, grads, [self.state[p] for p in params],
+                                                  self._states(params, "step"), _BUFFER_8BIT, **self._options(group),
+                                                  grad_factor=grad_factor, trust_options=self._trust_options(group))
+        return TrustStats(params, *result)
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         # Columns: ‖θ‖, ‖g‖, ‖g + λθ‖.
@@ -156,7 +163,7 @@ class Lars(LayerwiseOptimizer):
 
     def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lars_step(targets, grads, self._states(params, "momentum_buffer"),
+        result = cpu_kernels.fused_lars_step(targets, grads, self._states(params, "momentum_buffer", as_stored=True),
                                         self._states(params, "step"), **self._options(group), grad_factor=grad_factor,
                                         trust_options=self._trust_options(group))
         return TrustStats(params, *result)

@@ -47,10 +47,16 @@ DECADES = 7
 
 @dataclass(frozen=True)
 class CodeMap:
-    """A sorted table of 256 float32 values and the 255 midpoints between neighbours (the rounding boundaries)."""
+    """A sorted table of 256 float32 values and the 255 midpoints between neighbours (the rounding boundaries).
+
+    ``starts`` serves the fused kernels' search: for each pattern of a float32's upper 16 bits, the number of
+    midpoints below the smallest float with that pattern; the code of x is then found by moving up from
+    ``starts[bits(x) >> 16]`` past the few midpoints that remain below x.
+    """
 
     values: Tensor
     midpoints: Tensor
+    starts: Tensor
     signed: bool
 
     @property
@@ -97,7 +103,16 @@ def code_map(signed: bool, kind: str = "dynamic") -> CodeMap:
     assert table.numel() == 256 and bool((table[1:] > table[:-1]).all())
     values32 = table.to(torch.float32)
     midpoints = ((values32[1:].double() + values32[:-1].double()) / 2).to(torch.float32)
-    return CodeMap(values32, midpoints, signed)
+    return CodeMap(values32, midpoints, _starts(midpoints), signed)
+
+
+def _starts(midpoints: Tensor) -> Tensor:
+    """See :class:`CodeMap`. The smallest float with a given upper half has lower half 0 when it is positive and
+    0xFFFF when it is negative (the largest magnitude)."""
+    upper = torch.arange(65536, dtype=torch.int64)
+    bits = (upper << 16) | torch.where(upper >= 0x8000, 0xFFFF, 0)
+    smallest = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    return torch.bucketize(smallest, midpoints).clamp(max=255).to(torch.uint8)
 
 
 def blocks(numel: int, block: int = BLOCK) -> int:

@@ -79,6 +79,7 @@ class RunConfig:
     monitor_every: int | None = None
     model: str = "mlp"
     bias_correction: bool = True
+    state_dtype: str | None = None  # Lamb's and Lars's: None (float32) or "8bit"
 
 
 # A training loss above this (an untrained 10-class MLP starts near ln 10 = 2.3) stops a run as diverged.
@@ -131,9 +132,10 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas)
     if config.optimizer == "lamb":
-        return Lamb(params, lr=config.lr, betas=config.betas, bias_correction=config.bias_correction)
+        return Lamb(params, lr=config.lr, betas=config.betas, bias_correction=config.bias_correction,
+                    state_dtype=config.state_dtype)
     if config.optimizer == "lars":
-        return Lars(params, lr=config.lr, momentum=0.9)
+        return Lars(params, lr=config.lr, momentum=0.9, state_dtype=config.state_dtype)
     if config.optimizer == "sgd":  # the control: momentum SGD without a trust ratio (Nesterov)
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")

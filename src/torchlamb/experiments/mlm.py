@@ -111,6 +111,7 @@ class MLMConfig:
     weight_decay: float = 0.01
     evals: int = 10  # validation evaluations over the run
     seed: int = 0
+    state_dtype: str | None = None  # Lamb's and Lars's state: None (float32) or "8bit"
 
 
 @dataclass
@@ -147,9 +148,10 @@ def mlm_data(length: int = 64, short_length: int | None = None) -> MLMData:
 def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = torchlamb.param_groups(model, weight_decay=config.weight_decay, exclude=["position"])
     if config.optimizer == "lamb":
-        return torchlamb.Lamb(groups, lr=config.lr, max_grad_norm=1.0)
+        return torchlamb.Lamb(groups, lr=config.lr, max_grad_norm=1.0, state_dtype=config.state_dtype)
     if config.optimizer == "lars":
-        return torchlamb.Lars(groups, lr=config.lr, momentum=0.9, trust_coefficient=0.02, max_grad_norm=1.0)
+        return torchlamb.Lars(groups, lr=config.lr, momentum=0.9, trust_coefficient=0.02, max_grad_norm=1.0,
+                              state_dtype=config.state_dtype)
     if config.optimizer == "adamw":
         # AdamW has no adapt option: strip it from param_groups' groups. Lamb's eps (BERT's); train_mlm clips
         # AdamW's gradient at 1.0 as Lamb and Lars clip theirs.
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> list[MLMResult]:
     for option in dataclasses.fields(MLMConfig):
         if option.name != "seed":
             default = option.default
-            kind = int if option.name == "short_length" else type(default)
+            kind = {"short_length": int, "state_dtype": str}.get(option.name, type(default))
             parser.add_argument("--" + option.name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = vars(parser.parse_args(argv))

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -49,23 +51,31 @@ enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 // finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
 // kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the sums of
 // pass 1; kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
+// Ranges begin at multiples of `align` elements (8-bit state: its blocks, each quantized whole by one thread).
 //
 // The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
 // pointers would be reloaded after every store and the loops would not vectorise.
 template <typename Norms, typename Finish, typename Apply>
 torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Norms& norms,
-                          const Finish& finish, const Apply& apply) {
+                          const Finish& finish, const Apply& apply, int64_t align = 1) {
   const int64_t n = static_cast<int64_t>(params.size());
   auto result = torch::zeros({phase == kApply ? 0 : n, 3}, torch::kFloat64);
   double* out = result.data_ptr<double>();
-  // One tensor, or a range of it split among threads by `split` (parallel_reduce and parallel_for split alike).
+  const int64_t grain = std::max<int64_t>(1, kGrain / align), chunk = std::max<int64_t>(1, kChunk / align);
+  // One tensor, or a range of it split among threads by `split` (parallel_reduce and parallel_for split alike),
+  // in units of `align` elements.
   auto run = [&](int64_t i, bool split) {
     const int64_t numel = params[i].numel();
+    const int64_t units = (numel + align - 1) / align;
+    auto element = [&](int64_t unit) { return std::min(numel, unit * align); };
     Sums sums{0, 0, 0};
     if (phase != kApply) {
       sums = split ? at::parallel_reduce(
-                         0, numel, kGrain, Sums{0, 0, 0},
-                         [&](int64_t begin, int64_t end, Sums acc) { return add(acc, norms(i, begin, end)); }, add)
+                         0, units, grain, Sums{0, 0, 0},
+                         [&](int64_t begin, int64_t end, Sums acc) {
+                           return add(acc, norms(i, element(begin), element(end)));
+                         },
+                         add)
                    : norms(i, 0, numel);
     }
     if (phase == kNorms) {
@@ -83,8 +93,8 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
       return;
     }
     // Each thread walks its part backwards: after pass 1 the end of its part is what is still in cache.
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t hi = end; hi > begin; hi -= kChunk) apply(i, std::max(begin, hi - kChunk), hi, stats);
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t hi = end; hi > begin; hi -= chunk) apply(i, element(std::max(begin, hi - chunk)), element(hi), stats);
     });
   };
   std::vector<int64_t> small;
@@ -147,6 +157,39 @@ void check_steps(const std::vector<torch::Tensor>& params, const std::vector<tor
 #define TORCHLAMB_DISPATCH(tensor, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (tensor).scalar_type(), name, __VA_ARGS__)
 
+// Calls f(T{}, S{}) with T the parameter's scalar type and S its state's: the same type, or bfloat16/float16 state
+// beside float32 parameters (state_dtype), read and written in place, computed in float32.
+template <typename F>
+void dispatch_with_state(const torch::Tensor& param, const torch::Tensor& state, const F& f) {
+  TORCHLAMB_DISPATCH(param, "torchlamb_fused_step", [&] {
+    if (state.scalar_type() == param.scalar_type()) {
+      f(scalar_t{}, scalar_t{});
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      if (state.scalar_type() == at::kBFloat16) {
+        f(float{}, c10::BFloat16{});
+      } else {
+        f(float{}, c10::Half{});
+      }
+    }
+  });
+}
+
+// The state the kernels read with parameter i's index: its size and contiguous memory, in its dtype or (float32
+// parameters) in bfloat16/float16.
+void check_state(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& states,
+                 const char* name) {
+  TORCH_CHECK(states.size() == params.size(), "torchlamb fused: ", name, " has ", states.size(), " tensors for ",
+              params.size(), " parameters");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto dtype = states[i].scalar_type();
+    const bool narrower = params[i].scalar_type() == torch::kFloat32 && (dtype == at::kBFloat16 || dtype == at::kHalf);
+    TORCH_CHECK(states[i].is_contiguous() && states[i].device().is_cpu() && states[i].numel() == params[i].numel() &&
+                    (dtype == params[i].scalar_type() || narrower),
+                "torchlamb fused: ", name, "[", i, "] does not match its parameter's size and layout, or its dtype "
+                "is neither the parameter's nor (for float32 parameters) bfloat16/float16");
+  }
+}
+
 // ---- LAMB ----------------------------------------------------------------------------------------------------
 // bias_correction: 0 none, 1 inside u (m̂, v̂), 2 "step_size" (√(1−β2^t)/(1−β1^t) on the step), 3
 // "step_size_first_moment" (1/(1−β1^t) on the step).
@@ -164,8 +207,8 @@ inline T lamb_direction(T m, T v, T theta, T c1, T c2, T eps, T decay) {
 
 // Pass 1 on elements [0, n): moments in place (θ ← θ·theta_factor first when decay is outside the ratio);
 // returns ‖θ‖², ‖u‖² of the range.
-template <typename T>
-Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
+template <typename T, typename S>
+Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ m, S* __restrict__ v,
                   int64_t n, double grad_factor, double beta1, double beta2, double eps_, double decay_,
                   double theta_factor, double c1_, double c2_) {
   using opmath_t = at::opmath_type<T>;
@@ -184,12 +227,13 @@ Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, T* __restrict_
       const opmath_t t = static_cast<opmath_t>(theta[k]);
       const opmath_t grad = static_cast<opmath_t>(g[k]) * scale;
       const opmath_t m_old = static_cast<opmath_t>(m[k]);
-      // The moments are rounded to their storage type before use, as the other paths do.
-      const T m_new = static_cast<T>(m_old + one_minus_b1 * (grad - m_old));
-      const T v_new = static_cast<T>(b2 * static_cast<opmath_t>(v[k]) + one_minus_b2 * grad * grad);
+      // The moments are rounded to their storage type before use, so that pass 2 recomputes the same u.
+      const S m_new = static_cast<S>(m_old + one_minus_b1 * (grad - m_old));
+      const S v_new = static_cast<S>(b2 * static_cast<opmath_t>(v[k]) + one_minus_b2 * grad * grad);
       m[k] = m_new;
       v[k] = v_new;
-      const opmath_t u = lamb_direction<opmath_t>(m_new, v_new, t, c1, c2, eps, decay);
+      const opmath_t u = lamb_direction<opmath_t>(static_cast<opmath_t>(m_new), static_cast<opmath_t>(v_new), t, c1,
+                                                  c2, eps, decay);
       theta_sq += t * t;
       u_sq += u * u;
     }
@@ -200,14 +244,15 @@ Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, T* __restrict_
 }
 
 // Pass 2 on elements [0, n): θ ← θ + scale·u, u recomputed exactly as in pass 1.
-template <typename T>
-void lamb_apply(T* __restrict__ theta, const T* __restrict__ m, const T* __restrict__ v, int64_t n, double eps_,
+template <typename T, typename S>
+void lamb_apply(T* __restrict__ theta, const S* __restrict__ m, const S* __restrict__ v, int64_t n, double eps_,
                 double decay_, double c1_, double c2_, double scale_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t c1 = c1_, c2 = c2_, eps = eps_, decay = decay_, scale = scale_;
   for (int64_t k = 0; k < n; ++k) {
     const opmath_t t = static_cast<opmath_t>(theta[k]);
-    const opmath_t u = lamb_direction<opmath_t>(m[k], v[k], t, c1, c2, eps, decay);
+    const opmath_t u = lamb_direction<opmath_t>(static_cast<opmath_t>(m[k]), static_cast<opmath_t>(v[k]), t, c1, c2,
+                                                eps, decay);
     theta[k] = static_cast<T>(t + scale * u);
   }
 }
@@ -239,19 +284,213 @@ Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n,
 }
 
 // Pass 2 on elements [0, n): b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov).
-template <typename T>
-void lars_apply(T* __restrict__ theta, const T* __restrict__ g, T* __restrict__ b, int64_t n, double grad_factor,
+template <typename T, typename S>
+void lars_apply(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ b, int64_t n, double grad_factor,
                 double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_, lr = lr_;
   for (int64_t k = 0; k < n; ++k) {
     const opmath_t t = static_cast<opmath_t>(theta[k]);
     const opmath_t scaled = (static_cast<opmath_t>(g[k]) * scale + decay * t) * ratio;
-    const T b_new = static_cast<T>(mu * static_cast<opmath_t>(b[k]) + scaled);
+    const S b_new = static_cast<S>(mu * static_cast<opmath_t>(b[k]) + scaled);
     b[k] = b_new;
     const opmath_t direction = nesterov ? scaled + mu * static_cast<opmath_t>(b_new) : static_cast<opmath_t>(b_new);
     theta[k] = static_cast<T>(t - lr * direction);
   }
+}
+
+// ---- 8-bit state (torchlamb.quantized) -------------------------------------------------------------------------
+// A state tensor is stored as one uint8 code per element and one float absmax per block of kQuantBlock elements:
+// x ≈ values[code] · absmax. The code of x is the number of midpoints (between neighbouring values) strictly below
+// x / absmax — the rule of the torch path (torch.bucketize), so both store the same codes for the same values.
+constexpr int64_t kQuantBlock = 256;  // torchlamb.quantized.BLOCK, checked by the caller
+
+struct CodeMap {
+  const float* values;     // 256 sorted values in [-1, 1]
+  const float* midpoints;  // 255
+  // For each pattern of a float's upper 16 bits, the number of midpoints below the smallest float with that
+  // pattern: the search starts there and moves up past the few midpoints inside the pattern's range.
+  const uint8_t* starts;   // 65536
+  uint8_t zero;            // the code of 0
+
+  uint8_t encode(float x) const {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    int code = starts[bits >> 16];
+    while (code < 255 && midpoints[code] < x) ++code;
+    return static_cast<uint8_t>(code);
+  }
+
+  // The codes of a block's values x[0, n) with their absmax (0: every code is that of 0). `floor`: a positive
+  // value never takes the code of 0 (the unsigned map of √v).
+  void encode_block(const float* x, int64_t n, float absmax, bool floor, uint8_t* codes) const {
+    for (int64_t k = 0; k < n; ++k) {
+      uint8_t code = absmax > 0 ? encode(x[k] / absmax) : zero;
+      if (floor && code == zero && x[k] > 0) code = zero + 1;
+      codes[k] = code;
+    }
+  }
+};
+
+CodeMap code_map(const std::vector<torch::Tensor>& tables, size_t first) {
+  const auto& values = tables[first];
+  const auto& midpoints = tables[first + 1];
+  const auto& starts = tables[first + 2];
+  TORCH_CHECK(values.numel() == 256 && values.scalar_type() == torch::kFloat32 && values.is_contiguous() &&
+                  midpoints.numel() == 255 && midpoints.scalar_type() == torch::kFloat32 &&
+                  midpoints.is_contiguous() && starts.numel() == 65536 && starts.scalar_type() == torch::kUInt8 &&
+                  starts.is_contiguous(),
+              "torchlamb fused: a code map is 256 float32 values, 255 float32 midpoints and 65536 uint8 starts");
+  const float* v = values.data_ptr<float>();
+  const uint8_t zero = static_cast<uint8_t>(std::find(v, v + 256, 0.0f) - v);
+  return CodeMap{v, midpoints.data_ptr<float>(), starts.data_ptr<uint8_t>(), zero};
+}
+
+// The largest |x| of x[0, n), NaN if any is NaN (as torch's amax).
+inline float absmax_of(const float* x, int64_t n) {
+  float largest = 0;
+  bool nan = false;
+  for (int64_t k = 0; k < n; ++k) {
+    largest = std::max(largest, std::abs(x[k]));
+    nan |= std::isnan(x[k]);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
+}
+
+// Every tensor of a quantized state: codes like the parameter (uint8, contiguous), one float absmax per block.
+void check_quantized(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& codes,
+                     const std::vector<torch::Tensor>& absmax, const char* name) {
+  TORCH_CHECK(codes.size() == params.size() && absmax.size() == params.size(), "torchlamb fused: ", name,
+              " needs codes and absmax for every parameter");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    TORCH_CHECK(params[i].is_contiguous() && params[i].device().is_cpu(), "torchlamb fused: parameter ", i,
+                " is not a contiguous CPU tensor");
+    TORCH_CHECK(codes[i].scalar_type() == torch::kUInt8 && codes[i].is_contiguous() && codes[i].is_cpu() &&
+                    codes[i].numel() == params[i].numel() && absmax[i].scalar_type() == torch::kFloat32 &&
+                    absmax[i].is_contiguous() && absmax[i].is_cpu() && absmax[i].numel() == blocks,
+                "torchlamb fused: the 8-bit ", name, " of parameter ", i, " does not fit it");
+  }
+}
+
+// LAMB pass 1 on the blocks of elements [0, n) (n a multiple of kQuantBlock but for a tensor's last block): per
+// block, dequantize m and s = √v, update them in float, store their codes and absmax, and sum ‖θ‖² and ‖u‖² with
+// u computed from the values as stored (dequantized again), so pass 2 recomputes the same u from the codes.
+template <typename T>
+Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ m_codes,
+                       float* __restrict__ m_absmax, uint8_t* __restrict__ s_codes, float* __restrict__ s_absmax,
+                       int64_t n, const CodeMap& m_map, const CodeMap& s_map, double grad_factor, double beta1,
+                       double beta2, double eps_, double decay_, double theta_factor, double c1_, double c2_) {
+  using opmath_t = at::opmath_type<T>;  // θ's arithmetic (double for double); the moments compute in float
+  const float one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2;
+  const float c1 = c1_, c2 = c2_, eps = eps_, scale = grad_factor;
+  const opmath_t decay = decay_, factor = theta_factor;
+  const bool rescale_theta = theta_factor != 1.0;
+  float m[kQuantBlock], s[kQuantBlock];
+  Sums sums{0, 0, 0};
+  for (int64_t start = 0; start < n; start += kQuantBlock) {
+    const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
+    T* t = theta + start;
+    uint8_t* mc = m_codes + start;
+    uint8_t* sc = s_codes + start;
+    if (rescale_theta) {
+      for (int64_t k = 0; k < len; ++k) t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) * factor);
+    }
+    const float m_scale = m_absmax[block], s_scale = s_absmax[block];
+    for (int64_t k = 0; k < len; ++k) {
+      const float grad = static_cast<float>(g[start + k]) * scale;
+      const float m_old = m_map.values[mc[k]] * m_scale, s_old = s_map.values[sc[k]] * s_scale;
+      const float v_old = s_old * s_old;
+      m[k] = m_old + one_minus_b1 * (grad - m_old);
+      s[k] = std::sqrt(v_old + one_minus_b2 * (grad * grad - v_old));
+    }
+    const float m_max = absmax_of(m, len), s_max = absmax_of(s, len);
+    m_absmax[block] = m_max;
+    s_absmax[block] = s_max;
+    m_map.encode_block(m, len, m_max, false, mc);
+    s_map.encode_block(s, len, s_max, true, sc);
+    opmath_t theta_sq = 0, u_sq = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const opmath_t th = static_cast<opmath_t>(t[k]);
+      const float m_stored = m_map.values[mc[k]] * m_max, s_stored = s_map.values[sc[k]] * s_max;
+      const opmath_t update = (m_stored * c1) / (s_stored * c2 + eps) + decay * th;
+      theta_sq += th * th;
+      u_sq += update * update;
+    }
+    sums[0] += theta_sq;
+    sums[1] += u_sq;
+  }
+  return sums;
+}
+
+// LAMB pass 2 on elements [begin, end) of a tensor: θ ← θ + scale·u, u from the stored codes as in pass 1.
+template <typename T>
+void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes, const float* __restrict__ m_absmax,
+                     const uint8_t* __restrict__ s_codes, const float* __restrict__ s_absmax, int64_t begin,
+                     int64_t end, const CodeMap& m_map, const CodeMap& s_map, double eps_, double decay_,
+                     double c1_, double c2_, double scale_) {
+  using opmath_t = at::opmath_type<T>;
+  const float c1 = c1_, c2 = c2_, eps = eps_;
+  const opmath_t decay = decay_, scale = scale_;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t block = k / kQuantBlock;
+    const opmath_t th = static_cast<opmath_t>(theta[k]);
+    const float m_stored = m_map.values[m_codes[k]] * m_absmax[block];
+    const float s_stored = s_map.values[s_codes[k]] * s_absmax[block];
+    const opmath_t update = (m_stored * c1) / (s_stored * c2 + eps) + decay * th;
+    theta[k] = static_cast<T>(th + scale * update);
+  }
+}
+
+// LARS pass 2 on the blocks of elements [0, n): b ← μb + r·u stored in 8 bits, then θ ← θ − lr·(b as stored, or
+// r·u + μb with Nesterov).
+template <typename T>
+void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ b_codes,
+                     float* __restrict__ b_absmax, int64_t n, const CodeMap& map, double grad_factor,
+                     double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
+  using opmath_t = at::opmath_type<T>;
+  const float scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_;
+  const opmath_t lr = lr_;
+  float b[kQuantBlock], scaled[kQuantBlock];
+  for (int64_t start = 0; start < n; start += kQuantBlock) {
+    const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
+    T* t = theta + start;
+    uint8_t* codes = b_codes + start;
+    const float b_scale = b_absmax[block];
+    for (int64_t k = 0; k < len; ++k) {
+      scaled[k] = (static_cast<float>(g[start + k]) * scale + decay * static_cast<float>(t[k])) * ratio;
+      b[k] = mu * (map.values[codes[k]] * b_scale) + scaled[k];
+    }
+    const float b_max = absmax_of(b, len);
+    b_absmax[block] = b_max;
+    map.encode_block(b, len, b_max, false, codes);
+    for (int64_t k = 0; k < len; ++k) {
+      const float b_stored = map.values[codes[k]] * b_max;
+      const float direction = nesterov ? scaled[k] + mu * b_stored : b_stored;
+      t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) - lr * direction);
+    }
+  }
+}
+
+// Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
+std::vector<Stats> lamb_corrections(const std::vector<torch::Tensor>& steps, Phase phase, double lr, double beta1,
+                                    double beta2, int64_t bias_correction) {
+  std::vector<Stats> before(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const double t = count_step(steps[i], phase);
+    const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
+    Stats& s = before[i];
+    s.scale = -lr;
+    if (bias_correction == 1) {
+      s.c1 = 1.0 / debias1;
+      s.c2 = 1.0 / std::sqrt(debias2);
+    } else if (bias_correction == 2) {
+      s.scale *= std::sqrt(debias2) / debias1;
+    } else if (bias_correction == 3) {
+      s.scale /= debias1;
+    }
+  }
+  return before;
 }
 
 Trust make_trust(bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
@@ -270,38 +509,24 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
                         double trust_eps, int64_t phase_, torch::Tensor ratios) {
   const Phase phase = static_cast<Phase>(phase_);
   const double* given = given_ratios(params, phase, ratios);
-  check_like_params(params, exp_avgs, "exp_avgs");
-  check_like_params(params, exp_avg_sqs, "exp_avg_sqs");
+  check_state(params, exp_avgs, "exp_avgs");
+  check_state(params, exp_avg_sqs, "exp_avg_sqs");
   if (phase != kApply) check_like_params(params, grads, "grads");
   check_steps(params, steps);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
   const double decay = decay_outside_ratio ? 0.0 : weight_decay;
   const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  // Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
-  std::vector<Stats> before(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const double t = count_step(steps[i], phase);
-    const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
-    Stats& s = before[i];
-    s.scale = -lr;
-    if (bias_correction == 1) {
-      s.c1 = 1.0 / debias1;
-      s.c2 = 1.0 / std::sqrt(debias2);
-    } else if (bias_correction == 2) {
-      s.scale *= std::sqrt(debias2) / debias1;
-    } else if (bias_correction == 3) {
-      s.scale /= debias1;
-    }
-  }
+  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, bias_correction);
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
-        TORCHLAMB_DISPATCH(params[i], "lamb_moments", [&] {
-          sums = lamb_moments<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
-                                        ptr<scalar_t>(exp_avgs[i], begin), ptr<scalar_t>(exp_avg_sqs[i], begin),
-                                        end - begin, grad_factor, beta1, beta2, eps, decay, theta_factor,
-                                        before[i].c1, before[i].c2);
+        dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto s) {
+          using T = decltype(t);
+          using S = decltype(s);
+          sums = lamb_moments<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(exp_avgs[i], begin),
+                                    ptr<S>(exp_avg_sqs[i], begin), end - begin, grad_factor, beta1, beta2, eps,
+                                    decay, theta_factor, before[i].c1, before[i].c2);
         });
         return sums;
       },
@@ -314,9 +539,11 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         return s;
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
-        TORCHLAMB_DISPATCH(params[i], "lamb_apply", [&] {
-          lamb_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(exp_avgs[i], begin),
-                               ptr<scalar_t>(exp_avg_sqs[i], begin), end - begin, eps, decay, s.c1, s.c2, s.scale);
+        dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto state) {
+          using T = decltype(t);
+          using S = decltype(state);
+          lamb_apply<T, S>(ptr<T>(params[i], begin), ptr<S>(exp_avgs[i], begin), ptr<S>(exp_avg_sqs[i], begin),
+                           end - begin, eps, decay, s.c1, s.c2, s.scale);
         });
       });
 }
@@ -332,7 +559,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
   const Phase phase = static_cast<Phase>(phase_);
   const double* given = given_ratios(params, phase, ratios);
   check_like_params(params, grads, "grads");
-  check_like_params(params, momentum_buffers, "momentum_buffers");
+  check_state(params, momentum_buffers, "momentum_buffers");
   check_steps(params, steps);
   for (const auto& step : steps) count_step(step, phase);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
@@ -354,10 +581,111 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         return s;
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
-        TORCHLAMB_DISPATCH(params[i], "lars_apply", [&] {
-          lars_apply<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
-                               ptr<scalar_t>(momentum_buffers[i], begin), end - begin, grad_factor, weight_decay,
-                               momentum, nesterov, s.ratio, lr);
+        dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
+          using T = decltype(t);
+          using S = decltype(state);
+          lars_apply<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(momentum_buffers[i], begin),
+                           end - begin, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
         });
       });
+}
+
+// LAMB with 8-bit moments (m in signed codes, √v in unsigned ones; see torchlamb.quantized): a whole step, or one
+// phase of it, as lamb_step. `tables`: the signed map's values, midpoints and starts, then the unsigned map's.
+torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                             std::vector<torch::Tensor> m_codes, std::vector<torch::Tensor> m_absmax,
+                             std::vector<torch::Tensor> s_codes, std::vector<torch::Tensor> s_absmax,
+                             std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
+                             double beta1, double beta2, double eps, double weight_decay, int64_t bias_correction,
+                             bool decay_outside_ratio, double grad_factor, bool adapt, double weight_lo,
+                             double weight_hi, double ratio_lo, double ratio_hi, double trust_eps, int64_t phase_,
+                             torch::Tensor ratios) {
+  const Phase phase = static_cast<Phase>(phase_);
+  const double* given = given_ratios(params, phase, ratios);
+  check_quantized(params, m_codes, m_absmax, "exp_avg");
+  check_quantized(params, s_codes, s_absmax, "exp_avg_sqrt");
+  if (phase != kApply) check_like_params(params, grads, "grads");
+  check_steps(params, steps);
+  TORCH_CHECK(tables.size() == 6, "torchlamb fused: lamb_step_8bit takes two code maps");
+  const CodeMap m_map = code_map(tables, 0), s_map = code_map(tables, 3);
+  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
+  const double decay = decay_outside_ratio ? 0.0 : weight_decay;
+  const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
+  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, bias_correction);
+  return each_tensor(
+      params, phase,
+      [&](int64_t i, int64_t begin, int64_t end) {
+        Sums sums;
+        const int64_t block = begin / kQuantBlock;
+        TORCHLAMB_DISPATCH(params[i], "lamb_moments_8bit", [&] {
+          sums = lamb_moments_8bit<scalar_t>(
+              ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), ptr<uint8_t>(m_codes[i], begin),
+              ptr<float>(m_absmax[i], block), ptr<uint8_t>(s_codes[i], begin), ptr<float>(s_absmax[i], block),
+              end - begin, m_map, s_map, grad_factor, beta1, beta2, eps, decay, theta_factor, before[i].c1,
+              before[i].c2);
+        });
+        return sums;
+      },
+      [&](int64_t i, const Sums& sums) {
+        Stats s = before[i];
+        s.weight_norm = std::sqrt(sums[0]);
+        s.update_norm = std::sqrt(sums[1]);
+        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
+        s.scale *= s.ratio;
+        return s;
+      },
+      [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
+        TORCHLAMB_DISPATCH(params[i], "lamb_apply_8bit", [&] {
+          lamb_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0),
+                                    ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0),
+                                    ptr<float>(s_absmax[i], 0), begin, end, m_map, s_map, eps, decay, s.c1, s.c2,
+                                    s.scale);
+        });
+      },
+      kQuantBlock);
+}
+
+// LARS with an 8-bit momentum buffer (signed codes): a whole step, or one phase of it, as lars_step. `tables`:
+// the signed map's values, midpoints and starts.
+torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                             std::vector<torch::Tensor> b_codes, std::vector<torch::Tensor> b_absmax,
+                             std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
+                             double momentum, double weight_decay, bool nesterov, bool split_denominator,
+                             double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
+                             double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase_,
+                             torch::Tensor ratios) {
+  const Phase phase = static_cast<Phase>(phase_);
+  const double* given = given_ratios(params, phase, ratios);
+  check_like_params(params, grads, "grads");
+  check_quantized(params, b_codes, b_absmax, "momentum_buffer");
+  check_steps(params, steps);
+  TORCH_CHECK(tables.size() == 3, "torchlamb fused: lars_step_8bit takes one code map");
+  const CodeMap map = code_map(tables, 0);
+  for (const auto& step : steps) count_step(step, phase);
+  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
+  return each_tensor(
+      params, phase,
+      [&](int64_t i, int64_t begin, int64_t end) {
+        Sums sums;
+        TORCHLAMB_DISPATCH(params[i], "lars_norms", [&] {
+          sums = lars_norms<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), end - begin,
+                                      grad_factor, weight_decay);
+        });
+        return sums;
+      },
+      [&](int64_t i, const Sums& sums) {
+        Stats s;
+        s.weight_norm = std::sqrt(sums[0]);
+        s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
+        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
+        return s;
+      },
+      [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
+        TORCHLAMB_DISPATCH(params[i], "lars_apply_8bit", [&] {
+          lars_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
+                                    ptr<uint8_t>(b_codes[i], begin), ptr<float>(b_absmax[i], begin / kQuantBlock),
+                                    end - begin, map, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
+        });
+      },
+      kQuantBlock);
 }

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..quantized import BLOCK, Stored
 from ..trust import FirstPass, norm_dtype
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,16 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v9_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v11_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
             _say(f"torchlamb: building the fused CPU kernels in {directory} (first use on this machine: about 30 s; "
                  "later runs load them from there)")
         start = time.perf_counter()
-        module = load_inline(name, cpp_sources=_SOURCE, functions=["lamb_step", "lars_step"], extra_cflags=_CFLAGS,
+        module = load_inline(name, cpp_sources=_SOURCE,
+                             functions=["lamb_step", "lars_step", "lamb_step_8bit", "lars_step_8bit"],
+                             extra_cflags=_CFLAGS,
                              extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         module.build_seconds = time.perf_counter() - start
         if _built_libraries(directory) != before:  # torch also rebuilds when the sources changed
@@ -219,3 +222,45 @@ def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
     squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=no_trust)
     return FirstPass(squares, lambda ratio: _lars(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
                                                   *states, **options, trust_options=no_trust))
+
+
+# -- 8-bit state (torchlamb.quantized) ----------------------------------------------------------------------------
+# Pass 1 dequantizes each block's codes, updates the values in float32, stores the block's new codes and absmax and
+# sums ‖u‖² with u from the values as stored; pass 2 recomputes u from the codes. Threads take whole blocks.
+
+
+def _tables(*stored: Stored) -> list[Tensor]:
+    """The code maps the kernels read (values, midpoints, starts for each), in the order of ``stored``."""
+    assert BLOCK == 256, "the fused kernels quantize blocks of 256 values (kQuantBlock)"
+    return [table for s in stored for table in (s.code.values, s.code.midpoints, s.code.starts)]
+
+
+def _codes(states: list[dict[str, Tensor]], stored: Stored) -> tuple[list[Tensor], list[Tensor]]:
+    return [state[stored.codes_key] for state in states], [state[stored.absmax_key] for state in states]
+
+
+def fused_lamb_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], moments: tuple[Stored, Stored], *, lr: float | Tensor, beta1: float,
+                         beta2: float, eps: float, weight_decay: float, bias_correction: Any,
+                         decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
+                         trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
+    first, second = moments
+    result = load().lamb_step_8bit(
+        params, _kernel_grads(params, grads), *_codes(states, first), *_codes(states, second), steps,
+        _tables(first, second), float(lr), beta1, beta2, eps, weight_decay, _BIAS_CORRECTION_CODES[bias_correction],
+        decay_outside_ratio, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options),
+        _WHOLE, _NO_RATIOS)
+    return _stats(result, params)
+
+
+def fused_lars_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], buffer: Stored, *, lr: float | Tensor, momentum: float,
+                         weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
+                         grad_factor: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole Lars step on an 8-bit momentum buffer; returns ‖θ‖, the denominator and r."""
+    result = load().lars_step_8bit(
+        params, _kernel_grads(params, grads), *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum,
+        weight_decay, nesterov, split_denominator, _gradient_multiplier(maximize, grad_factor),
+        *_trust_arguments(**trust_options), _WHOLE, _NO_RATIOS)
+    return _stats(result, params)
