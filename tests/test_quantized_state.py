@@ -58,7 +58,7 @@ def run_torch(optimizer_class, params, grads, **options):
     return tensors, optimizer, torch.stack(ratios)
 
 
-def run_reference(optimizer_class, params, grads, store=None, **options):
+def run_reference(optimizer_class, params, grads, store=None, stored_update=True, **options):
     if optimizer_class is Lamb:
         group = ref.RefGroup(params=[p.double().numpy() for p in params], **options)
         reference = ref.ReferenceLamb([group])
@@ -66,13 +66,20 @@ def run_reference(optimizer_class, params, grads, store=None, **options):
         group = ref.RefLarsGroup(params=[p.double().numpy() for p in params], **options)
         reference = ref.ReferenceLars([group])
     group = reference.groups[0]
-    if store is not None:
-        group.store = store
+    group.store, group.stored_update = store, stored_update
     ratios = []
     for step_grads in grads:
         reference.step([[g.double().numpy() for g in step_grads]])
         ratios.append(reference.trust_ratios[0])
     return [torch.from_numpy(p) for p in group.params], torch.tensor(ratios, dtype=torch.float64)
+
+
+def assert_moved_like(tensors, expected, starts, bound):
+    """Each tensor moved from its start as ``expected`` did, to a relative error (of the movement) below ``bound``."""
+    for tensor, want, start in zip(tensors, expected, starts):
+        moved, want_moved = tensor.detach().double() - start.double(), torch.as_tensor(want) - start.double()
+        error = float((moved - want_moved).norm() / want_moved.norm())
+        assert error < bound, (error, bound)
 
 
 LAMB_OPTIONS = [
@@ -141,9 +148,7 @@ def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options, path):
     expected, expected_ratios = run_reference(Lamb, params, grads, store=eight_bit_moments, **options)
     assert "exp_avg_codes" in optimizer.state[tensors[0]] and "exp_avg" in optimizer.state[tensors[1]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
-    for tensor, want, start in zip(tensors, expected, params):
-        moved, want_moved = tensor.detach().double() - start.double(), want - start.double()
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 1e-3
+    assert_moved_like(tensors, expected, params, 1e-3)
 
 
 LARS_OPTIONS = [dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, weight_decay=0.01),
@@ -158,9 +163,7 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path):
     expected, expected_ratios = run_reference(Lars, params, grads, store=eight_bit_buffer, **options)
     assert "momentum_buffer_codes" in optimizer.state[tensors[0]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
-    for tensor, want, start in zip(tensors, expected, params):
-        moved, want_moved = tensor.detach().double() - start.double(), want - start.double()
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 1e-3
+    assert_moved_like(tensors, expected, params, 1e-3)
 
 
 @PATHS
@@ -241,16 +244,10 @@ def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, sto
     tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype=torch.bfloat16, **path, **options)
     assert optimizer.state[tensors[0]]["exp_avg"].dtype == torch.bfloat16
 
-    group = ref.RefGroup(params=[p.double().numpy() for p in params], store=bfloat16_moments,
-                         stored_update=stored_update, **options)
-    reference = ref.ReferenceLamb([group])
-    for step_grads in grads:
-        reference.step([[g.double().numpy() for g in step_grads]])
-    for tensor, want, start in zip(tensors, reference.groups[0].params, params):
-        moved, want_moved = tensor.detach().double() - start.double(), torch.from_numpy(want) - start.double()
-        # 6e-5 measured (a moment computed in float32 and one in float64 may round to neighbouring bfloat16
-        # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost.
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-4
+    expected, _ = run_reference(Lamb, params, grads, bfloat16_moments, stored_update, **options)
+    # 6e-5 measured (a moment computed in float32 and one in float64 may round to neighbouring bfloat16
+    # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost.
+    assert_moved_like(tensors, expected, params, 2e-4)
 
 
 @BFLOAT16_PATHS
@@ -259,14 +256,8 @@ def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stor
     options = LARS_OPTIONS[0]
     tensors, _, _ = run_torch(Lars, params, grads, state_dtype=torch.bfloat16, **path, **options)
     # θ moves by the float32 buffer, stored rounded after (torch paths), or by the rounded one (fused).
-    group = ref.RefLarsGroup(params=[p.double().numpy() for p in params], store=ref.round_to_bfloat16,
-                             stored_update=stored_update, **options)
-    reference = ref.ReferenceLars([group])
-    for step_grads in grads:
-        reference.step([[g.double().numpy() for g in step_grads]])
-    for tensor, want, start in zip(tensors, reference.groups[0].params, params):
-        moved, want_moved = tensor.detach().double() - start.double(), torch.from_numpy(want) - start.double()
-        assert float((moved - want_moved).norm() / want_moved.norm()) < 2e-4  # as for Lamb
+    expected, _ = run_reference(Lars, params, grads, ref.round_to_bfloat16, stored_update, **options)
+    assert_moved_like(tensors, expected, params, 2e-4)  # as for Lamb
 
 
 # -- everything else keeps working ------------------------------------------------------------------------------

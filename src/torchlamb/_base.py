@@ -309,44 +309,39 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             state["master"] = param.detach().to(torch.float32, copy=True)
         return state
 
+    def _by_storage(self, group: dict[str, Any], *columns: list[Tensor]) -> list[tuple[bool, list[int], list]]:
+        """The parameters split by how their state is stored: [(in 8 bits, their positions, each of ``columns``
+        at those positions)] for the float and the 8-bit ones present (``columns[0]``: the parameters)."""
+        eight_bit = [self._stores_8bit(group, p) for p in columns[0]]
+        parts = []
+        for wanted in (False, True):
+            positions = [i for i, is_8bit in enumerate(eight_bit) if is_8bit == wanted]
+            if positions:
+                parts.append((wanted, positions, [[column[i] for i in positions] for column in columns]))
+        return parts
+
     def _group_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                           grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
                           keep: Tensor | None) -> FirstPass:
         """:meth:`_first_pass`, with the parameters whose state is stored in 8 bits taken apart to
-        :meth:`_quantized_first_pass`; the two results are put back in the order of ``params``."""
-        eight_bit = [self._stores_8bit(group, p) for p in params]
-        if not any(eight_bit):
-            return self._first_pass(group, params, targets, grads, grad_factor, implementation, keep)
-        parts = []
-        for wanted in (False, True):
-            positions = [i for i, is_8bit in enumerate(eight_bit) if is_8bit == wanted]
-            if not positions:
-                continue
-            pick = [params[i] for i in positions], [targets[i] for i in positions], [grads[i] for i in positions]
-            first = (self._quantized_first_pass(group, *pick, grad_factor, keep) if wanted
-                     else self._first_pass(group, *pick, grad_factor, implementation, keep))
-            parts.append((positions, first))
-        return _merged(len(params), parts)
+        :meth:`_quantized_first_pass`; the results are put back in the order of ``params``."""
+        parts = [(positions, self._quantized_first_pass(group, *picked, grad_factor, keep) if eight_bit
+                  else self._first_pass(group, *picked, grad_factor, implementation, keep))
+                 for eight_bit, positions, picked in self._by_storage(group, params, targets, grads)]
+        return parts[0][1] if len(parts) == 1 else _merged(len(params), parts)
 
     def _group_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                           grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
         """:meth:`_whole_step`, with the parameters whose state is stored in 8 bits taken apart to
         :meth:`_quantized_whole_step`; the statistics are put back in the order of ``params``."""
-        eight_bit = [self._stores_8bit(group, p) for p in params]
-        if not any(eight_bit):
-            return self._whole_step(group, params, targets, grads, grad_factor)
-        columns = None
-        for wanted in (False, True):
-            positions = [i for i, is_8bit in enumerate(eight_bit) if is_8bit == wanted]
-            if not positions:
-                continue
-            pick = [params[i] for i in positions], [targets[i] for i in positions], [grads[i] for i in positions]
-            part = (self._quantized_whole_step(group, *pick, grad_factor) if wanted
-                    else self._whole_step(group, *pick, grad_factor))
-            values = torch.stack([part.weight_norm, part.update_norm, part.trust_ratio])
-            if columns is None:
-                columns = values.new_zeros(3, len(params))
-            columns[:, positions] = values
+        parts = [(positions, self._quantized_whole_step(group, *picked, grad_factor) if eight_bit
+                  else self._whole_step(group, *picked, grad_factor))
+                 for eight_bit, positions, picked in self._by_storage(group, params, targets, grads)]
+        if len(parts) == 1:
+            return parts[0][1]
+        columns = parts[0][1].weight_norm.new_zeros(3, len(params))
+        for positions, stats in parts:
+            columns[:, positions] = torch.stack([stats.weight_norm, stats.update_norm, stats.trust_ratio])
         return TrustStats(params, *columns.unbind(0))
 
     # -- master weights ------------------------------------------------------------------------------------

@@ -91,8 +91,10 @@ class Lamb(LayerwiseOptimizer):
             state (saved by ``state_dict``, restored exactly by ``load_state_dict``); the update runs on the master
             and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
         state_dtype: the dtype the moments are stored in (e.g. ``torch.bfloat16`` to halve their memory); the
-            update still computes in the parameter's (or master's) dtype. None: that dtype. Groups whose state is
-            stored in another dtype take the foreach path. ``"8bit"``: block-wise 8-bit moments
+            update still computes in the parameter's (or master's) dtype. None: that dtype. The fused CPU kernels
+            read and write bfloat16/float16 moments of float32 tensors in place and compute u from the moments as
+            stored; the other paths compute u in float32 and store the moments rounded (one rounding apart).
+            ``"8bit"``: block-wise 8-bit moments
             (:mod:`torchlamb.quantized`; a quarter of float32's memory) for tensors of at least 4096 elements,
             float for smaller ones. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for √v,
             ``exp_avg_sqrt_codes``/``exp_avg_sqrt_absmax``; u and its norm are computed from the moments as stored,

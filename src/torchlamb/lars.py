@@ -175,18 +175,26 @@ class Lars(LayerwiseOptimizer):
                     maximize=group["maximize"])
 
 
-def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
-                        nesterov: bool, split_denominator: bool, maximize: bool,
-                        grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
-    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list.
-    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
+def _directions(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], weight_decay: float, maximize: bool,
+                grad_factor: Tensor | None, keep: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    """One tensor at a time: the gradients g as the update uses them and the directions u = g + λθ; counts the
+    steps."""
     effective, updates = [], []
     for param, grad, step in zip(params, grads, steps):
         grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
         step += 1 if keep is None else keep
         effective.append(grad)
         updates.append(grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad)
+    return effective, updates
+
+
+def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
+                        nesterov: bool, split_denominator: bool, maximize: bool,
+                        grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list.
+    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
+    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, keep)
 
     def finish(ratio: Tensor) -> None:
         # Skipped: b ← 1·b + 0, θ ← θ − 0.
@@ -209,12 +217,7 @@ def _quantized_lars(params: list[Tensor], grads: list[Tensor], states: list[dict
     """LARS with an 8-bit momentum buffer, one tensor at a time: b is dequantized, updated in float32 and stored,
     and θ moves by the buffer as stored (dequantized again), the one the next step continues from. A skipped step
     stores nothing and moves nothing."""
-    effective, updates = [], []
-    for param, grad, step in zip(params, grads, steps):
-        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
-        step += 1 if keep is None else keep
-        effective.append(grad)
-        updates.append(grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad)
+    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, keep)
 
     def finish(ratio: Tensor) -> None:
         step_lr = lr if keep is None else lr * keep

@@ -2,7 +2,7 @@
 Optimizers via Block-wise Quantization".
 
 A state tensor x (a moment, a momentum buffer) is stored as one byte per element plus one float32 per block of
-:data:`BLOCK` consecutive elements (of the flattened tensor; the last block may be shorter):
+``BLOCK`` = 256 consecutive elements (of the flattened tensor; the last block may be shorter)::
 
     absmax_b = max |x_i| over block b
     code_i   = the index of the entry of the code map nearest to x_i / absmax_b      (stored as uint8)
@@ -22,7 +22,7 @@ nearest would give the 0 code, it takes the smallest positive one instead. A coo
 its m did not (an embedding row that went many steps without a gradient: v decays like β2^k, m like β1^k, but m
 keeps a residue) would make m/(0 + ε) huge and wreck ‖u‖, hence the trust ratio of its whole tensor.
 
-Tensors with fewer than :data:`MIN_NUMEL` elements keep float32 state: their bytes do not matter, and biases and
+Tensors with fewer than ``MIN_NUMEL`` = 4096 elements keep float32 state: their bytes do not matter, and biases and
 norm scales are where quantization would hurt most.
 """
 
@@ -84,7 +84,7 @@ def _log_magnitudes(count: int) -> list[float]:
 @functools.cache
 def code_map(signed: bool, kind: str = "dynamic") -> CodeMap:
     """The code map: ``kind`` "dynamic" (Dettmers et al.'s idea of an exponent and a linear fraction: 7 decades for
-    the signed map, 8 for the unsigned one) or "log" (evenly spaced in log over :data:`DECADES` decades).
+    the signed map, 8 for the unsigned one) or "log" (evenly spaced in log over ``DECADES`` = 7 decades).
 
     The signed map holds 0, ±127 magnitudes and, as the 256th value, half the smallest magnitude (the widest gap
     in the table, between 0 and its neighbours); the unsigned map holds 0 and 255 magnitudes. Both hold exactly 1,
@@ -122,7 +122,7 @@ def blocks(numel: int, block: int = BLOCK) -> int:
 
 def quantizes(param: Tensor) -> bool:
     """Whether ``param``'s state is stored in 8 bits under ``state_dtype="8bit"``: real floating tensors of at least
-    :data:`MIN_NUMEL` elements (on this process)."""
+    ``MIN_NUMEL`` elements (on this process)."""
     return param.is_floating_point() and param.numel() >= MIN_NUMEL
 
 

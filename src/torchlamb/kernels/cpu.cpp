@@ -472,6 +472,36 @@ void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __
   }
 }
 
+// After pass 1 of a LAMB tensor: its norms, its ratio (the caller's in the apply phase: `given`), its step size.
+Stats lamb_finish(Stats s, const Sums& sums, const double* given, const Trust& trust) {
+  s.weight_norm = std::sqrt(sums[0]);
+  s.update_norm = std::sqrt(sums[1]);
+  s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
+  s.scale *= s.ratio;
+  return s;
+}
+
+// LARS pass 1 on elements [begin, end) of a tensor: ‖θ‖², ‖g‖², ‖g + λθ‖².
+Sums lars_range_norms(const torch::Tensor& param, const torch::Tensor& grad, int64_t begin, int64_t end,
+                      double grad_factor, double weight_decay) {
+  Sums sums;
+  TORCHLAMB_DISPATCH(param, "lars_norms", [&] {
+    sums = lars_norms<scalar_t>(ptr<scalar_t>(param, begin), ptr<scalar_t>(grad, begin), end - begin, grad_factor,
+                                weight_decay);
+  });
+  return sums;
+}
+
+// After pass 1 of a LARS tensor: its norms, the ratio's denominator and the ratio (the caller's: `given`).
+Stats lars_finish(const Sums& sums, bool split_denominator, double weight_decay, const double* given,
+                  const Trust& trust) {
+  Stats s;
+  s.weight_norm = std::sqrt(sums[0]);
+  s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
+  s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
+  return s;
+}
+
 // Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
 std::vector<Stats> lamb_corrections(const std::vector<torch::Tensor>& steps, Phase phase, double lr, double beta1,
                                     double beta2, int64_t bias_correction) {
@@ -530,14 +560,7 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         });
         return sums;
       },
-      [&](int64_t i, const Sums& sums) {
-        Stats s = before[i];
-        s.weight_norm = std::sqrt(sums[0]);
-        s.update_norm = std::sqrt(sums[1]);
-        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
-        s.scale *= s.ratio;
-        return s;
-      },
+      [&](int64_t i, const Sums& sums) { return lamb_finish(before[i], sums, given ? given + i : nullptr, trust); },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto state) {
           using T = decltype(t);
@@ -566,19 +589,10 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
-        Sums sums;
-        TORCHLAMB_DISPATCH(params[i], "lars_norms", [&] {
-          sums = lars_norms<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), end - begin,
-                                      grad_factor, weight_decay);
-        });
-        return sums;
+        return lars_range_norms(params[i], grads[i], begin, end, grad_factor, weight_decay);
       },
       [&](int64_t i, const Sums& sums) {
-        Stats s;
-        s.weight_norm = std::sqrt(sums[0]);
-        s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
-        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
-        return s;
+        return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
@@ -626,14 +640,7 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
         });
         return sums;
       },
-      [&](int64_t i, const Sums& sums) {
-        Stats s = before[i];
-        s.weight_norm = std::sqrt(sums[0]);
-        s.update_norm = std::sqrt(sums[1]);
-        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
-        s.scale *= s.ratio;
-        return s;
-      },
+      [&](int64_t i, const Sums& sums) { return lamb_finish(before[i], sums, given ? given + i : nullptr, trust); },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lamb_apply_8bit", [&] {
           lamb_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0),
@@ -666,19 +673,10 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
-        Sums sums;
-        TORCHLAMB_DISPATCH(params[i], "lars_norms", [&] {
-          sums = lars_norms<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), end - begin,
-                                      grad_factor, weight_decay);
-        });
-        return sums;
+        return lars_range_norms(params[i], grads[i], begin, end, grad_factor, weight_decay);
       },
       [&](int64_t i, const Sums& sums) {
-        Stats s;
-        s.weight_norm = std::sqrt(sums[0]);
-        s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
-        s.ratio = given ? given[i] : trust.ratio(s.weight_norm, s.update_norm);
-        return s;
+        return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lars_apply_8bit", [&] {
