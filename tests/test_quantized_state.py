@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import reference as ref
-from torchlamb import Lamb, Lars, quantized
+from torchlamb import Lamb, Lars, kernels, quantized
 from torchlamb.trust import trust_ratio
 
 # Three tensors of >= 4096 elements (8-bit), two small ones (float state); the fused kernels split the largest
@@ -162,6 +162,22 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path):
     tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options, **path)
     expected, expected_ratios = run_reference(Lars, params, grads, store=eight_bit_buffer, **options)
     assert "momentum_buffer_codes" in optimizer.state[tensors[0]]
+    torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
+    assert_moved_like(tensors, expected, params, 1e-3)
+
+
+@pytest.mark.skipif(kernels.triton_module() is None, reason="triton is not installed")
+def test_on_the_triton_path_the_8bit_tensors_take_torch_operations(monkeypatch):
+    """On CUDA (here: Triton's interpreter on CPU tensors) the float-state tensors of a group run in the Triton
+    kernels and its 8-bit ones in torch operations; together they equal the reference."""
+    monkeypatch.setattr(Lamb, "_triton_on_cpu", True)
+    module = kernels.triton_module()
+    first_pass, calls = module.lamb_first_pass, []
+    monkeypatch.setattr(module, "lamb_first_pass", lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+    params, grads = problem(seed=1, steps=3)
+    tensors, _, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **LAMB_OPTIONS[0])
+    expected, expected_ratios = run_reference(Lamb, params, grads, store=eight_bit_moments, **LAMB_OPTIONS[0])
+    assert len(calls) == 3
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=2e-5, atol=0)
     assert_moved_like(tensors, expected, params, 1e-3)
 

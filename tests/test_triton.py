@@ -206,3 +206,22 @@ def test_fused_without_triton_names_what_to_install(monkeypatch, optimizer_class
     with pytest.raises(RuntimeError, match=r"triton.*torchlamb\[gpu\]"):
         train(params, grads, optimizer_class, fused=True)
     train(params, grads, optimizer_class)  # fused=None: the other paths, silently
+
+
+@BOTH
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_master_weights_are_written_to_the_parameters_inside_pass_2(triton_on_cpu, optimizer_class, dtype,
+                                                                   monkeypatch):
+    """Pass 2 writes the low-precision parameter from its updated float32 master, rounded to nearest even (bit
+    operations for bfloat16: the interpreter's cast truncates), and the step copies nothing afterwards."""
+    copied = []
+    write_back = optimizer_class._write_back_masters
+    monkeypatch.setattr(optimizer_class, "_write_back_masters", lambda self, params: copied.extend(
+        p for p in params if id(p) not in self._written_in_kernel) or write_back(self, params))
+    params, grads = odd_problem(dtype)
+    tensors, optimizer = train(params, grads, optimizer_class, fused=True, master_weights=True)
+    assert len(triton_on_cpu) == len(grads) and not copied
+    for tensor in tensors:
+        master = optimizer.state[tensor]["master"]
+        assert tensor.dtype == dtype and torch.equal(tensor.detach(), master.to(dtype))
+    assert any(not torch.equal(t.detach(), p) for t, p in zip(tensors, params))

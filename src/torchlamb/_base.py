@@ -362,11 +362,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             target_grads.append(grad if grad.dtype == target.dtype else grad.to(target.dtype))
         return _real(targets), _real(target_grads)
 
+    def _copies_in_kernel(self, params: list[Tensor]) -> list[Tensor | None]:
+        """For the Triton kernels, which write a low-precision parameter from its float32 master in pass 2 (rounded
+        to nearest even): this process's part of each parameter that has a master, None for the others. Those
+        parameters are then not copied again after the step."""
+        copies = []
+        for param in params:
+            has_master = "master" in self.state[param]
+            if has_master:
+                self._written_in_kernel.add(id(param))
+            copies.append(distributed.local([param])[0] if has_master else None)
+        return copies
+
     def _write_back_masters(self, params: list[Tensor]) -> None:
-        """θ ← master (rounded to θ's dtype) for the parameters with a master copy."""
+        """θ ← master (rounded to θ's dtype) for the parameters with a master copy that no kernel wrote."""
         for param in params:
             master = self.state[param].get("master")
-            if master is not None:
+            if master is not None and id(param) not in self._written_in_kernel:
                 distributed.local([param])[0].copy_(distributed.local([master])[0])
 
     # -- parameter groups ----------------------------------------------------------------------------------
@@ -678,6 +690,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         stats: dict[int, TrustStats] = {}
         pending: list[tuple[int, list[Tensor], FirstPass]] = []
         self._write_backs: list[tuple[Tensor, Tensor]] = []  # (stored state, working copy), see _states
+        self._written_in_kernel: set[int] = set()  # ids of parameters written from their masters, see _copies_in_kernel
         for index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
             if not params:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
@@ -181,7 +182,7 @@ class Lamb(LayerwiseOptimizer):
     def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
                     grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
         if implementation == "triton":
-            update = kernels.triton_module().lamb_first_pass
+            update = functools.partial(kernels.triton_module().lamb_first_pass, copies=self._copies_in_kernel(params))
         else:
             update = {"fused": cpu_kernels.fused_lamb, "foreach": _multi_tensor_lamb,
                       "single_tensor": _single_tensor_lamb}[implementation]

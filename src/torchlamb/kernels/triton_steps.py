@@ -115,8 +115,9 @@ def _lamb_pass1(param_pointers, grad_pointers, m_pointers, v_pointers, numels, c
 
 
 @triton.jit
-def _lamb_pass2(param_pointers, m_pointers, v_pointers, numels, chunk_tensors, chunk_starts, corrections, scales,
-                eps, decay, PARAM: tl.constexpr, STATE: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_pass2(param_pointers, m_pointers, v_pointers, copy_pointers, numels, chunk_tensors, chunk_starts,
+                corrections, scales, eps, decay, PARAM: tl.constexpr, STATE: tl.constexpr, COPY: tl.constexpr,
+                HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensors + chunk)
     offsets = tl.load(chunk_starts + chunk) + tl.arange(0, BLOCK)
@@ -129,7 +130,9 @@ def _lamb_pass2(param_pointers, m_pointers, v_pointers, numels, chunk_tensors, c
     m = _load(m_pointers, tensor, offsets, mask, STATE)
     v = _load(v_pointers, tensor, offsets, mask, STATE)
     update = _lamb_direction(m, v, theta, c1, c2, eps, decay)
-    _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
+    theta = _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
+    if HAS_COPY:  # master weights: the low-precision parameter, written from the float32 master
+        _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 
 
 @triton.jit
@@ -155,9 +158,10 @@ def _lars_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD: tl.constexpr
 
 
 @triton.jit
-def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, numels, chunk_tensors, chunk_starts, scalars, ratios,
-                weight_decay, momentum, NESTEROV: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr,
-                STATE: tl.constexpr, BLOCK: tl.constexpr):
+def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, copy_pointers, numels, chunk_tensors, chunk_starts,
+                scalars, ratios, weight_decay, momentum, NESTEROV: tl.constexpr, PARAM: tl.constexpr,
+                GRAD: tl.constexpr, STATE: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr,
+                BLOCK: tl.constexpr):
     """b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov); u = g + λθ recomputed as in pass 1. On a skipped
     step (keep 0, so r = 0 here) b ← b and θ ← θ."""
     chunk = tl.program_id(0)
@@ -176,7 +180,9 @@ def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, numels, chunk_te
         direction = scaled + momentum * buffer
     else:
         direction = buffer
-    _store(param_pointers, tensor, offsets, mask, theta - (lr * keep) * direction, PARAM)
+    theta = _store(param_pointers, tensor, offsets, mask, theta - (lr * keep) * direction, PARAM)
+    if HAS_COPY:  # master weights: the low-precision parameter, written from the float32 master
+        _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
@@ -232,24 +238,34 @@ def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 class _Launch:
-    """The tensors of one launch (one combination of parameter, gradient and state dtypes): their positions in the
-    group, their chunks and pointer tables, and the Triton dtypes."""
+    """The tensors of one launch (one combination of parameter, gradient, state and copy dtypes): their positions in
+    the group, their chunks and pointer tables, and the Triton dtypes. ``copy``: the pass-2 arguments of the
+    low-precision parameters written from float32 masters (a placeholder table and HAS_COPY False where none)."""
 
-    def __init__(self, positions: list[int], operands: list[list[Tensor]], kind: tuple, device: torch.device):
+    def __init__(self, positions: list[int], operands: list[list[Tensor]], copies: list[Tensor | None], kind: tuple,
+                 device: torch.device):
         self.index = _index(tuple(positions), device)
         self.chunks = _chunks(tuple(operands[0][i].numel() for i in positions), device)
         self.pointers = [_pointers([tensors[i] for i in positions], device) for tensors in operands]
         self.kind = kind
         self.grid = (self.chunks.count,)
+        copy_dtype = kind[3]
+        self.copy = dict(copy_pointers=self.pointers[0] if copy_dtype is None
+                         else _pointers([copies[i] for i in positions], device),
+                         COPY=kind[0] if copy_dtype is None else copy_dtype, HAS_COPY=copy_dtype is not None)
 
 
-def _launches(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-              device: torch.device) -> list[_Launch]:
-    """One launch per (parameter, gradient, state) dtype combination, operands in the order params, grads, states."""
+def _launches(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], device: torch.device,
+              copies: list[Tensor | None] | None = None) -> list[_Launch]:
+    """One launch per (parameter, gradient, state, copy) dtype combination, operands in the order params, grads,
+    states; ``copies[i]``: the low-precision parameter pass 2 writes from master ``params[i]``, or None."""
+    copies = copies or [None] * len(params)
     by_kind: dict[tuple, list[int]] = {}
-    for i, (p, g, s) in enumerate(zip(params, grads, states[0])):
-        by_kind.setdefault((_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype]), []).append(i)
-    return [_Launch(positions, [params, grads, *states], kind, device) for kind, positions in by_kind.items()]
+    for i, (p, g, s, c) in enumerate(zip(params, grads, states[0], copies)):
+        kind = (_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype],
+                None if c is None else _TRITON_DTYPES[c.dtype])
+        by_kind.setdefault(kind, []).append(i)
+    return [_Launch(positions, [params, grads, *states], copies, kind, device) for kind, positions in by_kind.items()]
 
 
 def _step_scalars(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], lr: float | Tensor,
@@ -277,9 +293,12 @@ def _lr64(lr: float | Tensor, device: torch.device) -> float | Tensor:
 def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                     steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                     weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+                    grad_factor: Tensor | None, keep: Tensor | None = None,
+                    copies: list[Tensor | None] | None = None) -> FirstPass:
     """LAMB's pass 1 in Triton for tensors on one device (the arguments of ``lamb._multi_tensor_lamb``), one launch
-    per combination of dtypes; the FirstPass's ``finish(ratio)`` runs pass 2."""
+    per combination of dtypes; the FirstPass's ``finish(ratio)`` runs pass 2, which also writes ``copies[i]`` (a
+    bfloat16/float16 parameter whose float32 master is ``params[i]``) from the updated master, rounded to nearest
+    even."""
     device = params[0].device
     scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
     # Imported here: the optimizers import this package, and these are the bias-correction rules every path shares.
@@ -294,7 +313,7 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     decay_inside = 0.0 if decay_outside_ratio else weight_decay
     decay_outside = bool(decay_outside_ratio and weight_decay != 0)
 
-    launches = _launches(params, grads, [exp_avgs, exp_avg_sqs], device)
+    launches = _launches(params, grads, [exp_avgs, exp_avg_sqs], device, copies)
     squares = torch.zeros(len(params), 2, dtype=torch.float64, device=device)
     for launch in launches:
         launch.corrections = corrections[launch.index].contiguous()
@@ -318,9 +337,10 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
             if launch.chunks.count:
                 param_pointers, _, m_pointers, v_pointers = launch.pointers
                 _lamb_pass2[launch.grid](
-                    param_pointers, m_pointers, v_pointers, launch.chunks.numels, launch.chunks.tensors,
-                    launch.chunks.starts, launch.corrections, scale[launch.index].contiguous(), eps, decay_inside,
-                    PARAM=launch.kind[0], STATE=launch.kind[2], BLOCK=BLOCK)
+                    param_pointers, m_pointers, v_pointers, launch.copy["copy_pointers"], launch.chunks.numels,
+                    launch.chunks.tensors, launch.chunks.starts, launch.corrections, scale[launch.index].contiguous(),
+                    eps, decay_inside, PARAM=launch.kind[0], STATE=launch.kind[2], COPY=launch.copy["COPY"],
+                    HAS_COPY=launch.copy["HAS_COPY"], BLOCK=BLOCK)
 
     return FirstPass(squares, finish)
 
@@ -328,12 +348,13 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
 def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
                     *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
                     split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
-                    keep: Tensor | None = None) -> FirstPass:
+                    keep: Tensor | None = None, copies: list[Tensor | None] | None = None) -> FirstPass:
     """LARS's pass 1 in Triton (the arguments of ``lars._multi_tensor_lars``): ‖θ‖², ‖g‖², ‖g + λθ‖² per tensor,
-    reading θ and g only; the FirstPass's ``finish(ratio)`` runs pass 2 (momentum buffer and θ)."""
+    reading θ and g only; the FirstPass's ``finish(ratio)`` runs pass 2 (momentum buffer and θ, and ``copies`` as
+    for :func:`lamb_first_pass`)."""
     device = params[0].device
     scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
-    launches = _launches(params, grads, [momentum_buffers], device)
+    launches = _launches(params, grads, [momentum_buffers], device, copies)
     squares = torch.zeros(len(params), 3, dtype=torch.float64, device=device)
     for launch in launches:
         if launch.chunks.count:
@@ -349,8 +370,9 @@ def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers:
         for launch in launches:
             if launch.chunks.count:
                 _lars_pass2[launch.grid](
-                    *launch.pointers, launch.chunks.numels, launch.chunks.tensors, launch.chunks.starts, scalars,
-                    ratios[launch.index].contiguous(), weight_decay, momentum, NESTEROV=bool(nesterov),
-                    PARAM=launch.kind[0], GRAD=launch.kind[1], STATE=launch.kind[2], BLOCK=BLOCK)
+                    *launch.pointers, launch.copy["copy_pointers"], launch.chunks.numels, launch.chunks.tensors,
+                    launch.chunks.starts, scalars, ratios[launch.index].contiguous(), weight_decay, momentum,
+                    NESTEROV=bool(nesterov), PARAM=launch.kind[0], GRAD=launch.kind[1], STATE=launch.kind[2],
+                    COPY=launch.copy["COPY"], HAS_COPY=launch.copy["HAS_COPY"], BLOCK=BLOCK)
 
     return FirstPass(squares, finish)
