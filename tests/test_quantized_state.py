@@ -249,15 +249,34 @@ def bfloat16_moments(m, v):
 # The paths over bfloat16 state: the torch ones compute u from the float32 moments, which are then stored rounded
 # (stored_update=False); the fused kernels round first and compute u from the stored moments (as for 8 bits).
 BFLOAT16_PATHS = pytest.mark.parametrize(("path", "stored_update"), [
-    (dict(foreach=False), False), (dict(foreach=True), False), (dict(fused=True), True)],
-    ids=["single_tensor", "foreach", "fused"])
+    (dict(foreach=False), False), (dict(foreach=True), False), (dict(fused=True), True), ("triton", True)],
+    ids=["single_tensor", "foreach", "fused", "triton"])
+
+
+def bfloat16_path(path, optimizer_class, monkeypatch, calls):
+    """The options of a BFLOAT16_PATHS path; "triton": the Triton kernels in the interpreter, on CPU tensors, their
+    pass-1 launches counted in ``calls``."""
+    if path != "triton":
+        return path
+    module = kernels.triton_module()
+    if module is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+    name = "lamb_first_pass" if optimizer_class is Lamb else "lars_first_pass"
+    first_pass = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+    return dict(fused=True)
 
 
 @BFLOAT16_PATHS
-def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, stored_update):
+def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, stored_update, monkeypatch):
     params, grads = problem(seed=7, steps=12)
     options = LAMB_OPTIONS[0]
-    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype=torch.bfloat16, **path, **options)
+    calls = []
+    options_of_path = bfloat16_path(path, Lamb, monkeypatch, calls)
+    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype=torch.bfloat16, **options_of_path,
+                                           **options)
+    assert len(calls) == (len(grads) if path == "triton" else 0)
     assert optimizer.state[tensors[0]]["exp_avg"].dtype == torch.bfloat16
 
     expected, _ = run_reference(Lamb, params, grads, bfloat16_moments, stored_update, **options)
@@ -267,11 +286,14 @@ def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, sto
 
 
 @BFLOAT16_PATHS
-def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stored_update):
+def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stored_update, monkeypatch):
     params, grads = problem(seed=8, steps=12)
     options = LARS_OPTIONS[0]
-    tensors, _, _ = run_torch(Lars, params, grads, state_dtype=torch.bfloat16, **path, **options)
-    # θ moves by the float32 buffer, stored rounded after (torch paths), or by the rounded one (fused).
+    calls = []
+    options_of_path = bfloat16_path(path, Lars, monkeypatch, calls)
+    tensors, _, _ = run_torch(Lars, params, grads, state_dtype=torch.bfloat16, **options_of_path, **options)
+    assert len(calls) == (len(grads) if path == "triton" else 0)
+    # θ moves by the float32 buffer, stored rounded after (torch paths), or by the rounded one (the kernels).
     expected, _ = run_reference(Lars, params, grads, ref.round_to_bfloat16, stored_update, **options)
     assert_moved_like(tensors, expected, params, 2e-4)  # as for Lamb
 

@@ -252,7 +252,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """This process's part of state ``key`` of each parameter (``params`` as the optimizer holds them), complex
         state as real views. State stored in another dtype than the update computes in (``state_dtype``) comes as
         a working copy in the computing dtype, written back at the end of the step — unless ``as_stored`` (for the
-        fused CPU kernels, which read and write bfloat16/float16 state themselves)."""
+        fused kernels, which read and write bfloat16/float16 state themselves)."""
         states = _real([self.state[p][key] for p in params])
         if key == "step" or as_stored:
             return states
@@ -280,13 +280,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return group["state_dtype"] if not param.is_complex() else param.dtype
         return torch.float32 if self._has_master(group, param) else param.dtype
 
-    def _fused_reads_state(self, group: dict[str, Any], param: Tensor, triton: bool = False) -> bool:
-        """Whether the fused kernels take ``param``'s state as stored: in the computing dtype, in 8 bits (handed to
-        torch operations on the Triton path), or — the CPU kernels only — bfloat16/float16 beside float32."""
+    def _fused_reads_state(self, group: dict[str, Any], param: Tensor) -> bool:
+        """Whether the fused kernels take ``param``'s state as stored: in the computing dtype, bfloat16/float16
+        beside float32 (read and written in place), or in 8 bits (the Triton path hands those to torch
+        operations)."""
         if group["state_dtype"] is None or self._stores_8bit(group, param):
             return True
         stored, computed = self._state_dtype(group, param), self._compute_dtype(param)
-        return stored == computed or (not triton and computed == torch.float32 and stored in LOW_PRECISION)
+        return stored == computed or (computed == torch.float32 and stored in LOW_PRECISION)
 
     @staticmethod
     def _stores_8bit(group: dict[str, Any], param: Tensor) -> bool:
@@ -615,8 +616,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return params, grads
 
     def _choose_implementation(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                               keep: Tensor | None = None, fused_possible: bool = True,
-                               triton_possible: bool = True) -> Implementation:
+                               keep: Tensor | None = None, fused_possible: bool = True) -> Implementation:
         """fused=True, or fused and foreach both None: the fused kernels where they apply (dense contiguous CPU
         tensors, kernels built, no skip flag left on the device, state in the computing dtype); else foreach=None
         picks foreach when all tensors share a device. Under torch.compile: foreach (single-tensor if foreach=False).
@@ -626,7 +626,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             # The C++ kernels are opaque to torch.compile (a graph break); the compiler fuses the foreach path itself.
             return "foreach" if foreach is not False else "single_tensor"
-        if self._triton_takes(fused, foreach, params, fused_possible and triton_possible):
+        if self._triton_takes(fused, foreach, params, fused_possible):
             return "triton"
         if (fused or (fused is None and foreach is None)) and keep is None and fused_possible:
             # Checking the parameters suffices: the state has their layout (see load_state_dict), and the fused
@@ -704,10 +704,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             targets, target_grads = self._targets(params, grads)
             # State the fused kernels cannot read as stored takes the foreach path (see _fused_reads_state).
-            implementation = self._choose_implementation(
-                group, targets, target_grads, keep,
-                fused_possible=all(self._fused_reads_state(group, p) for p in params),
-                triton_possible=all(self._fused_reads_state(group, p, triton=True) for p in params))
+            fusable = all(self._fused_reads_state(group, p) for p in params)
+            implementation = self._choose_implementation(group, targets, target_grads, keep, fused_possible=fusable)
             if implementation == "fused" and not sharded:
                 stats[index] = self._group_whole_step(group, params, targets, target_grads, grad_factor)
             else:

@@ -92,7 +92,7 @@ class Lamb(LayerwiseOptimizer):
             state (saved by ``state_dict``, restored exactly by ``load_state_dict``); the update runs on the master
             and the parameter is written from it, rounded. Without it the update runs in the parameter's dtype.
         state_dtype: the dtype the moments are stored in (e.g. ``torch.bfloat16`` to halve their memory); the
-            update still computes in the parameter's (or master's) dtype. None: that dtype. The fused CPU kernels
+            update still computes in the parameter's (or master's) dtype. None: that dtype. The fused kernels
             read and write bfloat16/float16 moments of float32 tensors in place and compute u from the moments as
             stored; the other paths compute u in float32 and store the moments rounded (one rounding apart).
             ``"8bit"``: block-wise 8-bit moments
@@ -186,7 +186,7 @@ class Lamb(LayerwiseOptimizer):
         else:
             update = {"fused": cpu_kernels.fused_lamb, "foreach": _multi_tensor_lamb,
                       "single_tensor": _single_tensor_lamb}[implementation]
-        as_stored = implementation == "fused"  # the fused kernels read and write bfloat16/float16 state themselves
+        as_stored = implementation in ("fused", "triton")  # the kernels take bf16/fp16 state as stored
         return update(targets, grads, self._states(params, "exp_avg", as_stored),
                       self._states(params, "exp_avg_sq", as_stored), self._states(params, "step"),
                       **self._options(group), grad_factor=grad_factor, keep=keep)

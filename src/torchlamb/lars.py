@@ -141,7 +141,8 @@ class Lars(LayerwiseOptimizer):
         else:
             update = {"fused": cpu_kernels.fused_lars, "foreach": _multi_tensor_lars,
                       "single_tensor": _single_tensor_lars}[implementation]
-        return update(targets, grads, self._states(params, "momentum_buffer", implementation == "fused"),
+        as_stored = implementation in ("fused", "triton")  # the kernels take bf16/fp16 state as stored
+        return update(targets, grads, self._states(params, "momentum_buffer", as_stored),
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
