@@ -138,6 +138,23 @@ def test_a_positive_value_is_never_stored_as_zero_with_the_floor():
     assert (quantized.dequantize(with_floor, absmax, table)[1:3] > 0).all()
 
 
+def test_the_fused_kernels_store_the_codes_the_torch_path_stores():
+    """One Lamb step from zero state computes the same float32 moments on both paths ((1−β1)·g and √((1−β2)·g²));
+    their codes and block scales must then be equal bit for bit (the kernels' table-started search against
+    torch.bucketize, the same tie rule). (Lars's buffer holds r·u, and r differs by a rounding between the paths.)"""
+    optimizer_class = Lamb
+    params, grads = problem(seed=9, steps=1)
+    states = []
+    for path in (dict(foreach=True), dict(fused=True)):
+        _, optimizer, _ = run_torch(optimizer_class, params, grads, state_dtype="8bit", lr=0.01, **path)
+        states.append([optimizer.state[p] for p in optimizer.param_groups[0]["params"]])
+    for torch_state, fused_state in zip(*states):
+        for stored in optimizer_class._quantized:
+            if stored.codes_key in torch_state:
+                assert torch.equal(torch_state[stored.codes_key], fused_state[stored.codes_key])
+                assert torch.equal(torch_state[stored.absmax_key], fused_state[stored.absmax_key])
+
+
 # -- LAMB and LARS with 8-bit state against the reference that stores the same way --------------------------------
 
 @PATHS

@@ -8,6 +8,7 @@ the trust stage in :mod:`torchlamb.trust`). Everything else lives here once.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -761,11 +762,17 @@ def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in distributed.local(tensors)]
 
 
+@functools.lru_cache(maxsize=64)
+def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
+    """Positions as an index tensor on ``device``, made once: copying a host list to a GPU every step would wait."""
+    return torch.tensor(positions, dtype=torch.int64, device=device)
+
+
 def _merged(n: int, parts: list[tuple[list[int], FirstPass]]) -> FirstPass:
     """One FirstPass of ``n`` tensors from FirstPasses of some of them: ``parts`` holds (their positions, theirs)."""
     first_squares = parts[0][1].squares
     squares = first_squares.new_zeros(n, first_squares.shape[1])
-    indices = [torch.tensor(positions, device=squares.device) for positions, _ in parts]
+    indices = [_index(tuple(positions), squares.device) for positions, _ in parts]
     for index, (_, first) in zip(indices, parts):
         squares[index] = first.squares.to(squares.device)
 
