@@ -49,12 +49,14 @@ def reference(small: torch.Tensor, large: torch.Tensor, b: int, big: int, ema: f
             "b_simple": ema_trace / ema_grad_sq}
 
 
-def train_regression(steps: int, ema: float, scaler: torch.amp.GradScaler | None = None, seed: int = 0):
+def train_regression(steps: int, ema: float, scaler: torch.amp.GradScaler | None = None, seed: int = 0,
+                     max_grad_norm: float | None = None):
     """Accumulate K micro-batches per step (lr 0: w stays put) with NoiseScale attached; also record each micro-batch
     gradient's norm and each step's large-batch norm by hand. Returns (noise, micro norms [steps, K], large norms)."""
     model, x, y = regression(steps, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=K, scaler=scaler)
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=K, scaler=scaler,
+                                                  max_grad_norm=max_grad_norm)
     noise = torchlamb.NoiseScale(model, optimizer, batch_size=MICRO, micro_batches=K, scaler=scaler, ema=ema,
                                  every=steps)
     micro, large = [], []
@@ -119,6 +121,26 @@ def test_a_grad_scaler_scale_is_divided_out_and_a_skipped_step_changes_nothing()
         accumulation.backward(0.5 * ((model(x[i]).squeeze(1) - y[i]) ** 2).mean())
     after = noise.estimates()["b_simple"]
     assert after.isfinite().all() and not torch.equal(after, before)
+
+
+def test_gradient_accumulation_clips_after_the_large_batch_is_read():
+    """GradientAccumulation's max_grad_norm clips inside the step, after NoiseScale's pre-hook: the estimates (lr 0,
+    so w stays put) are those of the unclipped run, and the optimizer still steps with the clipped gradient."""
+    plain, _, _ = train_regression(steps=6, ema=0.6)
+    clipped, _, large = train_regression(steps=6, ema=0.6, max_grad_norm=1e-3)
+    assert (large > 1e-3).all()  # the clip acts on every step
+    for quantity, value in plain.estimates().items():
+        torch.testing.assert_close(clipped.estimates()[quantity], value, rtol=0, atol=0)
+    model, x, y = regression(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append(model.weight.grad.norm().item()))
+    before = model.weight.detach().clone()
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=K, max_grad_norm=1e-3)
+    for i in range(K):
+        accumulation.backward(0.5 * ((model(x[i]).squeeze(1) - y[i]) ** 2).mean())
+    assert seen[0] > 1e-3 and (model.weight - before).norm().item() == pytest.approx(1e-3, rel=1e-5)
+    assert len(optimizer._optimizer_step_pre_hooks) == 1  # the clip's hook is gone after the step
 
 
 def test_per_tensor_estimates_and_the_total():

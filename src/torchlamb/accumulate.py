@@ -17,8 +17,9 @@ class GradientAccumulation:
     the accumulated gradient is the mean gradient of the large batch they make up: K micro-batches of B behave as
     one batch of K·B (tested against it). With a ``torch.amp.GradScaler`` the scaled loss is used and the scaler
     steps and updates; a step the scaler skips (inf/NaN gradients) still counts in :attr:`steps` and still steps the
-    scheduler, as a large batch was consumed. ``max_grad_norm`` clips the accumulated gradient's global norm before
-    the step (after unscaling), for optimizers without their own clipping; :class:`~torchlamb.Lamb` and
+    scheduler, as a large batch was consumed. ``max_grad_norm`` clips the accumulated gradient's global norm at the
+    start of the step (after unscaling and after the optimizer's other step pre-hooks, which see it unclipped), for
+    optimizers without their own clipping; :class:`~torchlamb.Lamb` and
     :class:`~torchlamb.Lars` clip inside their step (``max_grad_norm=``), in the same pass and correctly for shards.
 
     Example::
@@ -62,22 +63,28 @@ class GradientAccumulation:
         self.count += 1
         if self.count < self.micro_batches:
             return False
-        if self.max_grad_norm is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        # Clipping runs inside the step, as its last pre-hook: after GradScaler has unscaled the gradients and after
+        # the pre-hooks registered earlier, so that telemetry (NoiseScale) reads the gradient as accumulated.
+        clip = None if self.max_grad_norm is None else self.optimizer.register_step_pre_hook(self._clip)
+        try:
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        finally:
+            if clip is not None:
+                clip.remove()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad()
         self.count = 0
         self.steps += 1
         return True
+
+    def _clip(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the accumulation stands, to checkpoint beside the optimizer. Checkpoint right after a step: the

@@ -73,7 +73,9 @@ class NoiseScale:
     over its micro-batch and is divided by ``micro_batches`` before its backward pass, so that the gradient the
     optimizer sees is the mean over the large batch; under DDP that gradient is averaged over the processes.
     :math:`B_\text{simple}` itself does not depend on a constant factor on the loss (it cancels in the ratio);
-    ``grad_sq`` and ``trace`` do. With a ``torch.amp.GradScaler`` pass it as ``scaler``: the backward passes'
+    ``grad_sq`` and ``trace`` do. The large-batch gradient must reach ``optimizer.step`` unclipped: clip inside the
+    step (Lamb's and Lars's ``max_grad_norm``, or :class:`~torchlamb.GradientAccumulation`'s, which clips after the
+    step's other pre-hooks), not with ``clip_grad_norm_`` before it (a clipped |G_B|² would read as noise). With a ``torch.amp.GradScaler`` pass it as ``scaler``: the backward passes'
     gradients carry its scale, which is divided out (read as a device tensor, without a sync). A step the scaler
     skips (inf/NaN gradients) does not call ``optimizer.step``; its micro-batches stay in the small-batch mean of
     the next step, and a tensor whose mean is not finite is left out of that step's update (and so is the global
