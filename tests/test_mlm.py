@@ -70,6 +70,28 @@ def test_a_tiny_run_learns(small_data, optimizer):
     assert result.validation_loss[1] < result.validation_loss[0] and result.final_validation_loss < 8.5
     if optimizer != "adamw":
         assert result.trust_ratios[-1]
+    # Two micro-batches per step: the noise scale is measured (every step here), positive once |G|² dominates.
+    assert [step for step, _ in result.noise_scale] == list(range(1, 31)) and result.noise_scale[-1][1] > 0
+
+
+def test_the_tied_embedding_can_be_exempt_from_the_trust_ratio(small_data):
+    config = mlm.MLMConfig(optimizer="lamb", lr=2e-2, batch_size=32, micro_batch=32, sequences=32 * 3, length=32,
+                           width=32, layers=1, heads=2, evals=1, adapt_embedding=False, embedding_lr=1e-3)
+    model = mlm.MaskedLM(small_data.vocab_size, 32, 32, 1, 2)
+    groups = mlm.make_optimizer(config, model).param_groups
+    (own,) = [g for g in groups if any(p is model.embed.weight for p in g["params"])]
+    assert own["params"] == [model.embed.weight] and not own["adapt"] and own["weight_decay"] == 0.01
+    assert own["lr"] == 1e-3 and all(g["lr"] == 2e-2 for g in groups if g is not own)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    adapted = mlm.train_mlm(mlm.replace(config, adapt_embedding=True), small_data)
+    exempt = mlm.train_mlm(config, small_data)
+    # One micro-batch per step: nothing to measure the noise scale from. One adapted tensor fewer in the telemetry.
+    assert exempt.noise_scale == [] and len(exempt.trust_ratios[-1]) == len(adapted.trust_ratios[-1]) - 1
+    assert exempt.final_validation_loss != adapted.final_validation_loss
+    flags = mlm.main(["--optimizer", "lamb", "--lr", "0.02", "--batch-size", "32", "--micro-batch", "32",
+                      "--sequences", "32", "--length", "32", "--width", "32", "--layers", "1", "--heads", "2",
+                      "--evals", "1", "--adapt-embedding", "false"])
+    assert flags[0].config.adapt_embedding is False
 
 
 def test_the_comparison_and_its_report_at_tiny_size(tmp_path, monkeypatch):
@@ -169,3 +191,18 @@ def test_one_configuration_from_the_command_line(capsys):
     assert results[0].config.short_length == 16 and results[0].config.batch_size == 64
     out = capsys.readouterr().out
     assert "word frequencies only" in out and out.count("final validation loss") == 2
+
+
+def test_the_long_runs_script_at_tiny_size(tmp_path, monkeypatch, capsys):
+    from torchlamb.experiments import mlm_long
+
+    results = mlm_long.main(["--out", str(tmp_path), "--size", "tiny", "--only", "adamw-64", "lamb-512"])
+    assert list(results) == ["adamw-64", "lamb-512"] and (tmp_path / "mlm_long.png").stat().st_size > 0
+    baseline = results["adamw-64"]
+    assert baseline.config.micro_batch == 32 and baseline.noise_scale  # two micro-batches: measured
+    assert results["lamb-512"].config.batch_size == mlm.LARGE_BATCH
+    # Kept results are read back as they were and not run again.
+    monkeypatch.setattr(mlm_long, "train_mlm", lambda *args: pytest.fail("ran again"))
+    again = mlm_long.main(["--out", str(tmp_path), "--size", "tiny", "--only", "adamw-64"])
+    assert again["adamw-64"] == baseline
+    assert "| AdamW, batch 64, lr 0.001 |" in capsys.readouterr().out

@@ -112,6 +112,10 @@ class MLMConfig:
     evals: int = 10  # validation evaluations over the run
     seed: int = 0
     state_dtype: str | None = None  # Lamb's and Lars's state: None (float32) or "8bit"
+    # False exempts the tied token embedding (the input and the output layer, most of the parameters) from Lamb's
+    # and Lars's trust ratio: it then steps as plain Adam (or momentum SGD) at the group's lr, keeping its decay.
+    adapt_embedding: bool = True
+    embedding_lr: float | None = None  # the exempt embedding's lr (None: ``lr``); an Adam step wants a smaller one
 
 
 @dataclass
@@ -121,6 +125,9 @@ class MLMResult:
     steps: list[int] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     trust_ratios: list[list[float]] = field(default_factory=list)  # per evaluation, Lamb/Lars only
+    # (step, B_simple in sequences) from :class:`~torchlamb.NoiseScale`, micro-batch against optimizer batch: only
+    # when the batch is accumulated from more than one micro-batch.
+    noise_scale: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the run, evaluations included
 
     @property
@@ -147,6 +154,14 @@ def mlm_data(length: int = 64, short_length: int | None = None) -> MLMData:
 
 def make_optimizer(config: MLMConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = torchlamb.param_groups(model, weight_decay=config.weight_decay, exclude=["position"])
+    if not config.adapt_embedding:  # the tied embedding into a group of its own: decayed, not adapted
+        embedding = model.get_parameter("embed.weight")
+        for group in groups:
+            keep = [i for i, p in enumerate(group["params"]) if p is not embedding]
+            group["params"] = [group["params"][i] for i in keep]
+            group["param_names"] = [group["param_names"][i] for i in keep]
+        groups.append({"params": [embedding], "param_names": ["embed.weight"], "weight_decay": config.weight_decay,
+                       "adapt": False, "lr": config.lr if config.embedding_lr is None else config.embedding_lr})
     if config.optimizer == "lamb":
         return torchlamb.Lamb(groups, lr=config.lr, max_grad_norm=1.0, state_dtype=config.state_dtype)
     if config.optimizer == "lars":
@@ -215,9 +230,13 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     optimizer = make_optimizer(config, model)
     total_steps = max(1, config.sequences // config.batch_size)
     scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=warmup_steps(config), total_steps=total_steps)
-    accumulation = torchlamb.GradientAccumulation(optimizer, config.batch_size // config.micro_batch,
+    micro_batches = config.batch_size // config.micro_batch
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches,
                                                   scheduler=scheduler,
                                                   max_grad_norm=1.0 if config.optimizer == "adamw" else None)
+    # The gradient noise scale from the two batch sizes training already has (micro-batch and optimizer batch).
+    noise = torchlamb.NoiseScale(model, optimizer, batch_size=config.micro_batch, micro_batches=micro_batches,
+                                 every=max(1, total_steps // 100)) if micro_batches > 1 else None
     # The trust-ratio telemetry: only tensors the trust stage adapts (param_groups exempts biases and norms).
     adapted = {id(p) for group in optimizer.param_groups if group.get("adapt", True) for p in group["params"]}
     result = MLMResult(config)
@@ -249,6 +268,9 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
                 result.trust_ratios.append([r for s in stats for p, r in zip(s.params, s.trust_ratio.tolist())
                                             if id(p) in adapted])
     result.seconds = time.perf_counter() - start
+    if noise is not None:
+        noise.remove()
+        result.noise_scale = noise.series()
     return result
 
 
@@ -409,6 +431,14 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
     return Summary("MLM pre-training at large batch (King James Bible)", text, headers, rows, figures)
 
 
+def _flag(text: str) -> bool:
+    """A boolean option's value: true/false (also 1/0, yes/no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[MLMResult]:
     """One configuration from the command line: every :class:`MLMConfig` field is a flag (``--batch-size 512``);
     ``--seeds 0 1`` trains one run per seed. Prints the validation loss at each evaluation."""
@@ -421,7 +451,8 @@ def main(argv: list[str] | None = None) -> list[MLMResult]:
     for option in dataclasses.fields(MLMConfig):
         if option.name != "seed":
             default = option.default
-            kind = {"short_length": int, "state_dtype": str}.get(option.name, type(default))
+            kind = {"short_length": int, "state_dtype": str, "embedding_lr": float}.get(option.name, type(default))
+            kind = _flag if kind is bool else kind
             parser.add_argument("--" + option.name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = vars(parser.parse_args(argv))
