@@ -75,7 +75,7 @@ class NoiseScale:
     :math:`B_\text{simple}` itself does not depend on a constant factor on the loss (it cancels in the ratio);
     ``grad_sq`` and ``trace`` do. The large-batch gradient must reach ``optimizer.step`` unclipped: clip inside the
     step (Lamb's and Lars's ``max_grad_norm``, or :class:`~torchlamb.GradientAccumulation`'s, which clips after the
-    step's other pre-hooks), not with ``clip_grad_norm_`` before it (a clipped |G_B|² would read as noise). With a
+    step's other pre-hooks), not with ``clip_grad_norm_`` before it (a clipped ``|G_B|²`` would read as noise). With a
     ``torch.amp.GradScaler`` pass it as ``scaler``: the backward passes' gradients carry its scale, which is divided
     out (read as a device tensor, without a sync). A step the scaler skips (inf/NaN gradients) does not call
     ``optimizer.step``; its micro-batches stay in the small-batch mean of the next step, and a tensor whose mean is
