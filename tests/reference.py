@@ -218,8 +218,9 @@ def dynamic_code_map(signed: bool) -> np.ndarray:
 
 def blockwise_8bit(x: np.ndarray, signed: bool, floor: bool = False, block: int = 256) -> np.ndarray:
     """x stored block-wise in 8 bits and read back (float64): each block of ``block`` consecutive values (flattened)
-    is divided by its largest magnitude in float32 and rounded to the nearest entry of the code map (ties to the
-    lower entry); ``floor``: a positive value never rounds to 0. Read back: entry × largest magnitude, in float32."""
+    is multiplied by the float32 reciprocal of its largest magnitude (in float32) and rounded to the nearest entry
+    of the code map (ties to the lower entry); ``floor``: a positive value never rounds to 0. Read back: entry ×
+    largest magnitude, in float32."""
     table = dynamic_code_map(signed)
     midpoints = ((table[1:].astype(np.float64) + table[:-1]) / 2).astype(np.float32)
     zero = int(np.flatnonzero(table == 0)[0])
@@ -229,7 +230,7 @@ def blockwise_8bit(x: np.ndarray, signed: bool, floor: bool = False, block: int 
     rows = padded.reshape(-1, block)
     absmax = np.abs(rows).max(axis=1, keepdims=True)
     safe = np.where(absmax > 0, absmax, np.float32(1))
-    normalized = np.where(absmax > 0, rows / safe, np.float32(0)).astype(np.float32)
+    normalized = np.where(absmax > 0, rows * (np.float32(1) / safe), np.float32(0)).astype(np.float32)
     codes = np.searchsorted(midpoints, normalized, side="left")
     if floor:
         codes = np.where((rows > 0) & (codes == zero), zero + 1, codes)

@@ -107,7 +107,7 @@ def test_quantize_takes_the_nearest_code_and_ties_go_down(signed):
     x = torch.rand(5000, generator=generator) ** 6 * (torch.randint(0, 2, (5000,), generator=generator) * 2 - 1
                                                        if signed else 1)
     codes, absmax = quantized.quantize(x, table)
-    normalized = (x.view(-1, 1)[: 19 * 256].view(19, 256) / absmax[:19, None]).reshape(-1)
+    normalized = (x.view(-1, 1)[: 19 * 256].view(19, 256) * (1 / absmax[:19, None])).reshape(-1)
     distance = (normalized.double()[:, None] - table.values.double()[None, :]).abs()
     nearest = distance.min(dim=1).values
     chosen = distance.gather(1, codes[: 19 * 256].long()[:, None])[:, 0]
@@ -136,6 +136,36 @@ def test_a_positive_value_is_never_stored_as_zero_with_the_floor():
     assert without[1:].tolist() == [0, 0, 0]  # what rounding to nearest alone does
     assert with_floor[1:].tolist() == [1, 1, 0]
     assert (quantized.dequantize(with_floor, absmax, table)[1:3] > 0).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("floor", [False, True])
+def test_the_fused_kernels_quantize_as_the_torch_path_on_every_boundary(signed, floor):
+    """The kernels' one-read code (entries: a start and the one midpoint inside each 16-bit float pattern) and their
+    vector loops (AVX-512 where the CPU has it, with scalar tails) against torch.bucketize, bit for bit: every
+    midpoint, the floats either side of it, the map's own values, ±0, subnormals, in blocks whose absmax is 1 (so
+    q = x exactly); the same scaled by powers of ten; random blocks; a length that leaves short tails."""
+    module = kernels.cpu.load()
+    if module is None:
+        pytest.skip("the fused CPU kernels could not be built here")
+    table = quantized.code_map(signed)
+    mids = table.midpoints
+    edges = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                       table.values, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0, -1.0])])
+    rows = edges.split(255)
+    exact = torch.cat([torch.cat([torch.ones(1), row]) for row in rows])  # every block holds 1: absmax 1
+    generator = torch.Generator().manual_seed(3)
+    random = torch.randn(4096 + 77, generator=generator) * 10.0 ** torch.randint(-8, 3, (4096 + 77,),
+                                                                                 generator=generator)
+    cases = [exact, *(exact * 10.0**k for k in (-7, -3, 2)), random, random.abs()]
+    tables = [table.values, table.entries]
+    for x in cases:
+        codes, absmax, back = module.quantize_8bit(x.contiguous(), tables, floor)
+        expected_codes, expected_absmax = quantized.quantize(x, table, floor=floor)
+        assert torch.equal(absmax, expected_absmax)
+        mismatch = (codes != expected_codes).nonzero()
+        assert mismatch.numel() == 0, f"codes differ at {mismatch[:5].flatten().tolist()} (x = {x[mismatch[:5]]})"
+        assert torch.equal(back, quantized.dequantize(expected_codes, expected_absmax, table))
 
 
 def test_the_fused_kernels_store_the_codes_the_torch_path_stores():

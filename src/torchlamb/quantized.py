@@ -5,16 +5,17 @@ A state tensor x (a moment, a momentum buffer) is stored as one byte per element
 ``BLOCK`` = 256 consecutive elements (of the flattened tensor; the last block may be shorter)::
 
     absmax_b = max |x_i| over block b
-    code_i   = the index of the entry of the code map nearest to x_i / absmax_b      (stored as uint8)
+    code_i   = the index of the entry of the code map nearest to x_i · (1/absmax_b)  (stored as uint8)
     x_i     ≈ map[code_i] · absmax_b                                              (dequantized)
 
 The code map is a sorted table of 256 float32 values in [-1, 1] (signed, for LAMB's first moment and LARS's
 momentum) or [0, 1] (unsigned, for LAMB's second moment), with fine resolution near zero: see :func:`code_map`.
 "Nearest" is decided against the midpoints between neighbouring entries: the code is the number of midpoints
-strictly below x/absmax, so a value exactly on a midpoint takes the lower code. Every path (this module's torch
-functions, the fused kernels) computes x/absmax as one correctly rounded float32 division and compares it with
-the same float32 midpoints, so every path stores the same codes for the same values. A block whose absmax is 0
-stores code "0" everywhere and dequantizes to 0 without a division.
+strictly below x·(1/absmax), so a value exactly on a midpoint takes the lower code. Every path (this module's torch
+functions, the fused kernels) computes the block's reciprocal 1/absmax as one correctly rounded float32 division
+and x·(1/absmax) as one correctly rounded product (a multiplication per element, not a division: the kernels'
+cost), and compares it with the same float32 midpoints, so every path stores the same codes for the same values.
+A block whose absmax is 0 stores the code of 0 everywhere and dequantizes to 0 without a division.
 
 LAMB's second moment is stored as s = √v, not v: √v spans half the orders of magnitude of v, so a block needs half
 the dynamic range, and u = m̂/(√v̂ + ε) uses √v anyway. And a positive s is never stored as 0: where rounding to
@@ -49,14 +50,16 @@ DECADES = 7
 class CodeMap:
     """A sorted table of 256 float32 values and the 255 midpoints between neighbours (the rounding boundaries).
 
-    ``starts`` serves the fused kernels' search: for each pattern of a float32's upper 16 bits, the number of
-    midpoints below the smallest float with that pattern; the code of x is then found by moving up from
-    ``starts[bits(x) >> 16]`` past the few midpoints that remain below x.
+    ``entries`` gives the fused kernels the code in one table read: for each pattern p of a float32's upper 16
+    bits, ``entries[p] = start | threshold << 8``, where ``start`` is the number of midpoints below every float
+    with that pattern and ``threshold`` places the one midpoint (there is at most one) inside the pattern's range,
+    as the ``order_key`` of its lower 16 bits (0xFFFF: none). The code of x is ``start + (order_key(x) >
+    threshold)``: floats with the same upper bits are ordered by their lower bits (reversed when negative).
     """
 
     values: Tensor
     midpoints: Tensor
-    starts: Tensor
+    entries: Tensor
     signed: bool
 
     @property
@@ -103,16 +106,32 @@ def code_map(signed: bool, kind: str = "dynamic") -> CodeMap:
     assert table.numel() == 256 and bool((table[1:] > table[:-1]).all())
     values32 = table.to(torch.float32)
     midpoints = ((values32[1:].double() + values32[:-1].double()) / 2).to(torch.float32)
-    return CodeMap(values32, midpoints, _starts(midpoints), signed)
+    return CodeMap(values32, midpoints, _entries(midpoints), signed)
 
 
-def _starts(midpoints: Tensor) -> Tensor:
+def order_key(bits: Tensor) -> Tensor:
+    """The lower 16 bits of float32 bit patterns (int64), reversed for negative floats: among floats with the same
+    upper 16 bits, a larger key is a larger float."""
+    low = bits & 0xFFFF
+    return torch.where(bits & 0x80000000 != 0, 0xFFFF - low, low)
+
+
+def _entries(midpoints: Tensor) -> Tensor:
     """See :class:`CodeMap`. The smallest float with a given upper half has lower half 0 when it is positive and
-    0xFFFF when it is negative (the largest magnitude)."""
+    0xFFFF when it is negative (the largest magnitude); a NaN pattern takes the last code, as torch.bucketize."""
     upper = torch.arange(65536, dtype=torch.int64)
     bits = (upper << 16) | torch.where(upper >= 0x8000, 0xFFFF, 0)
     smallest = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-    return torch.bucketize(smallest, midpoints).clamp(max=255).to(torch.uint8)
+    starts = torch.bucketize(smallest, midpoints).clamp(max=255)
+    thresholds = torch.full((65536,), 0xFFFF, dtype=torch.int64)
+    mid_bits = midpoints.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    patterns = mid_bits >> 16
+    # The one-read code needs at most one midpoint per pattern: true when neighbouring values differ by more than
+    # a float's relative spacing at 7 mantissa bits (1/128), as in both maps.
+    if patterns.unique().numel() != patterns.numel():
+        raise ValueError("a code map with two midpoints inside one 16-bit float pattern cannot be read in one step")
+    thresholds[patterns] = order_key(mid_bits)
+    return (starts | thresholds << 8).to(torch.int32)
 
 
 def blocks(numel: int, block: int = BLOCK) -> int:
@@ -142,7 +161,8 @@ def quantize(x: Tensor, code: CodeMap, floor: bool = False, block: int = BLOCK) 
     rows = _padded_blocks(x.detach().reshape(-1).float(), block)
     absmax = rows.abs().amax(dim=1)
     scale = absmax.unsqueeze(1)
-    normalized = torch.where(scale > 0, rows / torch.where(scale > 0, scale, 1.0), 0.0)
+    inverse = 1.0 / torch.where(scale > 0, scale, 1.0)  # one division per block
+    normalized = torch.where(scale > 0, rows * inverse, 0.0)
     midpoints = code.midpoints.to(x.device)
     codes = torch.bucketize(normalized, midpoints)  # the number of midpoints strictly below: ties go down
     if floor:

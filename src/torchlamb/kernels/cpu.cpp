@@ -7,6 +7,9 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -302,59 +305,139 @@ void lars_apply(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ 
 // ---- 8-bit state (torchlamb.quantized) -------------------------------------------------------------------------
 // A state tensor is stored as one uint8 code per element and one float absmax per block of kQuantBlock elements:
 // x ≈ values[code] · absmax. The code of x is the number of midpoints (between neighbouring values) strictly below
-// x / absmax — the rule of the torch path (torch.bucketize), so both store the same codes for the same values.
+// q = x · (1/absmax) — the rule of the torch path (torch.bucketize), so both store the same codes for the same
+// values. One table read finds it (torchlamb.quantized.CodeMap.entries): entries[upper 16 bits of q] holds the
+// number of midpoints below every float with those bits, and above bit 8 the order key of the one midpoint among
+// them (0xFFFF: none); q counts that midpoint when its own key is larger.
+//
+// The loops are written per block, in pieces the compiler vectorises (the arithmetic, the block's absmax), with the
+// table reads in loops of their own; where the CPU has AVX-512 the table reads are explicit: a gather for the code,
+// and (with VBMI) byte permutes for the values, which are several times cheaper than gathers.
 constexpr int64_t kQuantBlock = 256;  // torchlamb.quantized.BLOCK, checked by the caller
+
+inline uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+// Among floats with the same upper 16 bits, a larger key (the lower 16 bits, reversed when negative) is a larger
+// float (torchlamb.quantized.order_key).
+inline uint32_t order_key(uint32_t bits) { return (bits & 0xFFFFu) ^ ((bits >> 31) ? 0xFFFFu : 0u); }
 
 struct CodeMap {
   const float* values;     // 256 sorted values in [-1, 1]
-  const float* midpoints;  // 255
-  // For each pattern of a float's upper 16 bits, the number of midpoints below the smallest float with that
-  // pattern: the search starts there and moves up past the few midpoints inside the pattern's range.
-  const uint8_t* starts;   // 65536
+  const int32_t* entries;  // 65536: see above
   uint8_t zero;            // the code of 0
+#if defined(__AVX512VBMI__)
+  // Byte j of the 256 values: values 0-63, 64-127, 128-191, 192-255 in planes[4j .. 4j+3].
+  std::array<__m512i, 16> planes;
+#endif
 
-  uint8_t encode(float x) const {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    int code = starts[bits >> 16];
-    while (code < 255 && midpoints[code] < x) ++code;
-    return static_cast<uint8_t>(code);
+  uint8_t encode(float q) const {
+    const uint32_t bits = float_bits(q);
+    const int32_t entry = entries[bits >> 16];
+    return static_cast<uint8_t>((entry & 0xFF) + (order_key(bits) > static_cast<uint32_t>(entry >> 8)));
   }
 
-  // The codes of a block's values x[0, n) with their absmax (0: every code is that of 0). `floor`: a positive
+  // The codes of a block's values x[0, n) with their absmax (not > 0: every code is that of 0). `floor`: a positive
   // value never takes the code of 0 (the unsigned map of √v).
-  void encode_block(const float* x, int64_t n, float absmax, bool floor, uint8_t* codes) const {
-    for (int64_t k = 0; k < n; ++k) {
-      uint8_t code = absmax > 0 ? encode(x[k] / absmax) : zero;
-      if (floor && code == zero && x[k] > 0) code = zero + 1;
-      codes[k] = code;
+  void encode_block(const float* __restrict__ x, int64_t n, float absmax, bool floor,
+                    uint8_t* __restrict__ codes) const {
+    if (absmax > 0) {
+      const float inverse = 1.0f / absmax;
+      int64_t k = 0;
+#if defined(__AVX512F__)
+      const __m512 scale = _mm512_set1_ps(inverse);
+      const __m512i low = _mm512_set1_epi32(0xFFFF), byte = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1);
+      for (; k + 16 <= n; k += 16) {
+        const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(x + k), scale));
+        const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), entries, 4);
+        const __m512i key = _mm512_xor_si512(_mm512_and_si512(bits, low),
+                                             _mm512_and_si512(_mm512_srai_epi32(bits, 31), low));
+        const __m512i start = _mm512_and_si512(entry, byte);
+        const __m512i code = _mm512_mask_add_epi32(
+            start, _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 8)), start, one);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+      }
+#endif
+      for (; k < n; ++k) codes[k] = encode(x[k] * inverse);
+    } else {
+      std::memset(codes, zero, n);
     }
+    if (floor) {
+      const uint8_t z = zero;
+      for (int64_t k = 0; k < n; ++k) codes[k] = (codes[k] == z && x[k] > 0) ? z + 1 : codes[k];
+    }
+  }
+
+  // out[k] = values[codes[k]] · absmax for k in [0, n).
+  void decode_block(const uint8_t* __restrict__ codes, int64_t n, float absmax, float* __restrict__ out) const {
+    int64_t k = 0;
+#if defined(__AVX512VBMI__)
+    // 64 codes at a time: each byte of their values by two 128-entry byte permutes, then the bytes interleaved into
+    // floats. The codes are first reordered so that the interleaving leaves the floats in order: position
+    // 16L + 4j + i takes code 16j + 4L + i.
+    alignas(64) static const uint8_t order[64] = {
+#define TORCHLAMB_ROW(L) 4 * L, 4 * L + 1, 4 * L + 2, 4 * L + 3, 16 + 4 * L, 17 + 4 * L, 18 + 4 * L, 19 + 4 * L, \
+                         32 + 4 * L, 33 + 4 * L, 34 + 4 * L, 35 + 4 * L, 48 + 4 * L, 49 + 4 * L, 50 + 4 * L, 51 + 4 * L
+        TORCHLAMB_ROW(0), TORCHLAMB_ROW(1), TORCHLAMB_ROW(2), TORCHLAMB_ROW(3)
+#undef TORCHLAMB_ROW
+    };
+    const __m512i reorder = _mm512_load_si512(order);
+    const __m512 scale = _mm512_set1_ps(absmax);
+    for (; k + 64 <= n; k += 64) {
+      const __m512i index = _mm512_permutexvar_epi8(reorder, _mm512_loadu_si512(codes + k));
+      const __mmask64 upper = _mm512_movepi8_mask(index);  // codes 128-255
+      __m512i b[4];
+      for (int j = 0; j < 4; ++j) {
+        b[j] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(planes[4 * j], index, planes[4 * j + 1]),
+                                      _mm512_permutex2var_epi8(planes[4 * j + 2], index, planes[4 * j + 3]));
+      }
+      const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+      const __m512i floats[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                                 _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + k + 16 * j, _mm512_mul_ps(_mm512_castsi512_ps(floats[j]), scale));
+    }
+#endif
+    const float* __restrict__ table = values;
+    for (; k < n; ++k) out[k] = table[codes[k]] * absmax;
   }
 };
 
 CodeMap code_map(const std::vector<torch::Tensor>& tables, size_t first) {
   const auto& values = tables[first];
-  const auto& midpoints = tables[first + 1];
-  const auto& starts = tables[first + 2];
+  const auto& entries = tables[first + 1];
   TORCH_CHECK(values.numel() == 256 && values.scalar_type() == torch::kFloat32 && values.is_contiguous() &&
-                  midpoints.numel() == 255 && midpoints.scalar_type() == torch::kFloat32 &&
-                  midpoints.is_contiguous() && starts.numel() == 65536 && starts.scalar_type() == torch::kUInt8 &&
-                  starts.is_contiguous(),
-              "torchlamb fused: a code map is 256 float32 values, 255 float32 midpoints and 65536 uint8 starts");
+                  entries.numel() == 65536 && entries.scalar_type() == torch::kInt32 && entries.is_contiguous(),
+              "torchlamb fused: a code map is 256 float32 values and 65536 int32 entries");
   const float* v = values.data_ptr<float>();
-  const uint8_t zero = static_cast<uint8_t>(std::find(v, v + 256, 0.0f) - v);
-  return CodeMap{v, midpoints.data_ptr<float>(), starts.data_ptr<uint8_t>(), zero};
+  CodeMap map{v, entries.data_ptr<int32_t>(), static_cast<uint8_t>(std::find(v, v + 256, 0.0f) - v)};
+#if defined(__AVX512VBMI__)
+  alignas(64) uint8_t bytes[4][256];
+  for (int i = 0; i < 256; ++i) {
+    for (int j = 0; j < 4; ++j) bytes[j][i] = static_cast<uint8_t>(float_bits(v[i]) >> (8 * j));
+  }
+  for (int j = 0; j < 4; ++j) {
+    for (int r = 0; r < 4; ++r) map.planes[4 * j + r] = _mm512_load_si512(bytes[j] + 64 * r);
+  }
+#endif
+  return map;
 }
 
-// The largest |x| of x[0, n), NaN if any is NaN (as torch's amax).
-inline float absmax_of(const float* x, int64_t n) {
-  float largest = 0;
-  bool nan = false;
+// The largest |x| of x[0, n), NaN if any is NaN (as torch's amax): the largest of the bit patterns without the sign,
+// compared as integers (ordered as the magnitudes, NaN above infinity), which vectorises where a float max with
+// NaN checks does not.
+inline float absmax_of(const float* __restrict__ x, int64_t n) {
+  uint32_t largest = 0;
   for (int64_t k = 0; k < n; ++k) {
-    largest = std::max(largest, std::abs(x[k]));
-    nan |= std::isnan(x[k]);
+    const uint32_t magnitude = float_bits(x[k]) & 0x7FFFFFFFu;
+    largest = magnitude > largest ? magnitude : largest;
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
+  float result;
+  std::memcpy(&result, &largest, sizeof result);
+  return result;
 }
 
 // Every tensor of a quantized state: codes like the parameter (uint8, contiguous), one float absmax per block.
@@ -373,6 +456,19 @@ void check_quantized(const std::vector<torch::Tensor>& params, const std::vector
   }
 }
 
+// LAMB's u = (m·c1)/(s·c2 + ε) + decay·θ on one block, from m and s = √v as stored. One compiled function serves
+// pass 1 (‖u‖) and pass 2 (the step), so the two compute the same u bit for bit.
+template <typename T>
+__attribute__((noinline)) void lamb_direction_8bit(const float* __restrict__ m, const float* __restrict__ s,
+                                                   const T* __restrict__ theta, int64_t n, float c1, float c2,
+                                                   float eps, at::opmath_type<T> decay,
+                                                   at::opmath_type<T>* __restrict__ u) {
+  using opmath_t = at::opmath_type<T>;
+  for (int64_t k = 0; k < n; ++k) {
+    u[k] = static_cast<opmath_t>((m[k] * c1) / (s[k] * c2 + eps)) + decay * static_cast<opmath_t>(theta[k]);
+  }
+}
+
 // LAMB pass 1 on the blocks of elements [0, n) (n a multiple of kQuantBlock but for a tensor's last block): per
 // block, dequantize m and s = √v, update them in float, store their codes and absmax, and sum ‖θ‖² and ‖u‖² with
 // u computed from the values as stored (dequantized again), so pass 2 recomputes the same u from the codes.
@@ -380,42 +476,41 @@ template <typename T>
 Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ m_codes,
                        float* __restrict__ m_absmax, uint8_t* __restrict__ s_codes, float* __restrict__ s_absmax,
                        int64_t n, const CodeMap& m_map, const CodeMap& s_map, double grad_factor, double beta1,
-                       double beta2, double eps_, double decay_, double theta_factor, double c1_, double c2_) {
+                       double beta2, double eps, double decay_, double theta_factor, double c1, double c2) {
   using opmath_t = at::opmath_type<T>;  // θ's arithmetic (double for double); the moments compute in float
-  const float one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2;
-  const float c1 = c1_, c2 = c2_, eps = eps_, scale = grad_factor;
+  const float one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2, scale = grad_factor;
   const opmath_t decay = decay_, factor = theta_factor;
   const bool rescale_theta = theta_factor != 1.0;
   float m[kQuantBlock], s[kQuantBlock];
+  opmath_t u[kQuantBlock];
   Sums sums{0, 0, 0};
   for (int64_t start = 0; start < n; start += kQuantBlock) {
     const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
-    T* t = theta + start;
-    uint8_t* mc = m_codes + start;
-    uint8_t* sc = s_codes + start;
+    T* __restrict__ t = theta + start;
+    const T* __restrict__ grad = g + start;
     if (rescale_theta) {
       for (int64_t k = 0; k < len; ++k) t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) * factor);
     }
-    const float m_scale = m_absmax[block], s_scale = s_absmax[block];
+    m_map.decode_block(m_codes + start, len, m_absmax[block], m);
+    s_map.decode_block(s_codes + start, len, s_absmax[block], s);
     for (int64_t k = 0; k < len; ++k) {
-      const float grad = static_cast<float>(g[start + k]) * scale;
-      const float m_old = m_map.values[mc[k]] * m_scale, s_old = s_map.values[sc[k]] * s_scale;
-      const float v_old = s_old * s_old;
-      m[k] = m_old + one_minus_b1 * (grad - m_old);
-      s[k] = std::sqrt(v_old + one_minus_b2 * (grad * grad - v_old));
+      const float gk = static_cast<float>(grad[k]) * scale, v_old = s[k] * s[k];
+      m[k] = m[k] + one_minus_b1 * (gk - m[k]);
+      s[k] = std::sqrt(v_old + one_minus_b2 * (gk * gk - v_old));
     }
     const float m_max = absmax_of(m, len), s_max = absmax_of(s, len);
     m_absmax[block] = m_max;
     s_absmax[block] = s_max;
-    m_map.encode_block(m, len, m_max, false, mc);
-    s_map.encode_block(s, len, s_max, true, sc);
+    m_map.encode_block(m, len, m_max, false, m_codes + start);
+    s_map.encode_block(s, len, s_max, true, s_codes + start);
+    m_map.decode_block(m_codes + start, len, m_max, m);
+    s_map.decode_block(s_codes + start, len, s_max, s);
+    lamb_direction_8bit<T>(m, s, t, len, c1, c2, eps, decay, u);
     opmath_t theta_sq = 0, u_sq = 0;
     for (int64_t k = 0; k < len; ++k) {
       const opmath_t th = static_cast<opmath_t>(t[k]);
-      const float m_stored = m_map.values[mc[k]] * m_max, s_stored = s_map.values[sc[k]] * s_max;
-      const opmath_t update = (m_stored * c1) / (s_stored * c2 + eps) + decay * th;
       theta_sq += th * th;
-      u_sq += update * update;
+      u_sq += u[k] * u[k];
     }
     sums[0] += theta_sq;
     sums[1] += u_sq;
@@ -423,22 +518,24 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
   return sums;
 }
 
-// LAMB pass 2 on elements [begin, end) of a tensor: θ ← θ + scale·u, u from the stored codes as in pass 1.
+// LAMB pass 2 on elements [begin, end) of a tensor (begin a multiple of kQuantBlock): θ ← θ + scale·u, u from the
+// stored codes as in pass 1.
 template <typename T>
 void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes, const float* __restrict__ m_absmax,
                      const uint8_t* __restrict__ s_codes, const float* __restrict__ s_absmax, int64_t begin,
-                     int64_t end, const CodeMap& m_map, const CodeMap& s_map, double eps_, double decay_,
-                     double c1_, double c2_, double scale_) {
+                     int64_t end, const CodeMap& m_map, const CodeMap& s_map, double eps, double decay_,
+                     double c1, double c2, double scale_) {
   using opmath_t = at::opmath_type<T>;
-  const float c1 = c1_, c2 = c2_, eps = eps_;
   const opmath_t decay = decay_, scale = scale_;
-  for (int64_t k = begin; k < end; ++k) {
-    const int64_t block = k / kQuantBlock;
-    const opmath_t th = static_cast<opmath_t>(theta[k]);
-    const float m_stored = m_map.values[m_codes[k]] * m_absmax[block];
-    const float s_stored = s_map.values[s_codes[k]] * s_absmax[block];
-    const opmath_t update = (m_stored * c1) / (s_stored * c2 + eps) + decay * th;
-    theta[k] = static_cast<T>(th + scale * update);
+  float m[kQuantBlock], s[kQuantBlock];
+  opmath_t u[kQuantBlock];
+  for (int64_t start = begin; start < end; start += kQuantBlock) {
+    const int64_t len = std::min(kQuantBlock, end - start), block = start / kQuantBlock;
+    T* __restrict__ t = theta + start;
+    m_map.decode_block(m_codes + start, len, m_absmax[block], m);
+    s_map.decode_block(s_codes + start, len, s_absmax[block], s);
+    lamb_direction_8bit<T>(m, s, t, len, c1, c2, eps, decay, u);
+    for (int64_t k = 0; k < len; ++k) t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) + scale * u[k]);
   }
 }
 
@@ -454,19 +551,20 @@ void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __
   float b[kQuantBlock], scaled[kQuantBlock];
   for (int64_t start = 0; start < n; start += kQuantBlock) {
     const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
-    T* t = theta + start;
+    T* __restrict__ t = theta + start;
+    const T* __restrict__ grad = g + start;
     uint8_t* codes = b_codes + start;
-    const float b_scale = b_absmax[block];
+    map.decode_block(codes, len, b_absmax[block], b);
     for (int64_t k = 0; k < len; ++k) {
-      scaled[k] = (static_cast<float>(g[start + k]) * scale + decay * static_cast<float>(t[k])) * ratio;
-      b[k] = mu * (map.values[codes[k]] * b_scale) + scaled[k];
+      scaled[k] = (static_cast<float>(grad[k]) * scale + decay * static_cast<float>(t[k])) * ratio;
+      b[k] = mu * b[k] + scaled[k];
     }
     const float b_max = absmax_of(b, len);
     b_absmax[block] = b_max;
     map.encode_block(b, len, b_max, false, codes);
+    map.decode_block(codes, len, b_max, b);
     for (int64_t k = 0; k < len; ++k) {
-      const float b_stored = map.values[codes[k]] * b_max;
-      const float direction = nesterov ? scaled[k] + mu * b_stored : b_stored;
+      const float direction = nesterov ? scaled[k] + mu * b[k] : b[k];
       t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) - lr * direction);
     }
   }
@@ -605,7 +703,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
 }
 
 // LAMB with 8-bit moments (m in signed codes, √v in unsigned ones; see torchlamb.quantized): a whole step, or one
-// phase of it, as lamb_step. `tables`: the signed map's values, midpoints and starts, then the unsigned map's.
+// phase of it, as lamb_step. `tables`: the signed map's values and entries, then the unsigned map's.
 torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                              std::vector<torch::Tensor> m_codes, std::vector<torch::Tensor> m_absmax,
                              std::vector<torch::Tensor> s_codes, std::vector<torch::Tensor> s_absmax,
@@ -620,8 +718,8 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
   check_quantized(params, s_codes, s_absmax, "exp_avg_sqrt");
   if (phase != kApply) check_like_params(params, grads, "grads");
   check_steps(params, steps);
-  TORCH_CHECK(tables.size() == 6, "torchlamb fused: lamb_step_8bit takes two code maps");
-  const CodeMap m_map = code_map(tables, 0), s_map = code_map(tables, 3);
+  TORCH_CHECK(tables.size() == 4, "torchlamb fused: lamb_step_8bit takes two code maps");
+  const CodeMap m_map = code_map(tables, 0), s_map = code_map(tables, 2);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
   const double decay = decay_outside_ratio ? 0.0 : weight_decay;
   const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
@@ -653,7 +751,7 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
 }
 
 // LARS with an 8-bit momentum buffer (signed codes): a whole step, or one phase of it, as lars_step. `tables`:
-// the signed map's values, midpoints and starts.
+// the signed map's values and entries.
 torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                              std::vector<torch::Tensor> b_codes, std::vector<torch::Tensor> b_absmax,
                              std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
@@ -666,7 +764,7 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
   check_like_params(params, grads, "grads");
   check_quantized(params, b_codes, b_absmax, "momentum_buffer");
   check_steps(params, steps);
-  TORCH_CHECK(tables.size() == 3, "torchlamb fused: lars_step_8bit takes one code map");
+  TORCH_CHECK(tables.size() == 2, "torchlamb fused: lars_step_8bit takes one code map");
   const CodeMap map = code_map(tables, 0);
   for (const auto& step : steps) count_step(step, phase);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
@@ -686,4 +784,24 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
         });
       },
       kQuantBlock);
+}
+
+// The kernels' own block quantizer, for the tests: x (float32, contiguous) into codes and one absmax per block, then
+// read back, with the same functions the steps use. `tables`: one map's values and entries.
+std::vector<torch::Tensor> quantize_8bit(torch::Tensor x, std::vector<torch::Tensor> tables, bool floor) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.is_cpu() && tables.size() == 2,
+              "torchlamb fused: quantize_8bit takes a contiguous float32 CPU tensor and one code map");
+  const CodeMap map = code_map(tables, 0);
+  const int64_t n = x.numel(), blocks = (n + kQuantBlock - 1) / kQuantBlock;
+  auto codes = torch::empty({n}, torch::kUInt8);
+  auto absmax = torch::empty({blocks}, torch::kFloat32);
+  auto back = torch::empty({n}, torch::kFloat32);
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t start = block * kQuantBlock, len = std::min(kQuantBlock, n - start);
+    const float scale = absmax_of(x.data_ptr<float>() + start, len);
+    absmax.data_ptr<float>()[block] = scale;
+    map.encode_block(x.data_ptr<float>() + start, len, scale, floor, codes.data_ptr<uint8_t>() + start);
+    map.decode_block(codes.data_ptr<uint8_t>() + start, len, scale, back.data_ptr<float>() + start);
+  }
+  return {codes, absmax, back};
 }

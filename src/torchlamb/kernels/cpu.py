@@ -87,7 +87,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v11_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v12_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
@@ -95,7 +95,7 @@ def load() -> Any | None:
                  "later runs load them from there)")
         start = time.perf_counter()
         module = load_inline(name, cpp_sources=_SOURCE,
-                             functions=["lamb_step", "lars_step", "lamb_step_8bit", "lars_step_8bit"],
+                             functions=["lamb_step", "lars_step", "lamb_step_8bit", "lars_step_8bit", "quantize_8bit"],
                              extra_cflags=_CFLAGS,
                              extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         module.build_seconds = time.perf_counter() - start
@@ -230,9 +230,9 @@ def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
 
 
 def _tables(*stored: Stored) -> list[Tensor]:
-    """The code maps the kernels read (values, midpoints, starts for each), in the order of ``stored``."""
+    """The code maps the kernels read (values and entries for each), in the order of ``stored``."""
     assert BLOCK == 256, "the fused kernels quantize blocks of 256 values (kQuantBlock)"
-    return [table for s in stored for table in (s.code.values, s.code.midpoints, s.code.starts)]
+    return [table for s in stored for table in (s.code.values, s.code.entries)]
 
 
 def _codes(states: list[dict[str, Tensor]], stored: Stored) -> tuple[list[Tensor], list[Tensor]]:
