@@ -64,8 +64,9 @@ def storage(kind: str, block: int, sqrt: bool, floor: bool):
     signed, unsigned = quantized.code_map(True, kind), quantized.code_map(False, kind)
 
     def round_trip(x: torch.Tensor, code, floor: bool) -> torch.Tensor:
-        codes, absmax = quantized.quantize(x.float(), code, floor=floor, block=block)
-        return quantized.dequantize(codes, absmax, code, block=block).double()
+        # Flattened: one row, so that blocks larger than the tensor's rows (2048 > 512) mean what they say.
+        codes, absmax = quantized.quantize(x.float().reshape(-1), code, floor=floor, block=block)
+        return quantized.dequantize(codes, absmax, code, block=block).double().view_as(x)
 
     def store(m: torch.Tensor, v: torch.Tensor):
         m = round_trip(m, signed, False)

@@ -217,22 +217,26 @@ def dynamic_code_map(signed: bool) -> np.ndarray:
 
 
 def blockwise_8bit(x: np.ndarray, signed: bool, floor: bool = False, block: int = 256) -> np.ndarray:
-    """x stored block-wise in 8 bits and read back (float64): each block of ``block`` consecutive values (flattened)
+    """x stored block-wise in 8 bits and read back (float64): each row (one index of the first dimension, the rest
+    flattened; a 1-D x is one row) is cut into blocks of ``block`` consecutive values, the last shorter; each block
     is multiplied by the float32 reciprocal of its largest magnitude (in float32) and rounded to the nearest entry
     of the code map (ties to the lower entry); ``floor``: a positive value never rounds to 0. Read back: entry ×
     largest magnitude, in float32."""
     table = dynamic_code_map(signed)
     midpoints = ((table[1:].astype(np.float64) + table[:-1]) / 2).astype(np.float32)
     zero = int(np.flatnonzero(table == 0)[0])
-    flat = np.asarray(x, dtype=np.float32).ravel()
-    padded = np.zeros(-(-flat.size // block) * block, dtype=np.float32)
-    padded[: flat.size] = flat
-    rows = padded.reshape(-1, block)
-    absmax = np.abs(rows).max(axis=1, keepdims=True)
+    shape = np.shape(x)
+    rows = np.asarray(x, dtype=np.float32).reshape(shape[0] if len(shape) >= 2 else 1, -1)
+    length = rows.shape[1]
+    per_row = -(-length // block)
+    padded = np.zeros((rows.shape[0], per_row * block), dtype=np.float32)
+    padded[:, :length] = rows
+    blocks = padded.reshape(-1, block)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
     safe = np.where(absmax > 0, absmax, np.float32(1))
-    normalized = np.where(absmax > 0, rows * (np.float32(1) / safe), np.float32(0)).astype(np.float32)
+    normalized = np.where(absmax > 0, blocks * (np.float32(1) / safe), np.float32(0)).astype(np.float32)
     codes = np.searchsorted(midpoints, normalized, side="left")
     if floor:
-        codes = np.where((rows > 0) & (codes == zero), zero + 1, codes)
+        codes = np.where((blocks > 0) & (codes == zero), zero + 1, codes)
     values = (table[codes] * absmax).astype(np.float32)
-    return values.ravel()[: flat.size].reshape(np.shape(x)).astype(np.float64)
+    return values.reshape(rows.shape[0], -1)[:, :length].reshape(shape).astype(np.float64)

@@ -25,7 +25,7 @@ from ._base import (
 )
 from .kernels import cpu as cpu_kernels
 from .presets import PRESETS
-from .quantized import Stored
+from .quantized import Stored, sqrt_rn
 from .trust import ClipRange, FirstPass, TrustStats
 
 # True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
@@ -314,7 +314,7 @@ def _quantized_lamb(params: list[Tensor], grads: list[Tensor], states: list[dict
         exp_avg = first.load(state).lerp_(grad, weight1)
         exp_avg_sq = second.load(state).square_().lerp_(grad * grad, weight2)
         first.save_(state, exp_avg, keep)
-        second.save_(state, exp_avg_sq.sqrt_(), keep)
+        second.save_(state, sqrt_rn(exp_avg_sq), keep)
         exp_avg, root = first.load(state), second.load(state)
         if bias_correction is True:
             t = _precise(step)

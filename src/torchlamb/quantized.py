@@ -2,7 +2,10 @@
 Optimizers via Block-wise Quantization".
 
 A state tensor x (a moment, a momentum buffer) is stored as one byte per element plus one float32 per block of
-``BLOCK`` = 256 consecutive elements (of the flattened tensor; the last block may be shorter)::
+``BLOCK`` = 256 consecutive elements of one row: a row is one index of the first dimension (the rest flattened; a
+1-D tensor is one row), the last block of each row may be shorter, and the scales are shaped [rows, blocks per row]
+(:func:`absmax_shape`). Blocks never cross rows, so under FSDP2, which shards the first dimension, every process
+holds whole blocks of its rows::
 
     absmax_b = max |x_i| over block b
     code_i   = the index of the entry of the code map nearest to x_i · (1/absmax_b)  (stored as uint8)
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,31 +138,59 @@ def _entries(midpoints: Tensor) -> Tensor:
     return (starts | thresholds << 8).to(torch.int32)
 
 
-def blocks(numel: int, block: int = BLOCK) -> int:
-    """How many blocks (and absmax values) a state tensor of ``numel`` elements has."""
-    return math.ceil(numel / block)
+def sqrt_rn(x: Tensor) -> Tensor:
+    """√x in float32, correctly rounded as the kernels' (hardware) square root is: torch's CPU sqrt can be one unit
+    in the last place off when √x lies within a hair of a rounding boundary, and then the stored s would differ
+    from the kernels'. Computed in float64 (correctly rounding a float64 square root to float32 is exact)."""
+    return x.double().sqrt().float()
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """The elements in one row of a tensor of ``shape``: a row is one index of its first dimension (the one FSDP2
+    shards), flattened; a 1-D tensor is one row. Blocks never cross rows, so each process's shard holds whole
+    blocks."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
+def absmax_shape(shape: Sequence[int], block: int = BLOCK) -> tuple[int, ...]:
+    """The shape of the block scales of a state tensor of ``shape``: (rows, blocks per row) for two or more
+    dimensions, (blocks,) for one. Each row is cut into blocks of ``block`` elements, its last block shorter."""
+    per_row = math.ceil(row_length(shape) / block)
+    return (shape[0], per_row) if len(shape) >= 2 else (per_row,)
 
 
 def quantizes(param: Tensor) -> bool:
     """Whether ``param``'s state is stored in 8 bits under ``state_dtype="8bit"``: real floating tensors of at least
-    ``MIN_NUMEL`` elements (on this process)."""
+    ``MIN_NUMEL`` elements."""
     return param.is_floating_point() and param.numel() >= MIN_NUMEL
 
 
-def _padded_blocks(flat: Tensor, block: int) -> Tensor:
-    """``flat`` as [blocks, block], the last block padded with zeros (which change no absmax)."""
-    missing = blocks(flat.numel(), block) * block - flat.numel()
-    if missing:
-        flat = torch.cat([flat, flat.new_zeros(missing)])
-    return flat.view(-1, block)
+def _padded_blocks(x: Tensor, block: int) -> Tensor:
+    """``x`` as [blocks, block] in the order of :func:`absmax_shape`, each row's last block padded with zeros
+    (which change no absmax)."""
+    rows = x.shape[0] if x.dim() >= 2 else 1
+    length = row_length(x.shape)
+    per_row = math.ceil(length / block)
+    flat = x.reshape(rows, length)
+    if per_row * block != length:
+        flat = torch.nn.functional.pad(flat, (0, per_row * block - length))
+    return flat.reshape(rows * per_row, block)
+
+
+def _unpadded(blocked: Tensor, shape: Sequence[int], block: int) -> Tensor:
+    """The inverse of :func:`_padded_blocks`: [blocks, block] back to ``shape``."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    length = row_length(shape)
+    return blocked.reshape(rows, -1)[:, :length].reshape(shape).contiguous()
 
 
 def quantize(x: Tensor, code: CodeMap, floor: bool = False, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """(codes, absmax) of ``x`` (float32): uint8 codes of ``x``'s shape and one float32 absmax per block.
+    """(codes, absmax) of ``x`` (float32): uint8 codes of ``x``'s shape and one float32 absmax per block, shaped
+    as :func:`absmax_shape`.
 
     ``floor``: a positive value never takes the code of 0 (for the unsigned map of √v, see the module docstring).
     """
-    rows = _padded_blocks(x.detach().reshape(-1).float(), block)
+    rows = _padded_blocks(x.detach().float(), block)
     absmax = rows.abs().amax(dim=1)
     scale = absmax.unsqueeze(1)
     inverse = 1.0 / torch.where(scale > 0, scale, 1.0)  # one division per block
@@ -167,21 +199,20 @@ def quantize(x: Tensor, code: CodeMap, floor: bool = False, block: int = BLOCK) 
     codes = torch.bucketize(normalized, midpoints)  # the number of midpoints strictly below: ties go down
     if floor:
         codes = torch.where((rows > 0) & (codes == code.zero), code.zero + 1, codes)
-    codes = codes.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)
-    return codes, absmax
+    return _unpadded(codes.to(torch.uint8), x.shape, block), absmax.reshape(absmax_shape(x.shape, block))
 
 
 def dequantize(codes: Tensor, absmax: Tensor, code: CodeMap, block: int = BLOCK) -> Tensor:
     """The float32 values that ``codes`` and ``absmax`` stand for, in ``codes``' shape."""
-    values = code.values.to(codes.device)[codes.reshape(-1).long()]
-    rows = _padded_blocks(values, block) * absmax.unsqueeze(1)
-    return rows.reshape(-1)[: codes.numel()].reshape(codes.shape)
+    values = code.values.to(codes.device)[codes.long()]
+    return _unpadded(_padded_blocks(values, block) * absmax.reshape(-1, 1), codes.shape, block)
 
 
 @dataclass(frozen=True)
 class Stored:
     """How one float state key (e.g. LAMB's ``"exp_avg_sq"``) is kept in 8 bits: as ``{name}_codes`` (uint8, the
-    parameter's shape) and ``{name}_absmax`` (float32, one per block) in the parameter's state.
+    parameter's shape) and ``{name}_absmax`` (float32, one per block: :func:`absmax_shape`) in the parameter's
+    state.
 
     ``sqrt``: the stored quantity is √x (LAMB's second moment), with unsigned codes that never round a positive
     value to 0; else x itself, with signed codes.
@@ -207,7 +238,7 @@ class Stored:
         """The state of a zero tensor shaped like ``param``."""
         codes = torch.full(param.shape, self.code.zero, dtype=torch.uint8, device=param.device)
         return {self.codes_key: codes,
-                self.absmax_key: torch.zeros(blocks(param.numel()), dtype=torch.float32, device=param.device)}
+                self.absmax_key: torch.zeros(absmax_shape(param.shape), dtype=torch.float32, device=param.device)}
 
     def load(self, state: dict[str, Tensor]) -> Tensor:
         """The stored quantity (x, or √x), dequantized to float32."""
@@ -232,13 +263,13 @@ class Stored:
     def from_float(self, value: Tensor) -> dict[str, Tensor]:
         """The 8-bit state of a float state value (√ taken first where √x is stored)."""
         value = value.float()
-        codes, absmax = quantize(value.clamp(min=0).sqrt() if self.sqrt else value, self.code, floor=self.sqrt)
+        codes, absmax = quantize(sqrt_rn(value.clamp(min=0)) if self.sqrt else value, self.code, floor=self.sqrt)
         return {self.codes_key: codes, self.absmax_key: absmax}
 
     def check(self, state: dict[str, Any], param: Tensor, label: str) -> None:
         """Raise ValueError unless ``state`` holds this key's codes and absmax as ``param``'s 8-bit state would."""
         expected = {self.codes_key: (tuple(param.shape), torch.uint8),
-                    self.absmax_key: ((blocks(param.numel()),), torch.float32)}
+                    self.absmax_key: (absmax_shape(param.shape), torch.float32)}
         for key, (shape, dtype) in expected.items():
             value = state[key]
             if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:

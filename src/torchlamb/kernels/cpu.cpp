@@ -54,13 +54,15 @@ enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 // finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
 // kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the sums of
 // pass 1; kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
-// Ranges begin at multiples of `align` elements (8-bit state: its blocks, each quantized whole by one thread).
+// Ranges begin at multiples of `align` elements, or with `rows` (8-bit state: each tensor's row length) at the
+// starts of blocks of `align` elements laid out within rows: each block is quantized whole by one thread.
 //
 // The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
 // pointers would be reloaded after every store and the loops would not vectorise.
 template <typename Norms, typename Finish, typename Apply>
 torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Norms& norms,
-                          const Finish& finish, const Apply& apply, int64_t align = 1) {
+                          const Finish& finish, const Apply& apply, int64_t align = 1,
+                          const std::vector<int64_t>* rows = nullptr) {
   const int64_t n = static_cast<int64_t>(params.size());
   auto result = torch::zeros({phase == kApply ? 0 : n, 3}, torch::kFloat64);
   double* out = result.data_ptr<double>();
@@ -69,8 +71,11 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
   // in units of `align` elements.
   auto run = [&](int64_t i, bool split) {
     const int64_t numel = params[i].numel();
-    const int64_t units = (numel + align - 1) / align;
-    auto element = [&](int64_t unit) { return std::min(numel, unit * align); };
+    const int64_t row = rows ? std::max<int64_t>(1, (*rows)[i]) : numel, per_row = (row + align - 1) / align;
+    const int64_t units = rows ? numel / row * per_row : (numel + align - 1) / align;
+    auto element = [&](int64_t unit) {
+      return rows ? unit / per_row * row + std::min(row, unit % per_row * align) : std::min(numel, unit * align);
+    };
     Sums sums{0, 0, 0};
     if (phase != kApply) {
       sums = split ? at::parallel_reduce(
@@ -442,11 +447,13 @@ inline float absmax_of(const float* __restrict__ x, int64_t n) {
 
 // Every tensor of a quantized state: codes like the parameter (uint8, contiguous), one float absmax per block.
 void check_quantized(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& codes,
-                     const std::vector<torch::Tensor>& absmax, const char* name) {
-  TORCH_CHECK(codes.size() == params.size() && absmax.size() == params.size(), "torchlamb fused: ", name,
-              " needs codes and absmax for every parameter");
+                     const std::vector<torch::Tensor>& absmax, const std::vector<int64_t>& rows, const char* name) {
+  TORCH_CHECK(codes.size() == params.size() && absmax.size() == params.size() && rows.size() == params.size(),
+              "torchlamb fused: ", name, " needs codes, absmax and a row length for every parameter");
   for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t blocks = (params[i].numel() + kQuantBlock - 1) / kQuantBlock;
+    TORCH_CHECK(rows[i] > 0 && params[i].numel() % rows[i] == 0, "torchlamb fused: parameter ", i,
+                " is not made of rows of ", rows[i], " elements");
+    const int64_t blocks = params[i].numel() / rows[i] * ((rows[i] + kQuantBlock - 1) / kQuantBlock);
     TORCH_CHECK(params[i].is_contiguous() && params[i].device().is_cpu(), "torchlamb fused: parameter ", i,
                 " is not a contiguous CPU tensor");
     TORCH_CHECK(codes[i].scalar_type() == torch::kUInt8 && codes[i].is_contiguous() && codes[i].is_cpu() &&
@@ -455,6 +462,19 @@ void check_quantized(const std::vector<torch::Tensor>& params, const std::vector
                 "torchlamb fused: the 8-bit ", name, " of parameter ", i, " does not fit it");
   }
 }
+
+// The blocks of 8-bit state among elements [begin, end) of a tensor whose rows hold `row` elements (begin at a block's
+// start): blocks of kQuantBlock elements within each row, the last of a row shorter (torchlamb.quantized.absmax_shape).
+struct Blocks {
+  int64_t row, per_row;
+  explicit Blocks(int64_t row_length)
+      : row(std::max<int64_t>(1, row_length)), per_row((row + kQuantBlock - 1) / kQuantBlock) {}
+  // The position of the block starting at element `start` among the tensor's absmax values.
+  int64_t index(int64_t start) const { return start / row * per_row + start % row / kQuantBlock; }
+  int64_t length(int64_t start, int64_t end) const {
+    return std::min(std::min(kQuantBlock, end - start), row - start % row);
+  }
+};
 
 // LAMB's u = (m·c1)/(s·c2 + ε) + decay·θ on one block, from m and s = √v as stored. One compiled function serves
 // pass 1 (‖u‖) and pass 2 (the step), so the two compute the same u bit for bit.
@@ -469,14 +489,15 @@ __attribute__((noinline)) void lamb_direction_8bit(const float* __restrict__ m, 
   }
 }
 
-// LAMB pass 1 on the blocks of elements [0, n) (n a multiple of kQuantBlock but for a tensor's last block): per
-// block, dequantize m and s = √v, update them in float, store their codes and absmax, and sum ‖θ‖² and ‖u‖² with
-// u computed from the values as stored (dequantized again), so pass 2 recomputes the same u from the codes.
+// LAMB pass 1 on the blocks of elements [begin, end) of a tensor: per block, dequantize m and s = √v, update them
+// in float, store their codes and absmax, and sum ‖θ‖² and ‖u‖² with u computed from the values as stored
+// (dequantized again), so pass 2 recomputes the same u from the codes.
 template <typename T>
 Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ m_codes,
                        float* __restrict__ m_absmax, uint8_t* __restrict__ s_codes, float* __restrict__ s_absmax,
-                       int64_t n, const CodeMap& m_map, const CodeMap& s_map, double grad_factor, double beta1,
-                       double beta2, double eps, double decay_, double theta_factor, double c1, double c2) {
+                       int64_t begin, int64_t end, const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map,
+                       double grad_factor, double beta1, double beta2, double eps, double decay_,
+                       double theta_factor, double c1, double c2) {
   using opmath_t = at::opmath_type<T>;  // θ's arithmetic (double for double); the moments compute in float
   const float one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2, scale = grad_factor;
   const opmath_t decay = decay_, factor = theta_factor;
@@ -484,8 +505,9 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
   float m[kQuantBlock], s[kQuantBlock];
   opmath_t u[kQuantBlock];
   Sums sums{0, 0, 0};
-  for (int64_t start = 0; start < n; start += kQuantBlock) {
-    const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
+  for (int64_t start = begin, len = 0; start < end; start += len) {
+    len = blocks.length(start, end);
+    const int64_t block = blocks.index(start);
     T* __restrict__ t = theta + start;
     const T* __restrict__ grad = g + start;
     if (rescale_theta) {
@@ -518,19 +540,20 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
   return sums;
 }
 
-// LAMB pass 2 on elements [begin, end) of a tensor (begin a multiple of kQuantBlock): θ ← θ + scale·u, u from the
-// stored codes as in pass 1.
+// LAMB pass 2 on the blocks of elements [begin, end) of a tensor: θ ← θ + scale·u, u from the stored codes as in
+// pass 1.
 template <typename T>
 void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes, const float* __restrict__ m_absmax,
                      const uint8_t* __restrict__ s_codes, const float* __restrict__ s_absmax, int64_t begin,
-                     int64_t end, const CodeMap& m_map, const CodeMap& s_map, double eps, double decay_,
-                     double c1, double c2, double scale_) {
+                     int64_t end, const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map, double eps,
+                     double decay_, double c1, double c2, double scale_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t decay = decay_, scale = scale_;
   float m[kQuantBlock], s[kQuantBlock];
   opmath_t u[kQuantBlock];
-  for (int64_t start = begin; start < end; start += kQuantBlock) {
-    const int64_t len = std::min(kQuantBlock, end - start), block = start / kQuantBlock;
+  for (int64_t start = begin, len = 0; start < end; start += len) {
+    len = blocks.length(start, end);
+    const int64_t block = blocks.index(start);
     T* __restrict__ t = theta + start;
     m_map.decode_block(m_codes + start, len, m_absmax[block], m);
     s_map.decode_block(s_codes + start, len, s_absmax[block], s);
@@ -539,18 +562,20 @@ void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes,
   }
 }
 
-// LARS pass 2 on the blocks of elements [0, n): b ← μb + r·u stored in 8 bits, then θ ← θ − lr·(b as stored, or
-// r·u + μb with Nesterov).
+// LARS pass 2 on the blocks of elements [begin, end) of a tensor: b ← μb + r·u stored in 8 bits, then
+// θ ← θ − lr·(b as stored, or r·u + μb with Nesterov).
 template <typename T>
 void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ b_codes,
-                     float* __restrict__ b_absmax, int64_t n, const CodeMap& map, double grad_factor,
+                     float* __restrict__ b_absmax, int64_t begin, int64_t end, const Blocks& blocks,
+                     const CodeMap& map, double grad_factor,
                      double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
   using opmath_t = at::opmath_type<T>;
   const float scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_;
   const opmath_t lr = lr_;
   float b[kQuantBlock], scaled[kQuantBlock];
-  for (int64_t start = 0; start < n; start += kQuantBlock) {
-    const int64_t len = std::min(kQuantBlock, n - start), block = start / kQuantBlock;
+  for (int64_t start = begin, len = 0; start < end; start += len) {
+    len = blocks.length(start, end);
+    const int64_t block = blocks.index(start);
     T* __restrict__ t = theta + start;
     const T* __restrict__ grad = g + start;
     uint8_t* codes = b_codes + start;
@@ -711,11 +736,11 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
                              double beta1, double beta2, double eps, double weight_decay, int64_t bias_correction,
                              bool decay_outside_ratio, double grad_factor, bool adapt, double weight_lo,
                              double weight_hi, double ratio_lo, double ratio_hi, double trust_eps, int64_t phase_,
-                             torch::Tensor ratios) {
+                             torch::Tensor ratios, std::vector<int64_t> rows) {
   const Phase phase = static_cast<Phase>(phase_);
   const double* given = given_ratios(params, phase, ratios);
-  check_quantized(params, m_codes, m_absmax, "exp_avg");
-  check_quantized(params, s_codes, s_absmax, "exp_avg_sqrt");
+  check_quantized(params, m_codes, m_absmax, rows, "exp_avg");
+  check_quantized(params, s_codes, s_absmax, rows, "exp_avg_sqrt");
   if (phase != kApply) check_like_params(params, grads, "grads");
   check_steps(params, steps);
   TORCH_CHECK(tables.size() == 4, "torchlamb fused: lamb_step_8bit takes two code maps");
@@ -728,12 +753,11 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
-        const int64_t block = begin / kQuantBlock;
         TORCHLAMB_DISPATCH(params[i], "lamb_moments_8bit", [&] {
           sums = lamb_moments_8bit<scalar_t>(
-              ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin), ptr<uint8_t>(m_codes[i], begin),
-              ptr<float>(m_absmax[i], block), ptr<uint8_t>(s_codes[i], begin), ptr<float>(s_absmax[i], block),
-              end - begin, m_map, s_map, grad_factor, beta1, beta2, eps, decay, theta_factor, before[i].c1,
+              ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0), ptr<uint8_t>(m_codes[i], 0),
+              ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0), ptr<float>(s_absmax[i], 0), begin, end,
+              Blocks(rows[i]), m_map, s_map, grad_factor, beta1, beta2, eps, decay, theta_factor, before[i].c1,
               before[i].c2);
         });
         return sums;
@@ -743,11 +767,11 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
         TORCHLAMB_DISPATCH(params[i], "lamb_apply_8bit", [&] {
           lamb_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0),
                                     ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0),
-                                    ptr<float>(s_absmax[i], 0), begin, end, m_map, s_map, eps, decay, s.c1, s.c2,
-                                    s.scale);
+                                    ptr<float>(s_absmax[i], 0), begin, end, Blocks(rows[i]), m_map, s_map, eps,
+                                    decay, s.c1, s.c2, s.scale);
         });
       },
-      kQuantBlock);
+      kQuantBlock, &rows);
 }
 
 // LARS with an 8-bit momentum buffer (signed codes): a whole step, or one phase of it, as lars_step. `tables`:
@@ -758,11 +782,11 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
                              double momentum, double weight_decay, bool nesterov, bool split_denominator,
                              double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
                              double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase_,
-                             torch::Tensor ratios) {
+                             torch::Tensor ratios, std::vector<int64_t> rows) {
   const Phase phase = static_cast<Phase>(phase_);
   const double* given = given_ratios(params, phase, ratios);
   check_like_params(params, grads, "grads");
-  check_quantized(params, b_codes, b_absmax, "momentum_buffer");
+  check_quantized(params, b_codes, b_absmax, rows, "momentum_buffer");
   check_steps(params, steps);
   TORCH_CHECK(tables.size() == 2, "torchlamb fused: lars_step_8bit takes one code map");
   const CodeMap map = code_map(tables, 0);
@@ -778,29 +802,33 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lars_apply_8bit", [&] {
-          lars_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], begin), ptr<scalar_t>(grads[i], begin),
-                                    ptr<uint8_t>(b_codes[i], begin), ptr<float>(b_absmax[i], begin / kQuantBlock),
-                                    end - begin, map, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
+          lars_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0),
+                                    ptr<uint8_t>(b_codes[i], 0), ptr<float>(b_absmax[i], 0), begin, end,
+                                    Blocks(rows[i]), map, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
         });
       },
-      kQuantBlock);
+      kQuantBlock, &rows);
 }
 
-// The kernels' own block quantizer, for the tests: x (float32, contiguous) into codes and one absmax per block, then
-// read back, with the same functions the steps use. `tables`: one map's values and entries.
-std::vector<torch::Tensor> quantize_8bit(torch::Tensor x, std::vector<torch::Tensor> tables, bool floor) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.is_cpu() && tables.size() == 2,
-              "torchlamb fused: quantize_8bit takes a contiguous float32 CPU tensor and one code map");
+// The kernels' own block quantizer, for the tests: x (float32, contiguous, rows of `row` elements) into codes and
+// one absmax per block (flat), then read back (flat), with the functions the steps use. `tables`: one map's.
+std::vector<torch::Tensor> quantize_8bit(torch::Tensor x, std::vector<torch::Tensor> tables, bool floor,
+                                         int64_t row) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.is_cpu() && tables.size() == 2 &&
+                  row > 0 && x.numel() % row == 0,
+              "torchlamb fused: quantize_8bit takes a contiguous float32 CPU tensor of whole rows and one code map");
   const CodeMap map = code_map(tables, 0);
-  const int64_t n = x.numel(), blocks = (n + kQuantBlock - 1) / kQuantBlock;
+  const Blocks blocks(row);
+  const int64_t n = x.numel();
   auto codes = torch::empty({n}, torch::kUInt8);
-  auto absmax = torch::empty({blocks}, torch::kFloat32);
+  auto absmax = torch::empty({n / row * blocks.per_row}, torch::kFloat32);
   auto back = torch::empty({n}, torch::kFloat32);
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t start = block * kQuantBlock, len = std::min(kQuantBlock, n - start);
-    const float scale = absmax_of(x.data_ptr<float>() + start, len);
-    absmax.data_ptr<float>()[block] = scale;
-    map.encode_block(x.data_ptr<float>() + start, len, scale, floor, codes.data_ptr<uint8_t>() + start);
+  const float* values = x.data_ptr<float>();
+  for (int64_t start = 0, len = 0; start < n; start += len) {
+    len = blocks.length(start, n);
+    const float scale = absmax_of(values + start, len);
+    absmax.data_ptr<float>()[blocks.index(start)] = scale;
+    map.encode_block(values + start, len, scale, floor, codes.data_ptr<uint8_t>() + start);
     map.decode_block(codes.data_ptr<uint8_t>() + start, len, scale, back.data_ptr<float>() + start);
   }
   return {codes, absmax, back};

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..quantized import BLOCK, Stored
+from ..quantized import BLOCK, Stored, row_length
 from ..trust import FirstPass, norm_dtype
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,18 @@ def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
 
 # -- 8-bit state (torchlamb.quantized) ----------------------------------------------------------------------------
 # Pass 1 dequantizes each block's codes, updates the values in float32, stores the block's new codes and absmax and
-# sums ‖u‖² with u from the values as stored; pass 2 recomputes u from the codes. Threads take whole blocks.
+# sums ‖u‖² with u from the values as stored; pass 2 recomputes u from the codes. Threads take whole blocks, laid
+# out within each tensor's rows (torchlamb.quantized.absmax_shape): the kernels get each tensor's row length.
 
 
 def _tables(*stored: Stored) -> list[Tensor]:
     """The code maps the kernels read (values and entries for each), in the order of ``stored``."""
     assert BLOCK == 256, "the fused kernels quantize blocks of 256 values (kQuantBlock)"
     return [table for s in stored for table in (s.code.values, s.code.entries)]
+
+
+def _row_lengths(params: list[Tensor]) -> list[int]:
+    return [row_length(p.shape) for p in params]
 
 
 def _codes(states: list[dict[str, Tensor]], stored: Stored) -> tuple[list[Tensor], list[Tensor]]:
@@ -250,7 +255,7 @@ def fused_lamb_8bit_step(params: list[Tensor], grads: list[Tensor], states: list
         params, _kernel_grads(params, grads), *_codes(states, first), *_codes(states, second), steps,
         _tables(first, second), float(lr), beta1, beta2, eps, weight_decay, _BIAS_CORRECTION_CODES[bias_correction],
         decay_outside_ratio, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options),
-        _WHOLE, _NO_RATIOS)
+        _WHOLE, _NO_RATIOS, _row_lengths(params))
     return _stats(result, params)
 
 
@@ -262,5 +267,5 @@ def fused_lars_8bit_step(params: list[Tensor], grads: list[Tensor], states: list
     result = load().lars_step_8bit(
         params, _kernel_grads(params, grads), *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum,
         weight_decay, nesterov, split_denominator, _gradient_multiplier(maximize, grad_factor),
-        *_trust_arguments(**trust_options), _WHOLE, _NO_RATIOS)
+        *_trust_arguments(**trust_options), _WHOLE, _NO_RATIOS, _row_lengths(params))
     return _stats(result, params)
