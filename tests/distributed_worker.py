@@ -26,8 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if dist.is_available():
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+    from torch.distributed.tensor import Shard, _collective_utils, _redistribute, debug, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel
 
     with warnings.catch_warnings():  # its import scripts functional optimizers with the deprecated torch.jit.script
@@ -35,6 +36,7 @@ if dist.is_available():
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import torchlamb
+from torchlamb import quantized
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 processes
 OPTIMIZERS = {
@@ -42,6 +44,20 @@ OPTIMIZERS = {
     "lars": (torchlamb.Lars, dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, max_grad_norm=0.5)),
 }
 PATHS = {"single_tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+# 8-bit state (state_dtype="8bit"), run by its own tests: the mesh tests' tensor parallelism splits columns.
+PATH_OPTIONS = {**PATHS, "8bit": {"state_dtype": "8bit"}}
+
+
+@contextlib.contextmanager
+def options_for(path: str) -> Iterator[dict[str, Any]]:
+    """The optimizer options of ``path``. Under "8bit" every weight keeps 8-bit state for the block: the model's
+    weights are far below torchlamb.quantized.MIN_NUMEL (rows of 6 and 5 elements: blocks of one row each)."""
+    saved = quantized.MIN_NUMEL
+    quantized.MIN_NUMEL = 1 if path == "8bit" else saved
+    try:
+        yield PATH_OPTIONS[path]
+    finally:
+        quantized.MIN_NUMEL = saved
 
 
 def make_model() -> nn.Module:
@@ -83,7 +99,8 @@ def one_process(name: str, path: str, steps: int) -> list[torch.Tensor]:
     """The reference: the same training in one process, no torch.distributed."""
     model = make_model()
     optimizer_class, options = OPTIMIZERS[name]
-    train(model, optimizer_class(groups(model), **options, **PATHS[path]), range(steps))
+    with options_for(path) as path_options:
+        train(model, optimizer_class(groups(model), **options, **path_options), range(steps))
     return full_parameters(model)
 
 
@@ -138,9 +155,14 @@ def _gloo_threads() -> list[str]:
 
 
 def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int) -> list[torch.Tensor]:
+    with options_for(path) as path_options:
+        return _distributed_training(mode, name, {**OPTIMIZERS[name][1], **path_options}, rank, world, steps)
+
+
+def _distributed_training(mode: str, name: str, options: dict[str, Any], rank: int, world: int,
+                          steps: int) -> list[torch.Tensor]:
     model = make_model()
-    optimizer_class, options = OPTIMIZERS[name]
-    options = {**options, **PATHS[path]}
+    optimizer_class = OPTIMIZERS[name][0]
     if mode == "fsdp2":
         fully_shard(model)
         optimizer = optimizer_class(groups(model), **options)
@@ -156,7 +178,7 @@ def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, ste
     return full_parameters(model)
 
 
-CHECKPOINTS = [("lamb", "fused"), ("lars", "foreach")]  # (optimizer, path) of the resharding runs
+CHECKPOINTS = [("lamb", "fused"), ("lars", "foreach"), ("lamb", "8bit")]  # (optimizer, path) of the resharding runs
 
 
 def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, directory: str, first: int) -> None:
@@ -166,14 +188,15 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
     with process_group(rank, world, port):
         results = {
             "equivalence": {f"{mode}/{name}/{path}": _distributed_run(mode, name, path, rank, world, steps)
-                            for mode in ("ddp", "fsdp2", "zero") for name in OPTIMIZERS for path in PATHS},
+                            for mode in ("ddp", "fsdp2", "zero") for name in OPTIMIZERS for path in PATH_OPTIONS},
             "counts": {f"{name}/{path}/clip={clip}": _count_one_step(name, path, clip, rank, world)
-                       for name in OPTIMIZERS for path in PATHS for clip in (None, 0.5)},
+                       for name in OPTIMIZERS for path in PATH_OPTIONS for clip in (None, 0.5)},
             "skips": {f"{mode}/{name}": _skip_one_step(mode, name, rank, world)
                       for mode in ("zero", "fsdp2") for name in OPTIMIZERS},
             "fsdp1": {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
                       for use_orig_params in (False, True) for name in OPTIMIZERS},
             "noise_scale": _noise_scale_run(rank, world, steps),
+            "eight_bit": _eight_bit_layout(rank, world),
         }
         # The Triton kernels under FSDP2, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 comes from the
         # tests' environment): each shard's partial sums, one all-reduce, then pass 2.
@@ -183,6 +206,29 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
             _checkpoint_run(f"{directory}/{name}-{path}", range(first), False, name, path, rank, world)
     if rank == 0:
         torch.save(results, out)
+
+
+def _eight_bit_layout(rank: int, world: int) -> dict[str, Any]:
+    """How FSDP2 keeps 8-bit state: the first weight's codes and scales after one step (types and shapes), and
+    the error for a weight split along its second dimension."""
+    with options_for("8bit") as path_options:
+        model = make_model()
+        fully_shard(model)
+        optimizer = torchlamb.Lamb(groups(model), **path_options)
+        train(model, optimizer, range(1), rank, world)
+        state = optimizer.state[model[0].weight]
+        layout = {key: (type(value).__name__, tuple(value.shape), tuple(value.to_local().shape))
+                  for key, value in state.items() if key.endswith(("_codes", "_absmax"))}
+        layout["bias_keys"] = sorted(optimizer.state[model[0].bias])
+        mesh = init_device_mesh("cpu", (world,))
+        weight = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        weight.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+        try:
+            torchlamb.Lamb([weight], **path_options).step()
+            layout["column_error"] = None
+        except ValueError as error:
+            layout["column_error"] = str(error)
+    return layout
 
 
 def _noise_scale_run(rank: int, world: int, steps: int) -> dict[str, torch.Tensor]:
@@ -242,10 +288,14 @@ class _CollectiveCounter(TorchDispatchMode):
 
 def _count_one_step(name: str, path: str, clip: float | None, rank: int, world: int) -> tuple[int, list[str]]:
     """(calls to dist.all_reduce, collectives dispatched) in one FSDP2 step with existing state."""
-    optimizer_class, options = OPTIMIZERS[name]
+    with options_for(path) as path_options:
+        return _count_collectives(name, {**OPTIMIZERS[name][1], "max_grad_norm": clip, **path_options}, rank, world)
+
+
+def _count_collectives(name: str, options: dict[str, Any], rank: int, world: int) -> tuple[int, list[str]]:
     model = make_model()
     fully_shard(model)
-    optimizer = optimizer_class(groups(model), **{**options, "max_grad_norm": clip}, **PATHS[path])
+    optimizer = OPTIMIZERS[name][0](groups(model), **options)
     train(model, optimizer, range(1), rank, world)  # creates the state
     x, y = batch(1)
     nn.functional.mse_loss(model(x), y).backward()
@@ -269,10 +319,16 @@ def _checkpoint_run(directory: str, steps: range, load: bool, name: str, path: s
                     world: int) -> list[torch.Tensor] | None:
     """FSDP2 training with torch.distributed.checkpoint: trains ``steps`` and saves to ``directory``, or (``load``)
     loads from it at this world size, trains ``steps`` and returns the parameters."""
+    with options_for(path) as path_options:
+        return _checkpoint_training(directory, steps, load, name, path_options, rank, world)
+
+
+def _checkpoint_training(directory: str, steps: range, load: bool, name: str, path_options: dict[str, Any],
+                         rank: int, world: int) -> list[torch.Tensor] | None:
     model = make_model()
     fully_shard(model)
     optimizer_class, options = OPTIMIZERS[name]
-    optimizer = optimizer_class(groups(model), **options, **PATHS[path])
+    optimizer = optimizer_class(groups(model), **options, **path_options)
     if load:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}

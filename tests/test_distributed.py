@@ -60,7 +60,7 @@ def runs(two_processes):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "zero"])
 @pytest.mark.parametrize("name", list(worker.OPTIMIZERS))
-@pytest.mark.parametrize("path", list(worker.PATHS))
+@pytest.mark.parametrize("path", list(worker.PATH_OPTIONS))
 def test_two_processes_equal_one(runs, mode, name, path):
     reference = worker.one_process(name, path, STEPS)
     start = worker.full_parameters(worker.make_model())
@@ -121,7 +121,7 @@ class _PerShardLamb:
 
 def test_fsdp2_step_issues_one_all_reduce_for_the_norms(two_processes):
     counts = two_processes["counts"]
-    assert len(counts) == len(worker.OPTIMIZERS) * len(worker.PATHS) * 2
+    assert len(counts) == len(worker.OPTIMIZERS) * len(worker.PATH_OPTIONS) * 2
     for key, (all_reduces, dispatched) in counts.items():
         # One for the norms of all groups; one more for the global gradient norm when max_grad_norm is set.
         expected = 1 if key.endswith("clip=None") else 2
@@ -140,6 +140,16 @@ def test_checkpoint_reshards_from_two_processes_to_three_and_one(two_processes, 
     for name, path in worker.CHECKPOINTS:
         reference = worker.one_process(name, path, FIRST + THEN)
         assert_parameters_close(resumed[f"{name}-{path}"], reference, f"{name} {path} resumed at world size {world}")
+
+
+def test_fsdp2_keeps_8bit_state_as_dtensors_of_each_process_rows(two_processes):
+    layout = two_processes["eight_bit"]
+    # The first weight is 5 × 6: rows 0-2 on rank 0; one block per row of 6 elements.
+    for name in ("exp_avg", "exp_avg_sqrt"):
+        assert layout[f"{name}_codes"] == ("DTensor", (5, 6), (3, 6))
+        assert layout[f"{name}_absmax"] == ("DTensor", (5, 1), (3, 1))
+    assert layout["bias_keys"] == ["exp_avg", "exp_avg_sq", "step"]  # 1-D: float state
+    assert "other than its first" in layout["column_error"] and "Shard(dim=1)" in layout["column_error"]
 
 
 def test_every_process_skips_when_one_sees_an_inf(two_processes):

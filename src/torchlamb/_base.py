@@ -300,16 +300,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """The state of a parameter before its first step: step 0, zero moments or buffers, and the master copy."""
         state = {"step": torch.zeros((), dtype=torch.float32, device=param.device)}
         if self._stores_8bit(group, param):
-            if distributed.is_sharded(param):
-                raise ValueError(f"{type(self).__name__}(state_dtype='8bit') does not support sharded (DTensor) "
-                                 f"parameters yet ({label}); use state_dtype=torch.bfloat16 or None")
+            # Sharded (FSDP2): codes and scales are DTensors placed as the parameter, each process holding those of
+            # its rows. Blocks lie within rows (torchlamb.quantized), so only the first dimension may be split.
+            if not distributed.shards_only_rows(param):
+                raise ValueError(f"{type(self).__name__}(state_dtype='8bit'): {label} is split along a dimension "
+                                 f"other than its first ({param.placements}); 8-bit blocks lie within rows, so "
+                                 "only the first dimension may be sharded (as FSDP2 does). Use "
+                                 "state_dtype=torch.bfloat16 for this model")
+            local = distributed.local([param])[0]
             for stored in self._quantized:
-                state.update(stored.zeros(param))
+                for key, value in stored.zeros(local).items():
+                    state[key] = distributed.placed_like(value, param, stored.global_shape(key, param.shape))
         else:
             state.update(self._new_state(param, self._state_dtype(group, param)))
         if self._has_master(group, param):
             state["master"] = param.detach().to(torch.float32, copy=True)
         return state
+
+    def _local_states(self, params: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Each parameter's state with this process's part of each tensor (a DTensor's local shard is a view:
+        writes reach the DTensor)."""
+        return [{key: distributed.local([value])[0] for key, value in self.state[p].items()} for p in params]
 
     def _by_storage(self, group: dict[str, Any], *columns: list[Tensor]) -> list[tuple[bool, list[int], list]]:
         """The parameters split by how their state is stored: [(in 8 bits, their positions, each of ``columns``
@@ -498,6 +509,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Turn ``param``'s state, stored as ``saved_group`` says, into the storage ``group`` asks for: float to
         8-bit, 8-bit to float, or one float dtype to another."""
         was_8bit, is_8bit = self._stores_8bit(saved_group, param), self._stores_8bit(group, param)
+        if was_8bit != is_8bit and distributed.is_sharded(param):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint keeps the state of a sharded "
+                             f"parameter in {'8 bits' if was_8bit else 'float'} and this optimizer in "
+                             f"{'8 bits' if is_8bit else 'float'}; converting sharded state is not supported: load "
+                             "it with the checkpoint's state_dtype")
         dtype = self._state_dtype(group, param)
         for stored in self._quantized:
             if was_8bit and not is_8bit:

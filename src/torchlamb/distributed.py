@@ -78,6 +78,25 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local()
 
 
+def shards_only_rows(tensor: Tensor) -> bool:
+    """Whether every process holds whole rows (indices of the first dimension) of ``tensor``: a plain tensor, or a
+    DTensor split along its first dimension only (FSDP2), or replicated."""
+    return not is_sharded(tensor) or all(p.is_replicate() or (p.is_shard() and p.dim == 0)
+                                         for p in tensor.placements)
+
+
+def placed_like(local: Tensor, like: Tensor, shape: Sequence[int]) -> Tensor:
+    """``local`` as this process's part of a DTensor of ``shape`` placed as ``like`` (its mesh and placements), or
+    ``local`` itself when ``like`` is a plain tensor. For state whose rows follow the parameter's rows."""
+    if not is_sharded(like):
+        return local
+    stride = [1] * len(shape)
+    for dim in range(len(shape) - 2, -1, -1):
+        stride[dim] = stride[dim + 1] * shape[dim + 1]
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=torch.Size(shape),
+                              stride=tuple(stride))
+
+
 def check_not_fsdp1(tensor: Tensor, where: str) -> None:
     """Raise for FSDP1 flat parameters (and the views FSDP1 makes of original parameters): their tensor boundaries are
     lost or each process sees a flattened slice, so per-tensor norms would silently be per-shard."""

@@ -96,8 +96,8 @@ class Lamb(LayerwiseOptimizer):
             read and write bfloat16/float16 moments of float32 tensors in place and compute u from the moments as
             stored; the other paths compute u in float32 and store the moments rounded (one rounding apart).
             ``"8bit"``: block-wise 8-bit moments
-            (:mod:`torchlamb.quantized`; a quarter of float32's memory) for tensors of at least 4096 elements,
-            float for smaller ones. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for √v,
+            (:mod:`torchlamb.quantized`; a quarter of float32's memory) for tensors of two or more dimensions and
+            at least 4096 elements, float for the others; under FSDP2 each process keeps those of its rows. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for √v,
             ``exp_avg_sqrt_codes``/``exp_avg_sqrt_absmax``; u and its norm are computed from the moments as stored,
             so the trust ratio is that of the update applied.
         partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
@@ -193,12 +193,12 @@ class Lamb(LayerwiseOptimizer):
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
-        return _quantized_lamb(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
+        return _quantized_lamb(targets, grads, self._local_states(params), self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lamb_8bit_step(targets, grads, [self.state[p] for p in params],
+        result = cpu_kernels.fused_lamb_8bit_step(targets, grads, self._local_states(params),
                                                   self._states(params, "step"), _MOMENTS_8BIT,
                                                   **self._options(group), grad_factor=grad_factor,
                                                   trust_options=self._trust_options(group))

@@ -147,12 +147,12 @@ class Lars(LayerwiseOptimizer):
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
-        return _quantized_lars(targets, grads, [self.state[p] for p in params], self._states(params, "step"),
+        return _quantized_lars(targets, grads, self._local_states(params), self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
                               grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lars_8bit_step(targets, grads, [self.state[p] for p in params],
+        result = cpu_kernels.fused_lars_8bit_step(targets, grads, self._local_states(params),
                                                   self._states(params, "step"), _BUFFER_8BIT, **self._options(group),
                                                   grad_factor=grad_factor, trust_options=self._trust_options(group))
         return TrustStats(params, *result)

@@ -160,9 +160,10 @@ def absmax_shape(shape: Sequence[int], block: int = BLOCK) -> tuple[int, ...]:
 
 
 def quantizes(param: Tensor) -> bool:
-    """Whether ``param``'s state is stored in 8 bits under ``state_dtype="8bit"``: real floating tensors of at least
-    ``MIN_NUMEL`` elements."""
-    return param.is_floating_point() and param.numel() >= MIN_NUMEL
+    """Whether ``param``'s state is stored in 8 bits under ``state_dtype="8bit"``: real floating tensors of two or
+    more dimensions and at least ``MIN_NUMEL`` elements. One-dimensional ones (biases, norm scales) keep float32
+    state: they are small, quantization would hurt them most, and FSDP2 cuts them at arbitrary elements."""
+    return param.is_floating_point() and param.dim() >= 2 and param.numel() >= MIN_NUMEL
 
 
 def _padded_blocks(x: Tensor, block: int) -> Tensor:
@@ -233,6 +234,10 @@ class Stored:
     @property
     def code(self) -> CodeMap:
         return code_map(signed=not self.sqrt)
+
+    def global_shape(self, key: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of state ``key`` (codes or absmax) for a parameter of ``shape``."""
+        return tuple(shape) if key == self.codes_key else absmax_shape(shape)
 
     def zeros(self, param: Tensor) -> dict[str, Tensor]:
         """The state of a zero tensor shaped like ``param``."""
