@@ -398,6 +398,21 @@ def run(out: Path, full: bool = False, size: str | None = None) -> Summary:
     figures.append((save(figure, out / "mlm_trust_ratios.png"),
                     "LAMB's per-tensor trust ratios (adapted tensors) at each evaluation"))
 
+    # The gradient noise scale of the accumulated (large-batch) runs: micro-batch against optimizer batch.
+    figure, axes = new_figure(columns=1, width=6.0)
+    for label, run in chosen.items():
+        points = [(step * run.config.batch_size, value) for step, value in run.noise_scale if value > 0]
+        if points:
+            axes[0].plot([s for s, _ in points], [v for _, v in points], label=f"{label} (lr {run.config.lr:g})")
+    for batch in (SMALL_BATCH, LARGE_BATCH):
+        axes[0].axhline(batch, color="grey", linestyle=":", linewidth=1)
+    axes[0].set(xlabel="sequences seen", ylabel="B_simple (sequences, log scale)", yscale="log",
+                title="Gradient noise scale B_simple = tr(Σ)/|G|² (dotted: batches 64 and 512)")
+    axes[0].legend(fontsize="small")
+    figures.append((save(figure, out / "mlm_noise_scale.png"),
+                    "The gradient noise scale of the large-batch runs (seed 0, best lr): a batch well above it spends "
+                    "data a smaller batch would turn into more steps"))
+
     rows = []
     for label, grid in results.items():
         seeds = repeats[label]
