@@ -95,11 +95,11 @@ class Lamb(LayerwiseOptimizer):
             update still computes in the parameter's (or master's) dtype. None: that dtype. The fused kernels
             read and write bfloat16/float16 moments of float32 tensors in place and compute u from the moments as
             stored; the other paths compute u in float32 and store the moments rounded (one rounding apart).
-            ``"8bit"``: block-wise 8-bit moments
-            (:mod:`torchlamb.quantized`; a quarter of float32's memory) for tensors of two or more dimensions and
-            at least 4096 elements, float for the others; under FSDP2 each process keeps those of its rows. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for √v,
-            ``exp_avg_sqrt_codes``/``exp_avg_sqrt_absmax``; u and its norm are computed from the moments as stored,
-            so the trust ratio is that of the update applied.
+            ``"8bit"``: block-wise 8-bit moments (:mod:`torchlamb.quantized`; a quarter of float32's memory) for
+            tensors of two or more dimensions and at least 4096 elements, float for the others; under FSDP2 each
+            process keeps those of its rows. The state then holds ``exp_avg_codes``/``exp_avg_absmax`` and, for
+            √v, ``exp_avg_sqrt_codes``/``exp_avg_sqrt_absmax``; u and its norm are computed from the moments as
+            stored, so the trust ratio is that of the update applied.
         partition_group: under ``torch.distributed.optim.ZeroRedundancyOptimizer``, whose optimizer on each process
             holds a disjoint share of the model's tensors: the process group, so that ``max_grad_norm`` clips the
             norm of all the model's gradients, not of this share. Not needed for DDP or FSDP2 (whose sharded
