@@ -23,8 +23,33 @@ from torchlamb.trust import trust_ratio
 # Three tensors of >= 4096 elements (8-bit), two small ones (float state); the fused kernels split the largest
 # (> 32768 elements, not a whole number of blocks) between threads, at block boundaries.
 SHAPES = [(96, 128), (128,), (10, 96), (48, 200), (129, 300)]
+# Fewer blocks for Triton's interpreter (one program per block): rows of 300 (blocks of 256 and 44) and of 256, a
+# 1-D and a small tensor in float state.
+TRITON_SHAPES = [(16, 300), (128,), (10, 96), (17, 256)]
 # The 8-bit state's two implementations: torch operations (foreach=True, and on CUDA) and the fused CPU kernels.
-PATHS = pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=["torch", "fused"])
+PATHS = pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True), "triton"],
+                                ids=["torch", "fused", "triton"])
+
+
+@pytest.fixture
+def options_of(monkeypatch):
+    """The optimizer options of a PATHS path, and the Triton 8-bit launches counted: "triton" runs the Triton
+    kernels in the interpreter on CPU tensors. Returns (options for path, the count of 8-bit pass-1 launches)."""
+    calls = []
+
+    def options(path, optimizer_class):
+        if path != "triton":
+            return path, calls
+        module = kernels.triton_module()
+        if module is None:
+            pytest.skip("triton is not installed")
+        monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+        name = "lamb_first_pass_8bit" if optimizer_class is Lamb else "lars_first_pass_8bit"
+        first_pass = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+        return dict(fused=True), calls
+
+    return options
 
 
 def problem(seed: int, steps: int, shapes=SHAPES, scales=None):
@@ -172,16 +197,19 @@ def test_the_fused_kernels_quantize_as_the_torch_path_on_every_boundary(signed, 
         assert torch.equal(back, quantized.dequantize(expected_codes, expected_absmax, table).view(-1))
 
 
-def test_the_fused_kernels_store_the_codes_the_torch_path_stores():
-    """One Lamb step from zero state computes the same float32 moments on both paths ((1−β1)·g and √((1−β2)·g²));
-    their codes and block scales must then be equal bit for bit (the kernels' table-started search against
+@pytest.mark.parametrize("kernel", [dict(fused=True), "triton"], ids=["fused", "triton"])
+def test_the_kernels_store_the_codes_the_torch_path_stores(kernel, options_of):
+    """One Lamb step from zero state computes the same float32 moments on every path ((1−β1)·g and √((1−β2)·g²));
+    their codes and block scales must then be equal bit for bit (the kernels' one-read code against
     torch.bucketize, the same tie rule). (Lars's buffer holds r·u, and r differs by a rounding between the paths.)"""
     optimizer_class = Lamb
-    params, grads = problem(seed=9, steps=1)
+    params, grads = problem(seed=9, steps=1, shapes=TRITON_SHAPES if kernel == "triton" else SHAPES)
     states = []
-    for path in (dict(foreach=True), dict(fused=True)):
+    kernel_options, calls = options_of(kernel, Lamb)
+    for path in (dict(foreach=True), kernel_options):
         _, optimizer, _ = run_torch(optimizer_class, params, grads, state_dtype="8bit", lr=0.01, **path)
         states.append([optimizer.state[p] for p in optimizer.param_groups[0]["params"]])
+    assert len(calls) == (1 if kernel == "triton" else 0)  # the Triton kernels ran the second step only
     for torch_state, fused_state in zip(*states):
         for stored in optimizer_class._quantized:
             if stored.codes_key in torch_state:
@@ -193,9 +221,11 @@ def test_the_fused_kernels_store_the_codes_the_torch_path_stores():
 
 @PATHS
 @pytest.mark.parametrize("options", LAMB_OPTIONS, ids=range(len(LAMB_OPTIONS)))
-def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options, path):
-    params, grads = problem(seed=1, steps=12)
-    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options, **path)
+def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options, path, options_of):
+    params, grads = problem(seed=1, steps=4, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=1, steps=12)
+    path_options, calls = options_of(path, Lamb)
+    tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options, **path_options)
+    assert len(calls) == (len(grads) if path == "triton" else 0)
     expected, expected_ratios = run_reference(Lamb, params, grads, store=eight_bit_moments, **options)
     assert "exp_avg_codes" in optimizer.state[tensors[0]] and "exp_avg" in optimizer.state[tensors[1]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=5e-5, atol=0)
@@ -208,9 +238,11 @@ LARS_OPTIONS = [dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, weight_decay=
 
 @PATHS
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=range(len(LARS_OPTIONS)))
-def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path):
-    params, grads = problem(seed=2, steps=12)
-    tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options, **path)
+def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path, options_of):
+    params, grads = problem(seed=2, steps=4, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=2, steps=12)
+    path_options, calls = options_of(path, Lars)
+    tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options, **path_options)
+    assert len(calls) == (len(grads) if path == "triton" else 0)
     expected, expected_ratios = run_reference(Lars, params, grads, store=eight_bit_buffer, **options)
     assert "momentum_buffer_codes" in optimizer.state[tensors[0]]
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=5e-5, atol=0)
@@ -218,27 +250,30 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path):
 
 
 @pytest.mark.skipif(kernels.triton_module() is None, reason="triton is not installed")
-def test_on_the_triton_path_the_8bit_tensors_take_torch_operations(monkeypatch):
-    """On CUDA (here: Triton's interpreter on CPU tensors) the float-state tensors of a group run in the Triton
-    kernels and its 8-bit ones in torch operations; together they equal the reference."""
+def test_on_the_triton_path_float_and_8bit_tensors_take_their_own_kernels(monkeypatch):
+    """On CUDA (here: Triton's interpreter on CPU tensors) a group's float-state tensors run in the float Triton
+    kernels and its 8-bit ones in the 8-bit Triton kernels, each once a step; together they equal the reference."""
     monkeypatch.setattr(Lamb, "_triton_on_cpu", True)
     module = kernels.triton_module()
-    first_pass, calls = module.lamb_first_pass, []
-    monkeypatch.setattr(module, "lamb_first_pass", lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
-    params, grads = problem(seed=1, steps=3)
+    calls = []
+    for name in ("lamb_first_pass", "lamb_first_pass_8bit"):
+        first_pass = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _f=first_pass, _n=name, **kw: calls.append(_n) or _f(*args,
+                                                                                                               **kw))
+    params, grads = problem(seed=1, steps=3, shapes=TRITON_SHAPES)
     tensors, _, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **LAMB_OPTIONS[0])
     expected, expected_ratios = run_reference(Lamb, params, grads, store=eight_bit_moments, **LAMB_OPTIONS[0])
-    assert len(calls) == 3
+    assert sorted(calls) == ["lamb_first_pass"] * 3 + ["lamb_first_pass_8bit"] * 3
     torch.testing.assert_close(ratios.double(), expected_ratios, rtol=5e-5, atol=0)
     assert_moved_like(tensors, expected, params, 1e-3)
 
 
 @PATHS
-def test_the_trust_ratio_is_that_of_the_update_applied(path):
+def test_the_trust_ratio_is_that_of_the_update_applied(path, options_of):
     """‖θ_new − θ‖ = lr·r·‖u‖ with u from the stored moments, and r = trust_ratio(‖θ‖, ‖u‖)."""
-    params, grads = problem(seed=3, steps=6, shapes=[(64, 256)])
+    params, grads = problem(seed=3, steps=3 if path == "triton" else 6, shapes=[(64, 256)])
     tensor = params[0].clone().requires_grad_()
-    optimizer = Lamb([tensor], lr=0.05, weight_decay=0.01, state_dtype="8bit", **path)
+    optimizer = Lamb([tensor], lr=0.05, weight_decay=0.01, state_dtype="8bit", **options_of(path, Lamb)[0])
     for step_grads in grads:
         before = tensor.detach().clone()
         tensor.grad = step_grads[0]
@@ -410,11 +445,13 @@ def test_checkpoint_with_bad_codes_is_refused_and_changes_nothing():
         assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items())
 
 
-@pytest.mark.parametrize("read_flag_on_host", [True, False])
-def test_a_skipped_step_stores_nothing(read_flag_on_host, monkeypatch):
-    monkeypatch.setattr(Lamb, "_read_skip_flag_on_cpu", read_flag_on_host)
+@pytest.mark.parametrize(("read_flag_on_host", "path"), [(True, "fused"), (False, "fused"), (False, "triton")])
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_a_skipped_step_stores_nothing(read_flag_on_host, path, optimizer_class, monkeypatch, options_of):
+    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_host)
     model = make_model()
-    optimizer = Lamb(model.parameters(), lr=0.01, state_dtype="8bit", nonfinite="skip")
+    path_options, calls = options_of(dict(fused=True) if path == "fused" else path, optimizer_class)
+    optimizer = optimizer_class(model.parameters(), lr=0.01, state_dtype="8bit", nonfinite="skip", **path_options)
     train(model, optimizer, 2)
     before = copy.deepcopy(optimizer.state_dict()), [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
@@ -424,11 +461,14 @@ def test_a_skipped_step_stores_nothing(read_flag_on_host, monkeypatch):
     for key, value in before[0]["state"][0].items():
         assert torch.equal(optimizer.state_dict()["state"][0][key], value), key
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before[1]))
+    assert len(calls) == (3 if path == "triton" else 0)
 
 
-def test_master_weights_with_8bit_moments():
+@pytest.mark.parametrize("path", ["fused", "triton"])
+def test_master_weights_with_8bit_moments(path, options_of):
     model = make_model().to(torch.bfloat16)
-    optimizer = Lamb(model.parameters(), lr=0.01, state_dtype="8bit", master_weights=True)
+    path_options, calls = options_of(dict(fused=True) if path == "fused" else path, Lamb)
+    optimizer = Lamb(model.parameters(), lr=0.01, state_dtype="8bit", master_weights=True, **path_options)
     train_bf16 = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -440,6 +480,7 @@ def test_master_weights_with_8bit_moments():
     assert state["master"].dtype == torch.float32 and state["exp_avg_codes"].dtype == torch.uint8
     assert torch.equal(model[0].weight, state["master"].to(torch.bfloat16))
     assert not torch.equal(model[0].weight, train_bf16[0])
+    assert len(calls) == (3 if path == "triton" else 0)
 
 
 def test_state_dtype_8bit_is_spelled_exactly():

@@ -225,3 +225,38 @@ def test_master_weights_are_written_to_the_parameters_inside_pass_2(triton_on_cp
         master = optimizer.state[tensor]["master"]
         assert tensor.dtype == dtype and torch.equal(tensor.detach(), master.to(dtype))
     assert any(not torch.equal(t.detach(), p) for t, p in zip(tensors, params))
+
+
+@BOTH
+def test_8bit_state_in_the_kernels_equals_the_torch_operations(triton_on_cpu, monkeypatch, optimizer_class):
+    """state_dtype="8bit" on the Triton path (codes and scales read and written in the kernels, one program per
+    block) against the torch operations on the same device: Lamb's codes and scales equal after one step from zero
+    state (its moments do not depend on the ratio), and the parameters within float rounding after three steps."""
+    name = "lamb_first_pass_8bit" if optimizer_class is Lamb else "lars_first_pass_8bit"
+    first_pass, calls = getattr(steps_module, name), []
+    monkeypatch.setattr(steps_module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+    options = dict(lr=0.01, weight_decay=0.01) if optimizer_class is Lamb else dict(lr=1.0, trust_coefficient=0.02)
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(16, 300), (17, 256), (128,)]  # rows of 300: blocks of 256 and 44; a 1-D tensor in float state
+    params = [torch.randn(shape, generator=generator) * 0.1 for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    results = []
+    for path in (dict(fused=True), dict(foreach=True)):
+        tensors = [p.to(DEVICE).requires_grad_() for p in params]
+        optimizer = optimizer_class(tensors, state_dtype="8bit", **options, **path)
+        for step, step_grads in enumerate(grads):
+            for tensor, grad in zip(tensors, step_grads):
+                tensor.grad = grad.to(DEVICE)
+            optimizer.step()
+            if step == 0:
+                first = {key: value.clone() for key, value in optimizer.state[tensors[0]].items()
+                         if key.endswith(("_codes", "_absmax"))}
+        results.append((first, [t.detach().cpu() for t in tensors]))
+    assert len(calls) == 3  # the Triton run's three steps; the foreach run took torch operations
+    (kernel_state, kernel_params), (torch_state, torch_params) = results
+    assert kernel_state.keys() == torch_state.keys() and kernel_state
+    if optimizer_class is Lamb:
+        for key, value in kernel_state.items():
+            assert torch.equal(value, torch_state[key]), key
+    for a, b in zip(kernel_params, torch_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -213,8 +213,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
-        """:meth:`_first_pass` for parameters whose state is stored in 8 bits (see :meth:`_stores_8bit`)."""
+                              grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
+                              keep: Tensor | None) -> FirstPass:
+        """:meth:`_first_pass` for parameters whose state is stored in 8 bits (see :meth:`_stores_8bit`): in the
+        Triton kernels on that path, else with torch operations."""
         raise NotImplementedError
 
     def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
@@ -338,7 +340,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                           keep: Tensor | None) -> FirstPass:
         """:meth:`_first_pass`, with the parameters whose state is stored in 8 bits taken apart to
         :meth:`_quantized_first_pass`; the results are put back in the order of ``params``."""
-        parts = [(positions, self._quantized_first_pass(group, *picked, grad_factor, keep) if eight_bit
+        parts = [(positions, self._quantized_first_pass(group, *picked, grad_factor, implementation, keep) if eight_bit
                   else self._first_pass(group, *picked, grad_factor, implementation, keep))
                  for eight_bit, positions, picked in self._by_storage(group, params, targets, grads)]
         return parts[0][1] if len(parts) == 1 else _merged(len(params), parts)

@@ -146,7 +146,12 @@ class Lars(LayerwiseOptimizer):
                       self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
 
     def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None, keep: Tensor | None) -> FirstPass:
+                              grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
+                              keep: Tensor | None) -> FirstPass:
+        if implementation == "triton":  # the codes and scales read and written in the kernels
+            return kernels.triton_module().lars_first_pass_8bit(
+                targets, grads, self._local_states(params), self._states(params, "step"), _BUFFER_8BIT,
+                **self._options(group), grad_factor=grad_factor, keep=keep, copies=self._copies_in_kernel(params))
         return _quantized_lars(targets, grads, self._local_states(params), self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
 

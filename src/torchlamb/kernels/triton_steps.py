@@ -18,6 +18,10 @@ that changes from step to step — lr, the step counts and bias corrections, the
 inverse scale, the skip flag — is read from device memory, so ``step()`` never waits for the device and a changing
 lr compiles nothing new.
 
+8-bit state (``state_dtype="8bit"``) has kernels of its own, one program per block of 256 values (see below):
+pass 1 decodes the codes, updates the values, stores new codes and scales and sums ‖u‖² from the values as stored;
+pass 2 decodes them again. LARS's pass 1 does not read its buffer and is the float one.
+
 Stored values are rounded to their dtype before pass 1 uses them (as the other paths round a moment before using
 it); bfloat16 is rounded to nearest even with bit operations, since Triton's interpreter truncates on that cast.
 
@@ -28,6 +32,7 @@ tests prove them without a GPU.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -35,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import quantized
 from ..trust import FirstPass
 
 # Elements per program. A program sums its squares in float32 (a reduction tree over BLOCK values, relative error
@@ -185,6 +191,145 @@ def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, copy_pointers, n
         _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 
 
+# -- 8-bit state (torchlamb.quantized) ----------------------------------------------------------------------------
+# One program per block of 8-bit state (QBLOCK = 256 elements of one row, the last of a row shorter), so that each
+# program finds its block's absmax by itself. The rules are the CPU kernels': q = x·(1/absmax) with a correctly
+# rounded reciprocal; the code is one read of the map's entries (the midpoints below q's 16-bit pattern, plus one if
+# q lies above the midpoint inside it); a block's absmax is the largest of its magnitudes' bit patterns (NaN above
+# everything); a positive √v is never stored as the code of 0; u is computed from the moments as stored.
+QBLOCK = 256
+
+
+@triton.jit
+def _decode(code_pointers, absmax_pointers, tensor, offsets, mask, block, values):
+    """The float32 values a block's codes and absmax stand for (0 where masked)."""
+    codes = tl.load(tl.load(code_pointers + tensor).to(tl.pointer_type(tl.uint8)) + offsets, mask=mask, other=0)
+    absmax = tl.load(tl.load(absmax_pointers + tensor).to(tl.pointer_type(tl.float32)) + block)
+    return tl.where(mask, tl.load(values + codes.to(tl.int32)) * absmax, 0.0)
+
+
+@triton.jit
+def _absmax(x):
+    """The largest |x| (NaN if any is NaN), from the bit patterns as the CPU kernels take it."""
+    magnitudes = (x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)
+    return tl.max(magnitudes, axis=0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _encode_store(x, code_pointers, absmax_pointers, tensor, offsets, mask, block, keep, values, entries,
+                  ZERO: tl.constexpr, FLOOR: tl.constexpr):
+    """Quantize a block's float32 values ``x``, store codes and absmax (nothing where ``keep`` is 0), and return the
+    values as stored."""
+    code_base = tl.load(code_pointers + tensor).to(tl.pointer_type(tl.uint8))
+    absmax_base = tl.load(absmax_pointers + tensor).to(tl.pointer_type(tl.float32))
+    old_codes = tl.load(code_base + offsets, mask=mask, other=0).to(tl.int32)
+    old_absmax = tl.load(absmax_base + block)
+    absmax = _absmax(tl.where(mask, x, 0.0))
+    inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
+    bits = (x * inverse).to(tl.uint32, bitcast=True)
+    entry = tl.load(entries + (bits >> 16).to(tl.int32))
+    key = (bits & 0xFFFF) ^ tl.where((bits >> 31) != 0, 0xFFFF, 0)
+    codes = (entry & 0xFF) + (key.to(tl.int32) > (entry >> 8)).to(tl.int32)
+    codes = tl.where(absmax > 0, codes, ZERO)
+    if FLOOR:
+        codes = tl.where((codes == ZERO) & (x > 0), ZERO + 1, codes)
+    codes = tl.where(keep != 0.0, codes, old_codes)
+    absmax = tl.where(keep != 0.0, absmax, old_absmax)
+    tl.store(code_base + offsets, codes.to(tl.uint8), mask=mask)
+    tl.store(absmax_base + block, absmax)
+    return tl.where(mask, tl.load(values + codes) * absmax, 0.0)
+
+
+@triton.jit
+def _lamb8_direction(m, s, theta, c1, c2, eps, decay):
+    """u = (m·c1) / (s·c2 + ε) + decay·θ from m and s = √v as stored: one function for both passes."""
+    return tl.div_rn(m * c1, s * c2 + eps) + decay * theta
+
+
+@triton.jit
+def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_absmax, block_tensors, block_starts,
+                 block_lengths, block_indices, corrections, scalars, partials, m_values, m_entries, s_values,
+                 s_entries, one_minus_beta1, one_minus_beta2, eps, decay, outside_decay, PARAM: tl.constexpr,
+                 GRAD: tl.constexpr, M_ZERO: tl.constexpr, S_ZERO: tl.constexpr, DECAY_OUTSIDE: tl.constexpr,
+                 QBLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    tensor = tl.load(block_tensors + program)
+    block = tl.load(block_indices + program)
+    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
+    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    grad_factor = tl.load(scalars)
+    keep = tl.load(scalars + 1)
+    c1 = tl.load(corrections + 2 * tensor)
+    c2 = tl.load(corrections + 2 * tensor + 1)
+
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    if DECAY_OUTSIDE:
+        lr = tl.load(scalars + 2)
+        theta = _store(param_pointers, tensor, offsets, mask, theta * (1.0 - lr * outside_decay * keep), PARAM)
+    grad = _load(grad_pointers, tensor, offsets, mask, GRAD)
+    grad = tl.where(keep != 0.0, grad * grad_factor, 0.0)
+    m = _decode(m_codes, m_absmax, tensor, offsets, mask, block, m_values)
+    s = _decode(s_codes, s_absmax, tensor, offsets, mask, block, s_values)
+    v = s * s
+    m = m + one_minus_beta1 * (grad - m)
+    s = tl.sqrt_rn(v + one_minus_beta2 * (grad * grad - v))
+    m = _encode_store(m, m_codes, m_absmax, tensor, offsets, mask, block, keep, m_values, m_entries, M_ZERO, False)
+    s = _encode_store(s, s_codes, s_absmax, tensor, offsets, mask, block, keep, s_values, s_entries, S_ZERO, True)
+    update = tl.where(mask, _lamb8_direction(m, s, theta, c1, c2, eps, decay), 0.0)
+    tl.store(partials + 2 * program, tl.sum(theta * theta, axis=0))
+    tl.store(partials + 2 * program + 1, tl.sum(update * update, axis=0))
+
+
+@triton.jit
+def _lamb8_pass2(param_pointers, m_codes, m_absmax, s_codes, s_absmax, copy_pointers, block_tensors, block_starts,
+                 block_lengths, block_indices, corrections, scales, m_values, s_values, eps, decay,
+                 PARAM: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    tensor = tl.load(block_tensors + program)
+    block = tl.load(block_indices + program)
+    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
+    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    c1 = tl.load(corrections + 2 * tensor)
+    c2 = tl.load(corrections + 2 * tensor + 1)
+    scale = tl.load(scales + tensor)
+
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    m = _decode(m_codes, m_absmax, tensor, offsets, mask, block, m_values)
+    s = _decode(s_codes, s_absmax, tensor, offsets, mask, block, s_values)
+    theta = _store(param_pointers, tensor, offsets, mask,
+                   theta + scale * _lamb8_direction(m, s, theta, c1, c2, eps, decay), PARAM)
+    if HAS_COPY:
+        _store(copy_pointers, tensor, offsets, mask, theta, COPY)
+
+
+@triton.jit
+def _lars8_pass2(param_pointers, grad_pointers, b_codes, b_absmax, copy_pointers, block_tensors, block_starts,
+                 block_lengths, block_indices, scalars, ratios, values, entries, weight_decay, momentum,
+                 NESTEROV: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, ZERO: tl.constexpr,
+                 COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    tensor = tl.load(block_tensors + program)
+    block = tl.load(block_indices + program)
+    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
+    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    grad_factor = tl.load(scalars)
+    keep = tl.load(scalars + 1)
+    lr = tl.load(scalars + 2)
+    ratio = tl.load(ratios + tensor)
+
+    theta = _load(param_pointers, tensor, offsets, mask, PARAM)
+    grad = _load(grad_pointers, tensor, offsets, mask, GRAD)
+    grad = tl.where(keep != 0.0, grad * grad_factor, 0.0)
+    scaled = (grad + weight_decay * theta) * ratio
+    b = _decode(b_codes, b_absmax, tensor, offsets, mask, block, values)
+    b = _encode_store(momentum * b + scaled, b_codes, b_absmax, tensor, offsets, mask, block, keep, values, entries,
+                      ZERO, False)
+    direction = scaled + momentum * b if NESTEROV else b
+    theta = _store(param_pointers, tensor, offsets, mask, theta - lr * keep * direction, PARAM)
+    if HAS_COPY:
+        _store(copy_pointers, tensor, offsets, mask, theta, COPY)
+
+
 # -- tables ----------------------------------------------------------------------------------------------------
 
 class _Chunks:
@@ -229,6 +374,48 @@ def _sums_per_tensor(partials: Tensor, chunks: _Chunks) -> Tensor:
     return scanned[chunks.offsets[1:]] - scanned[chunks.offsets[:-1]]
 
 
+class _Blocks:
+    """Which program handles which block of 8-bit state, for tensors of these shapes: program k covers elements
+    [starts[k], starts[k] + lengths[k]) of tensor tensors[k], whose scale is absmax entry indices[k]; tensor i's
+    programs are offsets[i] .. offsets[i+1] (blocks as torchlamb.quantized.absmax_shape lays them out)."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device) -> None:
+        tensors, starts, lengths, indices, counts = [], [], [], [], []
+        for i, shape in enumerate(shapes):
+            row = quantized.row_length(shape)
+            rows = math.prod(shape) // row if row else 0
+            per_row = -(-row // QBLOCK)
+            block = torch.arange(rows * per_row, dtype=torch.int64)
+            within = block % per_row * QBLOCK
+            tensors.append(torch.full_like(block, i))
+            starts.append(block // per_row * row + within)
+            lengths.append((row - within).clamp(max=QBLOCK))
+            indices.append(block)
+            counts.append(rows * per_row)
+        self.count = sum(counts)
+        empty = torch.empty(0, dtype=torch.int64)
+        self.tensors = torch.cat(tensors or [empty]).to(torch.int32).to(device)
+        self.starts = torch.cat(starts or [empty]).to(device)
+        self.lengths = torch.cat(lengths or [empty]).to(torch.int32).to(device)
+        self.indices = torch.cat(indices or [empty]).to(device)
+        self.offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=device)
+
+    @property
+    def table(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.tensors, self.starts, self.lengths, self.indices
+
+
+@functools.lru_cache(maxsize=16)
+def _blocks(shapes: tuple[tuple[int, ...], ...], device: torch.device) -> _Blocks:
+    return _Blocks(shapes, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _code_tables(stored: quantized.Stored, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A code map's values and entries on ``device``, copied once."""
+    return stored.code.values.to(device), stored.code.entries.to(device)
+
+
 # -- the step --------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
@@ -239,13 +426,15 @@ def _index(positions: tuple[int, ...], device: torch.device) -> Tensor:
 
 class _Launch:
     """The tensors of one launch (one combination of parameter, gradient, state and copy dtypes): their positions in
-    the group, their chunks and pointer tables, and the Triton dtypes. ``copy``: the pass-2 arguments of the
-    low-precision parameters written from float32 masters (a placeholder table and HAS_COPY False where none)."""
+    the group, their chunks (``blocks``: the blocks of their 8-bit state) and pointer tables, and the Triton dtypes.
+    ``copy``: the pass-2 arguments of the low-precision parameters written from float32 masters (a placeholder table
+    and HAS_COPY False where none)."""
 
     def __init__(self, positions: list[int], operands: list[list[Tensor]], copies: list[Tensor | None], kind: tuple,
-                 device: torch.device):
+                 device: torch.device, blocks: bool = False):
         self.index = _index(tuple(positions), device)
-        self.chunks = _chunks(tuple(operands[0][i].numel() for i in positions), device)
+        self.chunks = (_blocks(tuple(tuple(operands[0][i].shape) for i in positions), device) if blocks
+                       else _chunks(tuple(operands[0][i].numel() for i in positions), device))
         self.pointers = [_pointers([tensors[i] for i in positions], device) for tensors in operands]
         self.kind = kind
         self.grid = (self.chunks.count,)
@@ -256,16 +445,18 @@ class _Launch:
 
 
 def _launches(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], device: torch.device,
-              copies: list[Tensor | None] | None = None) -> list[_Launch]:
+              copies: list[Tensor | None] | None = None, blocks: bool = False) -> list[_Launch]:
     """One launch per (parameter, gradient, state, copy) dtype combination, operands in the order params, grads,
-    states; ``copies[i]``: the low-precision parameter pass 2 writes from master ``params[i]``, or None."""
+    states; ``copies[i]``: the low-precision parameter pass 2 writes from master ``params[i]``, or None. With
+    ``blocks`` (8-bit state: codes and scales) or no states, the state takes no part in the dtypes."""
     copies = copies or [None] * len(params)
     by_kind: dict[tuple, list[int]] = {}
-    for i, (p, g, s, c) in enumerate(zip(params, grads, states[0], copies)):
-        kind = (_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], _TRITON_DTYPES[s.dtype],
-                None if c is None else _TRITON_DTYPES[c.dtype])
+    for i, (p, g, c) in enumerate(zip(params, grads, copies)):
+        state = None if blocks or not states else _TRITON_DTYPES[states[0][i].dtype]
+        kind = (_TRITON_DTYPES[p.dtype], _TRITON_DTYPES[g.dtype], state, None if c is None else _TRITON_DTYPES[c.dtype])
         by_kind.setdefault(kind, []).append(i)
-    return [_Launch(positions, [params, grads, *states], copies, kind, device) for kind, positions in by_kind.items()]
+    return [_Launch(positions, [params, grads, *states], copies, kind, device, blocks)
+            for kind, positions in by_kind.items()]
 
 
 def _step_scalars(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], lr: float | Tensor,
@@ -290,6 +481,32 @@ def _lr64(lr: float | Tensor, device: torch.device) -> float | Tensor:
     return lr.to(device, torch.float64) if isinstance(lr, Tensor) else lr
 
 
+def _lamb_corrections(steps: list[Tensor], beta1: float, beta2: float, bias_correction: Any) -> tuple[Tensor, Tensor]:
+    """(the step counts t as lamb._precise gives them, float32 [n, 2] of c1 = 1/(1−β1^t) and c2 = 1/√(1−β2^t) per
+    tensor, or ones without bias correction inside u)."""
+    # Imported here: the optimizers import this package, and these are the bias-correction rules every path shares.
+    from ..lamb import _precise
+
+    t = _precise(torch.stack(steps))
+    if bias_correction is True:
+        corrections = torch.stack([1 / (1 - beta1**t), (1 - beta2**t).rsqrt()], 1)
+    else:
+        corrections = torch.ones(len(steps), 2, dtype=torch.float64, device=t.device)
+    return t, corrections.to(torch.float32)
+
+
+def _lamb_scale(ratio: Tensor, lr: float | Tensor, kept: Tensor, t: Tensor, beta1: float, beta2: float,
+                bias_correction: Any) -> Tensor:
+    """Pass 2's −lr·r per tensor in float64, times the step-size factor and the skip flag, as float32."""
+    from ..lamb import _step_size_factor
+
+    scale = ratio.to(kept.device, torch.float64) * -_lr64(lr, kept.device)
+    step_size_factor = _step_size_factor(bias_correction, beta1, beta2, t)
+    if step_size_factor is not None:
+        scale = scale * step_size_factor
+    return (scale * kept.double()).to(torch.float32)
+
+
 def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                     steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                     weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
@@ -301,15 +518,7 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     even."""
     device = params[0].device
     scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
-    # Imported here: the optimizers import this package, and these are the bias-correction rules every path shares.
-    from ..lamb import _precise, _step_size_factor
-
-    t = _precise(torch.stack(steps))
-    if bias_correction is True:
-        corrections = torch.stack([1 / (1 - beta1**t), (1 - beta2**t).rsqrt()], 1)
-    else:
-        corrections = torch.ones(len(params), 2, dtype=torch.float64, device=device)
-    corrections = corrections.to(torch.float32)
+    t, corrections = _lamb_corrections(steps, beta1, beta2, bias_correction)
     decay_inside = 0.0 if decay_outside_ratio else weight_decay
     decay_outside = bool(decay_outside_ratio and weight_decay != 0)
 
@@ -327,12 +536,7 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
             squares[launch.index] = _sums_per_tensor(partials, launch.chunks)
 
     def finish(ratio: Tensor) -> None:
-        # −lr·r in float64, times the step-size factor and the skip flag.
-        scale = ratio.to(device, torch.float64) * -_lr64(lr, device)
-        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, t)
-        if step_size_factor is not None:
-            scale = scale * step_size_factor
-        scale = (scale * kept.double()).to(torch.float32)
+        scale = _lamb_scale(ratio, lr, kept, t, beta1, beta2, bias_correction)
         for launch in launches:
             if launch.chunks.count:
                 param_pointers, _, m_pointers, v_pointers = launch.pointers
@@ -374,5 +578,87 @@ def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers:
                     launch.chunks.starts, scalars, ratios[launch.index].contiguous(), weight_decay, momentum,
                     NESTEROV=bool(nesterov), PARAM=launch.kind[0], GRAD=launch.kind[1], STATE=launch.kind[2],
                     COPY=launch.copy["COPY"], HAS_COPY=launch.copy["HAS_COPY"], BLOCK=BLOCK)
+
+    return FirstPass(squares, finish)
+
+
+def _codes(states: list[dict[str, Tensor]], stored: quantized.Stored) -> list[list[Tensor]]:
+    return [[state[stored.codes_key] for state in states], [state[stored.absmax_key] for state in states]]
+
+
+def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], moments: tuple[quantized.Stored, quantized.Stored], *,
+                         lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+                         bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
+                         grad_factor: Tensor | None, keep: Tensor | None = None,
+                         copies: list[Tensor | None] | None = None) -> FirstPass:
+    """LAMB's pass 1 in Triton on 8-bit moments (``states``: each tensor's state, with the codes and scales
+    ``moments`` name), one program per block: m and √v are decoded, updated, stored as codes and scales, and ‖u‖²
+    summed from the values as stored; the FirstPass's ``finish(ratio)`` runs pass 2, which decodes them again."""
+    device = params[0].device
+    scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
+    t, corrections = _lamb_corrections(steps, beta1, beta2, bias_correction)
+    decay_inside = 0.0 if decay_outside_ratio else weight_decay
+    first, second = moments
+    (m_values, m_entries), (s_values, s_entries) = _code_tables(first, device), _code_tables(second, device)
+    launches = _launches(params, grads, [*_codes(states, first), *_codes(states, second)], device, copies,
+                         blocks=True)
+    squares = torch.zeros(len(params), 2, dtype=torch.float64, device=device)
+    for launch in launches:
+        launch.corrections = corrections[launch.index].contiguous()
+        if launch.chunks.count:
+            partials = torch.empty(launch.chunks.count, 2, dtype=torch.float32, device=device)
+            _lamb8_pass1[launch.grid](
+                *launch.pointers, *launch.chunks.table, launch.corrections, scalars, partials, m_values, m_entries,
+                s_values, s_entries, 1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay,
+                PARAM=launch.kind[0], GRAD=launch.kind[1], M_ZERO=first.code.zero, S_ZERO=second.code.zero,
+                DECAY_OUTSIDE=bool(decay_outside_ratio and weight_decay != 0), QBLOCK=QBLOCK)
+            squares[launch.index] = _sums_per_tensor(partials, launch.chunks)
+
+    def finish(ratio: Tensor) -> None:
+        scale = _lamb_scale(ratio, lr, kept, t, beta1, beta2, bias_correction)
+        for launch in launches:
+            if launch.chunks.count:
+                param_pointers, _, m_codes, m_absmax, s_codes, s_absmax = launch.pointers
+                _lamb8_pass2[launch.grid](
+                    param_pointers, m_codes, m_absmax, s_codes, s_absmax, launch.copy["copy_pointers"],
+                    *launch.chunks.table, launch.corrections, scale[launch.index].contiguous(), m_values, s_values,
+                    eps, decay_inside, PARAM=launch.kind[0], COPY=launch.copy["COPY"],
+                    HAS_COPY=launch.copy["HAS_COPY"], QBLOCK=QBLOCK)
+
+    return FirstPass(squares, finish)
+
+
+def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], buffer: quantized.Stored, *, lr: float | Tensor, momentum: float,
+                         weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
+                         grad_factor: Tensor | None, keep: Tensor | None = None,
+                         copies: list[Tensor | None] | None = None) -> FirstPass:
+    """LARS's pass 1 in Triton (the norms; it does not read the buffer), then, in ``finish(ratio)``, pass 2 on the
+    8-bit momentum buffer, one program per block: b decoded, b ← μb + r·u stored as codes and a scale, θ moved by
+    the buffer as stored."""
+    device = params[0].device
+    scalars, kept, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, keep)
+    squares = torch.zeros(len(params), 3, dtype=torch.float64, device=device)
+    for launch in _launches(params, grads, [], device):
+        if launch.chunks.count:
+            partials = torch.empty(launch.chunks.count, 3, dtype=torch.float32, device=device)
+            param_pointers, grad_pointers = launch.pointers
+            _lars_pass1[launch.grid](
+                param_pointers, grad_pointers, launch.chunks.numels, launch.chunks.tensors, launch.chunks.starts,
+                scalars, partials, weight_decay, PARAM=launch.kind[0], GRAD=launch.kind[1], BLOCK=BLOCK)
+            squares[launch.index] = _sums_per_tensor(partials, launch.chunks)
+    values, entries = _code_tables(buffer, device)
+    launches = _launches(params, grads, _codes(states, buffer), device, copies, blocks=True)
+
+    def finish(ratio: Tensor) -> None:
+        ratios = (ratio.to(device, torch.float64) * kept.double()).to(torch.float32)
+        for launch in launches:
+            if launch.chunks.count:
+                _lars8_pass2[launch.grid](
+                    *launch.pointers, launch.copy["copy_pointers"], *launch.chunks.table, scalars,
+                    ratios[launch.index].contiguous(), values, entries, weight_decay, momentum,
+                    NESTEROV=bool(nesterov), PARAM=launch.kind[0], GRAD=launch.kind[1], ZERO=buffer.code.zero,
+                    COPY=launch.copy["COPY"], HAS_COPY=launch.copy["HAS_COPY"], QBLOCK=QBLOCK)
 
     return FirstPass(squares, finish)
