@@ -82,10 +82,13 @@ def test_an_overflow_skips_the_step(optimizer_class):
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_max_grad_norm_clips_the_accumulated_gradient(scaled):
-    """SGD through the accumulation with max_grad_norm equals SGD on the large batch with clip_grad_norm_."""
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torchlamb.Lamb])
+def test_max_grad_norm_clips_the_accumulated_gradient(scaled, optimizer_class):
+    """An optimizer through the accumulation with max_grad_norm equals it on the large batch with clip_grad_norm_;
+    with a GradScaler the clip sees unscaled gradients, also for Lamb, which would otherwise unscale them itself
+    inside its step (after the clip)."""
     large, small = make_model(), make_model()
-    large_opt, small_opt = torch.optim.SGD(large.parameters(), lr=0.1), torch.optim.SGD(small.parameters(), lr=0.1)
+    large_opt, small_opt = optimizer_class(large.parameters(), lr=0.1), optimizer_class(small.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
     accumulation = torchlamb.GradientAccumulation(small_opt, micro_batches=4, scaler=scaler, max_grad_norm=0.05)
     for x, y in batches(3, 32):

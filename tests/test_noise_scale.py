@@ -50,11 +50,11 @@ def reference(small: torch.Tensor, large: torch.Tensor, b: int, big: int, ema: f
 
 
 def train_regression(steps: int, ema: float, scaler: torch.amp.GradScaler | None = None, seed: int = 0,
-                     max_grad_norm: float | None = None):
+                     max_grad_norm: float | None = None, optimizer_class=torch.optim.SGD):
     """Accumulate K micro-batches per step (lr 0: w stays put) with NoiseScale attached; also record each micro-batch
     gradient's norm and each step's large-batch norm by hand. Returns (noise, micro norms [steps, K], large norms)."""
     model, x, y = regression(steps, seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = optimizer_class(model.parameters(), lr=0.0)
     accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=K, scaler=scaler,
                                                   max_grad_norm=max_grad_norm)
     noise = torchlamb.NoiseScale(model, optimizer, batch_size=MICRO, micro_batches=K, scaler=scaler, ema=ema,
@@ -98,6 +98,11 @@ def test_a_grad_scaler_scale_is_divided_out_and_a_skipped_step_changes_nothing()
     scaled, _, _ = train_regression(steps=6, ema=0.6, scaler=scaler)
     for quantity, value in plain.estimates().items():
         torch.testing.assert_close(scaled.estimates()[quantity], value, rtol=1e-12, atol=0)
+    # Lamb unscales inside its own step, so its step pre-hooks see the gradients still scaled: divided out too.
+    lamb = train_regression(steps=6, ema=0.6, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12),
+                            optimizer_class=torchlamb.Lamb)[0]
+    for quantity, value in plain.estimates().items():
+        torch.testing.assert_close(lamb.estimates()[quantity], value, rtol=1e-12, atol=0)
 
     # A micro-batch with an inf gradient: the scaler skips the step; the next step's mean holds the inf, so that
     # step is left out too; then the estimates move on from where they were, finite.

@@ -63,9 +63,14 @@ class GradientAccumulation:
         self.count += 1
         if self.count < self.micro_batches:
             return False
-        # Clipping runs inside the step, as its last pre-hook: after GradScaler has unscaled the gradients and after
-        # the pre-hooks registered earlier, so that telemetry (NoiseScale) reads the gradient as accumulated.
-        clip = None if self.max_grad_norm is None else self.optimizer.register_step_pre_hook(self._clip)
+        # Clipping runs inside the step, as its last pre-hook: after the pre-hooks registered earlier, so that
+        # telemetry (NoiseScale) reads the gradient as accumulated. The gradients are unscaled first: an optimizer
+        # that unscales inside its own step (Lamb, Lars) would otherwise be clipped on scaled gradients.
+        clip = None
+        if self.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            clip = self.optimizer.register_step_pre_hook(self._clip)
         try:
             if self.scaler is None:
                 self.optimizer.step()

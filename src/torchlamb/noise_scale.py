@@ -77,9 +77,11 @@ class NoiseScale:
     step (Lamb's and Lars's ``max_grad_norm``, or :class:`~torchlamb.GradientAccumulation`'s, which clips after the
     step's other pre-hooks), not with ``clip_grad_norm_`` before it (a clipped ``|G_B|²`` would read as noise). With a
     ``torch.amp.GradScaler`` pass it as ``scaler``: the backward passes' gradients carry its scale, which is divided
-    out (read as a device tensor, without a sync). A step the scaler skips (inf/NaN gradients) does not call
-    ``optimizer.step``; its micro-batches stay in the small-batch mean of the next step, and a tensor whose mean is
-    not finite is left out of that step's update (and so is the global estimate).
+    out (read as a device tensor, without a sync), from the large-batch gradient too where the optimizer unscales
+    inside its own step (Lamb, Lars). A step the scaler skips (inf/NaN gradients) does not call ``optimizer.step``
+    for other optimizers; its micro-batches stay in the small-batch mean of the next step, and a tensor whose mean
+    is not finite is left out of that step's update (and so is the global estimate). Lamb and Lars are called and
+    skip the step themselves; its estimates are not finite and left out the same way.
 
     Under DDP the small-batch squares are summed over the processes of ``group`` (one all-reduce of 2·T + 2
     numbers per step, T tensors), so every process holds the same estimates. Sharded parameters (FSDP2) are not
@@ -179,20 +181,25 @@ class NoiseScale:
             packed = torch.cat([small_sum, counts])
             dist.all_reduce(packed, group=self.group)
             small_sum, counts = packed.split(len(self.params))
-        self._update(present, small_sum, counts)
+        # GradScaler.step hands an optimizer that unscales inside its own step (Lamb, Lars) the scale as
+        # ``grad_scale``: the gradients this hook reads still carry it.
+        self._update(present, small_sum, counts, getattr(optimizer, "grad_scale", None))
         self._small_sum.zero_()
         self._small_count = [0] * len(self.params)
         if self.step == 1 or self.step % self.every == 0:
             self._record()
 
-    def _update(self, present: list[int], small_sum: Tensor, counts: Tensor) -> None:
-        """One step's estimates from the small- and large-batch squared norms, into the moving averages."""
+    def _update(self, present: list[int], small_sum: Tensor, counts: Tensor, carried_scale: Tensor | None) -> None:
+        """One step's estimates from the small- and large-batch squared norms, into the moving averages;
+        ``carried_scale``: a loss scale the gradients still carry."""
         count = len(self.params)
         mask = torch.zeros(count, dtype=torch.bool, device=small_sum.device)
         large = torch.zeros(count, dtype=torch.float64, device=small_sum.device)
         if present:
             mask[present] = True
             large[present] = sums_of_squares([self.params[i].grad.detach() for i in present]).to(large.device)
+        if carried_scale is not None:
+            large = large / carried_scale.to(large.device, torch.float64).square()
         small = small_sum / counts.clamp(min=1)
         # The last entry takes all present tensors together: sums of squares add up over tensors.
         small = torch.cat([small, torch.where(mask, small, 0).sum().reshape(1)])
