@@ -31,23 +31,27 @@ PATHS = pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True), "
                                 ids=["torch", "fused", "triton"])
 
 
+def use_triton(optimizer_class, monkeypatch, calls, eight_bit):
+    """Send CPU tensors to the Triton kernels (in Triton's interpreter) and count the pass-1 launches of the 8-bit or
+    the float kernels in ``calls``; returns the options that select them."""
+    module = kernels.triton_module()
+    if module is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+    name = ("lamb_first_pass" if optimizer_class is Lamb else "lars_first_pass") + ("_8bit" if eight_bit else "")
+    first_pass = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+    return dict(fused=True)
+
+
 @pytest.fixture
 def options_of(monkeypatch):
-    """The optimizer options of a PATHS path, and the Triton 8-bit launches counted: "triton" runs the Triton
-    kernels in the interpreter on CPU tensors. Returns (options for path, the count of 8-bit pass-1 launches)."""
+    """(the optimizer options of a PATHS path, the launches of the Triton 8-bit kernels counted): "triton" runs
+    them in the interpreter on CPU tensors."""
     calls = []
 
     def options(path, optimizer_class):
-        if path != "triton":
-            return path, calls
-        module = kernels.triton_module()
-        if module is None:
-            pytest.skip("triton is not installed")
-        monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
-        name = "lamb_first_pass_8bit" if optimizer_class is Lamb else "lars_first_pass_8bit"
-        first_pass = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
-        return dict(fused=True), calls
+        return (path if path != "triton" else use_triton(optimizer_class, monkeypatch, calls, True)), calls
 
     return options
 
@@ -342,16 +346,7 @@ BFLOAT16_PATHS = pytest.mark.parametrize(("path", "stored_update"), [
 def bfloat16_path(path, optimizer_class, monkeypatch, calls):
     """The options of a BFLOAT16_PATHS path; "triton": the Triton kernels in the interpreter, on CPU tensors, their
     pass-1 launches counted in ``calls``."""
-    if path != "triton":
-        return path
-    module = kernels.triton_module()
-    if module is None:
-        pytest.skip("triton is not installed")
-    monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
-    name = "lamb_first_pass" if optimizer_class is Lamb else "lars_first_pass"
-    first_pass = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
-    return dict(fused=True)
+    return path if path != "triton" else use_triton(optimizer_class, monkeypatch, calls, False)
 
 
 @BFLOAT16_PATHS

@@ -241,6 +241,15 @@ def _encode_store(x, code_pointers, absmax_pointers, tensor, offsets, mask, bloc
 
 
 @triton.jit
+def _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK: tl.constexpr):
+    """This program's block: (its tensor, its absmax's index, its elements' offsets, the mask of its length)."""
+    program = tl.program_id(0)
+    within = tl.arange(0, QBLOCK)
+    return (tl.load(block_tensors + program), tl.load(block_indices + program),
+            tl.load(block_starts + program) + within, within < tl.load(block_lengths + program))
+
+
+@triton.jit
 def _lamb8_direction(m, s, theta, c1, c2, eps, decay):
     """u = (m·c1) / (s·c2 + ε) + decay·θ from m and s = √v as stored: one function for both passes."""
     return tl.div_rn(m * c1, s * c2 + eps) + decay * theta
@@ -252,11 +261,7 @@ def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_ab
                  s_entries, one_minus_beta1, one_minus_beta2, eps, decay, outside_decay, PARAM: tl.constexpr,
                  GRAD: tl.constexpr, M_ZERO: tl.constexpr, S_ZERO: tl.constexpr, DECAY_OUTSIDE: tl.constexpr,
                  QBLOCK: tl.constexpr):
-    program = tl.program_id(0)
-    tensor = tl.load(block_tensors + program)
-    block = tl.load(block_indices + program)
-    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
-    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     grad_factor = tl.load(scalars)
     keep = tl.load(scalars + 1)
     c1 = tl.load(corrections + 2 * tensor)
@@ -276,19 +281,15 @@ def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_ab
     m = _encode_store(m, m_codes, m_absmax, tensor, offsets, mask, block, keep, m_values, m_entries, M_ZERO, False)
     s = _encode_store(s, s_codes, s_absmax, tensor, offsets, mask, block, keep, s_values, s_entries, S_ZERO, True)
     update = tl.where(mask, _lamb8_direction(m, s, theta, c1, c2, eps, decay), 0.0)
-    tl.store(partials + 2 * program, tl.sum(theta * theta, axis=0))
-    tl.store(partials + 2 * program + 1, tl.sum(update * update, axis=0))
+    tl.store(partials + 2 * tl.program_id(0), tl.sum(theta * theta, axis=0))
+    tl.store(partials + 2 * tl.program_id(0) + 1, tl.sum(update * update, axis=0))
 
 
 @triton.jit
 def _lamb8_pass2(param_pointers, m_codes, m_absmax, s_codes, s_absmax, copy_pointers, block_tensors, block_starts,
                  block_lengths, block_indices, corrections, scales, m_values, s_values, eps, decay,
                  PARAM: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
-    program = tl.program_id(0)
-    tensor = tl.load(block_tensors + program)
-    block = tl.load(block_indices + program)
-    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
-    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     c1 = tl.load(corrections + 2 * tensor)
     c2 = tl.load(corrections + 2 * tensor + 1)
     scale = tl.load(scales + tensor)
@@ -307,11 +308,7 @@ def _lars8_pass2(param_pointers, grad_pointers, b_codes, b_absmax, copy_pointers
                  block_lengths, block_indices, scalars, ratios, values, entries, weight_decay, momentum,
                  NESTEROV: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, ZERO: tl.constexpr,
                  COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
-    program = tl.program_id(0)
-    tensor = tl.load(block_tensors + program)
-    block = tl.load(block_indices + program)
-    offsets = tl.load(block_starts + program) + tl.arange(0, QBLOCK)
-    mask = tl.arange(0, QBLOCK) < tl.load(block_lengths + program)
+    tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     grad_factor = tl.load(scalars)
     keep = tl.load(scalars + 1)
     lr = tl.load(scalars + 2)
