@@ -226,7 +226,7 @@ def test_the_kernels_store_the_codes_the_torch_path_stores(kernel, options_of):
 @PATHS
 @pytest.mark.parametrize("options", LAMB_OPTIONS, ids=range(len(LAMB_OPTIONS)))
 def test_lamb_8bit_equals_the_reference_storing_8bit_moments(options, path, options_of):
-    params, grads = problem(seed=1, steps=4, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=1, steps=12)
+    params, grads = problem(seed=1, steps=3, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=1, steps=12)
     path_options, calls = options_of(path, Lamb)
     tensors, optimizer, ratios = run_torch(Lamb, params, grads, state_dtype="8bit", **options, **path_options)
     assert len(calls) == (len(grads) if path == "triton" else 0)
@@ -243,7 +243,7 @@ LARS_OPTIONS = [dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, weight_decay=
 @PATHS
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=range(len(LARS_OPTIONS)))
 def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path, options_of):
-    params, grads = problem(seed=2, steps=4, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=2, steps=12)
+    params, grads = problem(seed=2, steps=3, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=2, steps=12)
     path_options, calls = options_of(path, Lars)
     tensors, optimizer, ratios = run_torch(Lars, params, grads, state_dtype="8bit", **options, **path_options)
     assert len(calls) == (len(grads) if path == "triton" else 0)
