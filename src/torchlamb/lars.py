@@ -152,6 +152,9 @@ class Lars(LayerwiseOptimizer):
             return kernels.triton_module().lars_first_pass_8bit(
                 targets, grads, self._local_states(params), self._states(params, "step"), _BUFFER_8BIT,
                 **self._options(group), grad_factor=grad_factor, keep=keep, copies=self._copies_in_kernel(params))
+        if implementation == "fused":  # sharded tensors: pass 1 and pass 2 apart, the norms summed in between
+            return cpu_kernels.fused_lars_8bit(targets, grads, self._local_states(params), self._states(params, "step"),
+                                            _BUFFER_8BIT, **self._options(group), grad_factor=grad_factor, keep=keep)
         return _quantized_lars(targets, grads, self._local_states(params), self._states(params, "step"),
                                **self._options(group), grad_factor=grad_factor, keep=keep)
 

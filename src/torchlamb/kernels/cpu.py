@@ -244,28 +244,64 @@ def _codes(states: list[dict[str, Tensor]], stored: Stored) -> tuple[list[Tensor
     return [state[stored.codes_key] for state in states], [state[stored.absmax_key] for state in states]
 
 
-def fused_lamb_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                         steps: list[Tensor], moments: tuple[Stored, Stored], *, lr: float | Tensor, beta1: float,
-                         beta2: float, eps: float, weight_decay: float, bias_correction: Any,
-                         decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                         trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
+def _lamb_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
+               states: list[dict[str, Tensor]], steps: list[Tensor], moments: tuple[Stored, Stored], *,
+               lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: Any,
+               decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
+               trust_options: dict[str, Any]) -> Tensor:
     first, second = moments
-    result = load().lamb_step_8bit(
-        params, _kernel_grads(params, grads), *_codes(states, first), *_codes(states, second), steps,
-        _tables(first, second), float(lr), beta1, beta2, eps, weight_decay, _BIAS_CORRECTION_CODES[bias_correction],
-        decay_outside_ratio, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options),
-        _WHOLE, _NO_RATIOS, _row_lengths(params))
-    return _stats(result, params)
+    return load().lamb_step_8bit(
+        params, grads, *_codes(states, first), *_codes(states, second), steps, _tables(first, second), float(lr),
+        beta1, beta2, eps, weight_decay, _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio,
+        _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios,
+        _row_lengths(params))
+
+
+def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
+               states: list[dict[str, Tensor]], steps: list[Tensor], buffer: Stored, *, lr: float | Tensor,
+               momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
+               grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+    return load().lars_step_8bit(
+        params, grads, *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum, weight_decay, nesterov,
+        split_denominator, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase,
+        ratios, _row_lengths(params))
+
+
+def fused_lamb_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], moments: tuple[Stored, Stored], **options: Any
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
+    return _stats(_lamb_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, moments,
+                             **options), params)
 
 
 def fused_lars_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                         steps: list[Tensor], buffer: Stored, *, lr: float | Tensor, momentum: float,
-                         weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
-                         grad_factor: Tensor | None, trust_options: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                         steps: list[Tensor], buffer: Stored, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step on an 8-bit momentum buffer; returns ‖θ‖, the denominator and r."""
-    result = load().lars_step_8bit(
-        params, _kernel_grads(params, grads), *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum,
-        weight_decay, nesterov, split_denominator, _gradient_multiplier(maximize, grad_factor),
-        *_trust_arguments(**trust_options), _WHOLE, _NO_RATIOS, _row_lengths(params))
-    return _stats(result, params)
+    return _stats(_lars_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, buffer,
+                             **options), params)
+
+
+def fused_lamb_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                    steps: list[Tensor], moments: tuple[Stored, Stored], keep: Tensor | None = None,
+                    **options: Any) -> FirstPass:
+    """Lamb's pass 1 on 8-bit moments (local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors (as
+    fused_lamb)."""
+    assert keep is None, "the fused kernels do not take a skip flag"
+    grads = _kernel_grads(params, grads)
+    squares = _lamb_8bit(_NORMS, _NO_RATIOS, params, grads, states, steps, moments, **options,
+                         trust_options=_NO_TRUST)[:, :2]
+    return FirstPass(squares, lambda ratio: _lamb_8bit(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
+                                                       states, steps, moments, **options, trust_options=_NO_TRUST))
+
+
+def fused_lars_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                    steps: list[Tensor], buffer: Stored, keep: Tensor | None = None, **options: Any) -> FirstPass:
+    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 on the 8-bit buffer as ``finish``, for sharded
+    tensors (as fused_lars)."""
+    assert keep is None, "the fused kernels do not take a skip flag"
+    grads = _kernel_grads(params, grads)
+    no_trust = {**_NO_TRUST, "trust_coefficient": 1.0}
+    squares = _lars_8bit(_NORMS, _NO_RATIOS, params, grads, states, steps, buffer, **options, trust_options=no_trust)
+    return FirstPass(squares, lambda ratio: _lars_8bit(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
+                                                       states, steps, buffer, **options, trust_options=no_trust))
