@@ -66,9 +66,9 @@ class CodeMap:
     entries: Tensor
     signed: bool
 
-    @property
+    @functools.cached_property
     def zero(self) -> int:
-        """The code of 0."""
+        """The code of 0, found once (the kernels' launches read it every step)."""
         return int((self.values == 0).nonzero()[0, 0])
 
 
