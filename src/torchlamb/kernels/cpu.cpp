@@ -319,6 +319,7 @@ void lars_apply(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ 
 // table reads in loops of their own; where the CPU has AVX-512 the table reads are explicit: a gather for the code,
 // and (with VBMI) byte permutes for the values, which are several times cheaper than gathers.
 constexpr int64_t kQuantBlock = 256;  // torchlamb.quantized.BLOCK, checked by the caller
+constexpr int64_t kAhead = 2 * kQuantBlock;  // how far ahead the 8-bit loops prefetch
 
 inline uint32_t float_bits(float x) {
   uint32_t bits;
@@ -476,6 +477,18 @@ struct Blocks {
   }
 };
 
+// Asks for the cache lines of the block `ahead` elements on from `from`. The 8-bit loops do much work per block
+// between their reads, and without this their first read of each block waited on memory (perf: half the time of
+// pass 1's moment loop); with it the 8-bit Lamb step took a fifth less time here. Prefetching past the end of a
+// tensor is harmless: a prefetch never faults.
+template <typename T>
+inline void prefetch_block(const T* from, int64_t ahead) {
+  const char* p = reinterpret_cast<const char*>(from + ahead);
+  for (int64_t offset = 0; offset < kQuantBlock * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(p + offset);
+  }
+}
+
 // LAMB's u = (m·c1)/(s·c2 + ε) + decay·θ on one block, from m and s = √v as stored. One compiled function serves
 // pass 1 (‖u‖) and pass 2 (the step), so the two compute the same u bit for bit.
 template <typename T>
@@ -510,6 +523,10 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
     const int64_t block = blocks.index(start);
     T* __restrict__ t = theta + start;
     const T* __restrict__ grad = g + start;
+    prefetch_block(grad, kAhead);
+    prefetch_block(t, kAhead);
+    prefetch_block(m_codes + start, kAhead);
+    prefetch_block(s_codes + start, kAhead);
     if (rescale_theta) {
       for (int64_t k = 0; k < len; ++k) t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) * factor);
     }
@@ -555,6 +572,9 @@ void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes,
     len = blocks.length(start, end);
     const int64_t block = blocks.index(start);
     T* __restrict__ t = theta + start;
+    prefetch_block(t, kAhead);
+    prefetch_block(m_codes + start, kAhead);
+    prefetch_block(s_codes + start, kAhead);
     m_map.decode_block(m_codes + start, len, m_absmax[block], m);
     s_map.decode_block(s_codes + start, len, s_absmax[block], s);
     lamb_direction_8bit<T>(m, s, t, len, c1, c2, eps, decay, u);
@@ -579,6 +599,9 @@ void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __
     T* __restrict__ t = theta + start;
     const T* __restrict__ grad = g + start;
     uint8_t* codes = b_codes + start;
+    prefetch_block(grad, kAhead);
+    prefetch_block(t, kAhead);
+    prefetch_block(codes, kAhead);
     map.decode_block(codes, len, b_absmax[block], b);
     for (int64_t k = 0; k < len; ++k) {
       scaled[k] = (static_cast<float>(grad[k]) * scale + decay * static_cast<float>(t[k])) * ratio;

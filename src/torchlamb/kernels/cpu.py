@@ -87,7 +87,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v12_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v13_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
