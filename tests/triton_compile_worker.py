@@ -8,6 +8,9 @@ The interpreter shares the compiler's front end (types, shapes, constexprs); wha
 for each architecture: the lowering to LLVM and PTX, and ptxas. Whether the kernels compute the right numbers is
 tests/test_triton.py's job, in the interpreter here and compiled on a GPU (benchmarks/gpu_check.sh).
 
+It reaches into Triton's runtime (the active driver, JITFunction.run, the compiled kernel's asm and metadata) as
+triton 3.6.0 has them, the version `make test` pins and the GPU machine has.
+
 Usage: python tests/triton_compile_worker.py OUT.json CAPABILITY [CAPABILITY ...]
 Writes one record per compiled kernel specialisation: target, kernel, its constexpr arguments, cubin bytes.
 """
