@@ -12,7 +12,8 @@ It reaches into Triton's runtime (the active driver, JITFunction.run, the compil
 triton 3.6.0 has them, the version `make test` pins and the GPU machine has.
 
 Usage: python tests/triton_compile_worker.py OUT.json CAPABILITY [CAPABILITY ...]
-Writes one record per compiled kernel specialisation: target, kernel, its constexpr arguments, cubin bytes.
+Writes one record per launch (each compiled, or taken from Triton's cache of this process): target, kernel, its
+constexpr arguments, cubin bytes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class CompileOnly:
         return True
 
 
-def configurations() -> list[tuple[str, torch.dtype, dict]]:
+def configurations() -> list[tuple[type, torch.dtype, dict]]:
     from torchlamb import Lamb, Lars
 
     configs = []
