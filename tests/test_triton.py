@@ -260,3 +260,30 @@ def test_8bit_state_in_the_kernels_equals_the_torch_operations(triton_on_cpu, mo
             assert torch.equal(value, torch_state[key]), key
     for a, b in zip(kernel_params, torch_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"], ids=["float", "8bit"])
+def test_lars_pass_2_reads_gradients_that_are_still_alive(state_dtype):
+    # Lars's pass 2 reads the gradients again. bfloat16 gradients of float32 masters are float32 copies made for the
+    # step: each group's copies must live until its pass 2, after every group's pass 1. Two groups of the same
+    # shapes: a freed copy's memory goes to the next group's copies, whose gradients pass 2 would then read.
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(64, 96), (40,)]
+    params = [torch.randn(shape, generator=generator).to(DEVICE, torch.bfloat16) for shape in shapes * 2]
+    grads = [[torch.randn(p.shape, generator=generator).to(DEVICE, torch.bfloat16) for p in params]
+             for _ in range(2)]
+
+    def run(**path):
+        tensors = [p.clone().requires_grad_() for p in params]
+        groups = [dict(params=tensors[:2]), dict(params=tensors[2:], weight_decay=0.0)]
+        optimizer = Lars(groups, lr=0.5, weight_decay=0.01, master_weights=True, state_dtype=state_dtype, **path)
+        for step_grads in grads:
+            for tensor, grad in zip(tensors, step_grads):
+                tensor.grad = grad.clone()
+            optimizer.step()
+        return [optimizer.state[t]["master"] for t in tensors]
+
+    triton = run(fused=True)
+    Lars._triton_on_cpu = False
+    for a, b in zip(triton, run(foreach=True)):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-6)

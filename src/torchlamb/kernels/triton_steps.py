@@ -432,7 +432,10 @@ class _Launch:
         self.index = _index(tuple(positions), device)
         self.chunks = (_blocks(tuple(tuple(operands[0][i].shape) for i in positions), device) if blocks
                        else _chunks(tuple(operands[0][i].numel() for i in positions), device))
-        self.pointers = [_pointers([tensors[i] for i in positions], device) for tensors in operands]
+        # The launch holds the tensors its pointer tables point into: a gradient copy made for this step (of another
+        # dtype, or contiguous) must outlive pass 2, which may run after the other groups' pass 1 made their own.
+        self.operands = [[tensors[i] for i in positions] for tensors in operands]
+        self.pointers = [_pointers(tensors, device) for tensors in self.operands]
         self.kind = kind
         self.grid = (self.chunks.count,)
         copy_dtype = kind[3]
