@@ -35,6 +35,7 @@ if dist.is_available():
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+import switches
 import torchlamb
 from torchlamb import quantized
 
@@ -244,7 +245,6 @@ def _noise_scale_run(rank: int, world: int, steps: int) -> dict[str, torch.Tenso
 
 def _triton_fsdp2_run(name: str, rank: int, world: int, steps: int) -> tuple[list[torch.Tensor], int]:
     """(parameters, how many first passes ran in Triton) of an FSDP2 run on the Triton path."""
-    optimizer_class = OPTIMIZERS[name][0]
     module = torchlamb.kernels.triton_module()
     first_pass_name = "lamb_first_pass" if name == "lamb" else "lars_first_pass"
     first_pass, calls = getattr(module, first_pass_name), []
@@ -253,12 +253,11 @@ def _triton_fsdp2_run(name: str, rank: int, world: int, steps: int) -> tuple[lis
         calls.append(1)
         return first_pass(*args, **kwargs)
 
-    optimizer_class._triton_on_cpu = True
     setattr(module, first_pass_name, counted)
     try:
-        return _distributed_run("fsdp2", name, "fused", rank, world, steps), len(calls)
+        with switches.triton_on_cpu():
+            return _distributed_run("fsdp2", name, "fused", rank, world, steps), len(calls)
     finally:
-        optimizer_class._triton_on_cpu = False
         setattr(module, first_pass_name, first_pass)
 
 
@@ -353,7 +352,13 @@ def _fsdp1_error(name: str, use_orig_params: bool) -> str | None:
 
 
 def _skip_one_step(mode: str, name: str, rank: int, world: int) -> list[bool]:
-    """Whether each parameter changed in a step where rank 0's first owned gradient holds an Inf."""
+    """Whether each parameter changed in a step where rank 0's first owned gradient holds an Inf. Under FSDP2 the
+    flag stays a tensor, as on an accelerator (the step weight path)."""
+    with switches.skip_flag_on_device(mode != "zero"):
+        return _skip_one_step_here(mode, name, rank, world)
+
+
+def _skip_one_step_here(mode: str, name: str, rank: int, world: int) -> list[bool]:
     optimizer_class, options = OPTIMIZERS[name]
     model = make_model()
     if mode == "zero":
@@ -365,7 +370,6 @@ def _skip_one_step(mode: str, name: str, rank: int, world: int) -> list[bool]:
         fully_shard(model)
         trained = model
         optimizer = optimizer_class(groups(model), nonfinite="skip", **options)
-        optimizer._read_skip_flag_on_cpu = False  # the accelerator path: the flag stays a tensor
         owned = list(model.parameters())
     train(trained, optimizer, range(1), rank, world)
     before = full_parameters(model)

@@ -38,6 +38,7 @@ if __name__ == "__main__":  # as a script: the Triton kernels run in the interpr
 
 import torch
 
+import switches
 import torchlamb
 from torchlamb import Lamb, Lars, warmup_poly
 
@@ -81,15 +82,11 @@ def _version(name: str) -> str:
 
 
 @contextlib.contextmanager
-def path_switches(optimizer_class: type, *, triton_on_cpu: bool, read_skip_flag_on_cpu: bool) -> Iterator[None]:
+def path_switches(*, triton_on_cpu: bool, skip_flag_on_device: bool) -> Iterator[None]:
     """Send CPU tensors to the Triton kernels (in the interpreter), and keep a skip flag on the device (the
     accelerator's path) or read it on the host, for the duration."""
-    saved = optimizer_class._triton_on_cpu, optimizer_class._read_skip_flag_on_cpu
-    optimizer_class._triton_on_cpu, optimizer_class._read_skip_flag_on_cpu = triton_on_cpu, read_skip_flag_on_cpu
-    try:
+    with switches.triton_on_cpu(triton_on_cpu), switches.skip_flag_on_device(skip_flag_on_device):
         yield
-    finally:
-        optimizer_class._triton_on_cpu, optimizer_class._read_skip_flag_on_cpu = saved
 
 
 def _parameters(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -138,7 +135,7 @@ def _train(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, sc
            path: str, scenario: str, steps: range) -> None:
     # The fused CPU kernels never see a skip flag (the step returns on the host); the other paths keep it on the
     # device, as on an accelerator, where every change is weighted by it.
-    with path_switches(type(optimizer), triton_on_cpu=path == "triton", read_skip_flag_on_cpu=path == "fused"):
+    with path_switches(triton_on_cpu=path == "triton", skip_flag_on_device=path != "fused"):
         for step in steps:
             overflow = scaler is not None and step == 1
             if scaler is not None:

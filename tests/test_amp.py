@@ -1,7 +1,7 @@
 """GradScaler's protocol for optimizers that unscale themselves, and nonfinite="skip".
 
 Every test runs the three paths. On the CPU a skipped step returns after reading its flag (free there); with
-``_read_skip_flag_on_cpu`` off the accelerator path runs instead (every change weighted by 0 or 1 on the device),
+``switches.set_skip_flag_on_device`` the accelerator path runs instead (every change weighted by 0 or 1 on the device),
 and a dispatch mode checks that it never reads a device value on the host.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from switches import set_skip_flag_on_device
 from test_optimizer_api import _HostSyncDetector, make_model
 from torchlamb import Lamb, Lars
 
@@ -69,7 +70,7 @@ def test_scaled_steps_equal_unscaled_ones(optimizer_class, path):
 @PATHS
 @DEVICE_PATH
 def test_overflow_leaves_everything_as_it_was(optimizer_class, path, read_flag_on_cpu, monkeypatch):
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    set_skip_flag_on_device(monkeypatch, not read_flag_on_cpu)
     model = make_model()
     optimizer = optimizer_class(model.parameters(), **options(optimizer_class), **path)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -124,7 +125,7 @@ def test_unscale_first_then_step(optimizer_class, path):
 @DEVICE_PATH
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_skip_makes_the_step_a_no_op(optimizer_class, path, read_flag_on_cpu, bad, monkeypatch):
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    set_skip_flag_on_device(monkeypatch, not read_flag_on_cpu)
     model = make_model()
     optimizer = optimizer_class(model.parameters(), **options(optimizer_class), nonfinite="skip", **path)
     loss_of(model).backward()
@@ -163,7 +164,7 @@ def test_nonfinite_skip_changes_nothing_on_finite_steps(optimizer_class, path):
 @OPTIMIZERS
 def test_the_device_path_of_a_finite_step_matches_the_plain_one(optimizer_class, monkeypatch):
     # keep = 1 on the device: the weighted formulas give the plain update.
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", False)
+    set_skip_flag_on_device(monkeypatch)
     for a, b in zip(*default_and_skipping(optimizer_class, foreach=True)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -205,7 +206,7 @@ def test_bad_nonfinite_option_is_named():
 @DEVICE_PATH
 def test_a_skipped_first_step_changes_nothing(optimizer_class, extra, path, read_flag_on_cpu, monkeypatch):
     # The step count is still 0 then: bias corrections 1 − β^0 = 0 must not turn into 0/0 = NaN.
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_cpu)
+    set_skip_flag_on_device(monkeypatch, not read_flag_on_cpu)
     model = make_model()
     optimizer = optimizer_class(model.parameters(), **options(optimizer_class), nonfinite="skip", **extra, **path)
     before = [p.detach().clone() for p in model.parameters()]
@@ -229,7 +230,7 @@ def test_a_skipped_first_step_changes_nothing(optimizer_class, extra, path, read
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradients_are_unscaled_in_float32(dtype):
     # 0.1·2⁻²⁰ is not a float16 number; multiplying in float16 would be 25% off.
-    from torchlamb._base import effective_grad, effective_grads
+    from torchlamb._gradients import effective_grad, effective_grads
 
     grad = torch.full((4,), 3.0, dtype=dtype)
     factor = torch.tensor(0.1 * 2.0**-20)

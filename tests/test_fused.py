@@ -122,7 +122,7 @@ def test_large_tensors_split_across_threads_match_foreach():
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 def test_default_picks_the_fused_kernels_on_cpu(optimizer_class, monkeypatch):
     calls = []
-    name = "fused_lamb_step" if optimizer_class is Lamb else "fused_lars_step"
+    name = "lamb_whole_step" if optimizer_class is Lamb else "lars_whole_step"
     original = getattr(cpu_kernels, name)
     monkeypatch.setattr(cpu_kernels, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     params, grads = problem()

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchlamb import Lamb, Lars, param_groups
+from torchlamb._dispatch import choose_implementation
 from torchlamb.kernels import cpu as cpu_kernels
 
 # foreach=None (with fused=None) is the default: the fused kernels on the CPU.
@@ -180,13 +181,13 @@ def test_add_param_group_with_its_own_options(optimizer_class):
 
 
 @OPTIMIZERS
-def test_implementation_choice(optimizer_class):  # the choice lives in the shared base
+def test_implementation_choice(optimizer_class):  # the choice lives in torchlamb._dispatch
     params = [torch.zeros(1, requires_grad=True), torch.zeros(2, requires_grad=True)]
     grads = [torch.zeros(1), torch.zeros(2)]
 
     def chosen(**options):
         optimizer = optimizer_class(params, **options)
-        return optimizer._choose_implementation(optimizer.param_groups[0], params, grads)
+        return choose_implementation(optimizer_class.__name__, optimizer.param_groups[0], params, grads)
 
     assert chosen(foreach=True) == "foreach"
     assert chosen(foreach=False) == "single_tensor"

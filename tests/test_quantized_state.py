@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import reference as ref
+from switches import set_skip_flag_on_device, set_triton_on_cpu
 from torchlamb import Lamb, Lars, kernels, quantized
 from torchlamb.trust import trust_ratio
 
@@ -37,7 +38,7 @@ def use_triton(optimizer_class, monkeypatch, calls, eight_bit):
     module = kernels.triton_module()
     if module is None:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+    set_triton_on_cpu(monkeypatch)
     name = ("lamb_first_pass" if optimizer_class is Lamb else "lars_first_pass") + ("_8bit" if eight_bit else "")
     first_pass = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
@@ -257,7 +258,7 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path, op
 def test_on_the_triton_path_float_and_8bit_tensors_take_their_own_kernels(monkeypatch):
     """On CUDA (here: Triton's interpreter on CPU tensors) a group's float-state tensors run in the float Triton
     kernels and its 8-bit ones in the 8-bit Triton kernels, each once a step; together they equal the reference."""
-    monkeypatch.setattr(Lamb, "_triton_on_cpu", True)
+    set_triton_on_cpu(monkeypatch)
     module = kernels.triton_module()
     calls = []
     for name in ("lamb_first_pass", "lamb_first_pass_8bit"):
@@ -443,7 +444,7 @@ def test_checkpoint_with_bad_codes_is_refused_and_changes_nothing():
 @pytest.mark.parametrize(("read_flag_on_host", "path"), [(True, "fused"), (False, "fused"), (False, "triton")])
 @pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
 def test_a_skipped_step_stores_nothing(read_flag_on_host, path, optimizer_class, monkeypatch, options_of):
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", read_flag_on_host)
+    set_skip_flag_on_device(monkeypatch, not read_flag_on_host)
     model = make_model()
     path_options, calls = options_of(dict(fused=True) if path == "fused" else path, optimizer_class)
     optimizer = optimizer_class(model.parameters(), lr=0.01, state_dtype="8bit", nonfinite="skip", **path_options)

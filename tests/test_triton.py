@@ -1,7 +1,7 @@
 """Lamb's and Lars's Triton kernels (torchlamb/kernels/triton_steps.py), run by Triton's interpreter on CPU tensors.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports the kernels where no GPU is. The optimizer takes the
-Triton path on CPU tensors here because the tests set ``_triton_on_cpu`` (on CUDA tensors it is the default).
+Triton path on CPU tensors here because the tests set ``switches.triton_on_cpu`` (on CUDA tensors it is the default).
 With a GPU the same tests run compiled kernels on CUDA tensors (benchmarks/gpu_check.sh).
 Checked: the float64 reference over the option matrix of test_matrix.py, the fused CPU kernels (the same arithmetic)
 for float32, bfloat16 and float16 parameters, the skip flag on the device, GradScaler, zero-norm, empty and 0-dim
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import torchlamb
+from switches import set_skip_flag_on_device, set_triton_on_cpu
 from torchlamb import Lamb, Lars, kernels
+from torchlamb._storage import StepScratch
 
 steps_module = kernels.triton_module()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,8 +39,8 @@ def triton_on_cpu(monkeypatch):
             return first_pass(*args, **kwargs)
         return counted
 
-    for optimizer_class, name in ((Lamb, "lamb_first_pass"), (Lars, "lars_first_pass")):
-        monkeypatch.setattr(optimizer_class, "_triton_on_cpu", True)
+    set_triton_on_cpu(monkeypatch)
+    for name in ("lamb_first_pass", "lars_first_pass"):
         monkeypatch.setattr(steps_module, name, counting(getattr(steps_module, name)))
     return calls
 
@@ -84,13 +86,13 @@ def test_triton_path_follows_the_float64_reference(triton_on_cpu, optimizer_clas
 @pytest.mark.parametrize(("optimizer_class", "option"), [(Lamb, "defaults"), (Lamb, "pytorch_optimizer"),
                                                          (Lamb, "deepspeed"), (Lars, "defaults"),
                                                          (Lars, "nesterov_split")], ids=str)
-def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype):
+def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype, monkeypatch):
     # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
     params, grads = odd_problem(dtype)
     options = OPTIONS[optimizer_class][option]
     triton, triton_optimizer = train(params, grads, optimizer_class, fused=True, **options)
     assert len(triton_on_cpu) == len(grads)
-    optimizer_class._triton_on_cpu = False
+    set_triton_on_cpu(monkeypatch, False)
     params, grads = [p.cpu() for p in params], [[g.cpu() for g in step] for step in grads]
     cpu, cpu_optimizer = train(params, grads, optimizer_class, fused=True, **options)
     ulps = 0 if dtype == torch.float32 else 1  # a ratio a few float32 ulps apart may round θ the other way
@@ -146,7 +148,7 @@ def test_two_runs_are_bitwise_equal_and_a_resume_is_bitwise_identical(triton_on_
 
 @BOTH
 def test_a_skipped_step_changes_nothing_without_reading_the_flag(triton_on_cpu, monkeypatch, optimizer_class):
-    monkeypatch.setattr(optimizer_class, "_read_skip_flag_on_cpu", False)  # the flag stays a tensor, as on a GPU
+    set_skip_flag_on_device(monkeypatch)  # the flag stays a tensor, as on a GPU
     params, grads = odd_problem()
     tensors, optimizer = train(params, grads[:2], optimizer_class, nonfinite="skip")
     before = [t.detach().clone() for t in tensors]
@@ -215,9 +217,10 @@ def test_master_weights_are_written_to_the_parameters_inside_pass_2(triton_on_cp
     """Pass 2 writes the low-precision parameter from its updated float32 master, rounded to nearest even (bit
     operations for bfloat16: the interpreter's cast truncates), and the step copies nothing afterwards."""
     copied = []
-    write_back = optimizer_class._write_back_masters
-    monkeypatch.setattr(optimizer_class, "_write_back_masters", lambda self, params: copied.extend(
-        p for p in params if id(p) not in self._written_in_kernel) or write_back(self, params))
+    finish = StepScratch.finish
+    monkeypatch.setattr(StepScratch, "finish", lambda self, state, params: copied.extend(
+        p for p in params if "master" in state[p] and id(p) not in self.written_in_kernel) or finish(self, state,
+                                                                                                   params))
     params, grads = odd_problem(dtype)
     tensors, optimizer = train(params, grads, optimizer_class, fused=True, master_weights=True)
     assert len(triton_on_cpu) == len(grads) and not copied
@@ -263,7 +266,7 @@ def test_8bit_state_in_the_kernels_equals_the_torch_operations(triton_on_cpu, mo
 
 
 @pytest.mark.parametrize("state_dtype", [None, "8bit"], ids=["float", "8bit"])
-def test_lars_pass_2_reads_gradients_that_are_still_alive(state_dtype):
+def test_lars_pass_2_reads_gradients_that_are_still_alive(state_dtype, monkeypatch):
     # Lars's pass 2 reads the gradients again. bfloat16 gradients of float32 masters are float32 copies made for the
     # step: each group's copies must live until its pass 2, after every group's pass 1. Two groups of the same
     # shapes: a freed copy's memory goes to the next group's copies, whose gradients pass 2 would then read.
@@ -284,6 +287,6 @@ def test_lars_pass_2_reads_gradients_that_are_still_alive(state_dtype):
         return [optimizer.state[t]["master"] for t in tensors]
 
     triton = run(fused=True)
-    Lars._triton_on_cpu = False
+    set_triton_on_cpu(monkeypatch, False)
     for a, b in zip(triton, run(foreach=True)):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-6)

@@ -73,9 +73,9 @@ def configurations() -> list[tuple[type, torch.dtype, dict]]:
 
 
 def main(out: str, capabilities: list[int]) -> None:
-    from torchlamb import Lamb, Lars, quantized
+    from torchlamb import _dispatch, quantized
 
-    Lamb._triton_on_cpu = Lars._triton_on_cpu = True  # CPU tensors take the Triton path (compiled, never run)
+    _dispatch.TRITON_DEVICE_TYPES = ("cuda", "cpu")  # CPU tensors take the Triton path (compiled, never run)
     records = []
     target = {}
     launch = jit.JITFunction.run

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import check_number
+from ._validation import check_number
 
 
 class GradientAccumulation:

@@ -1,38 +1,31 @@
-"""LAMB: Adam's direction, decoupled weight decay, then the layer-wise trust ratio (You et al., 2019)."""
+"""LAMB: Adam's direction, decoupled weight decay, then the layer-wise trust ratio (You et al., 2019).
+
+This file holds the optimizer's options (the class and its checks), its state, its math — a single-tensor version
+that reads like the paper, the 8-bit one, and a multi-tensor (``torch._foreach_*``) one — and its path table, which
+adds the fused kernels (torchlamb.kernels) for each implementation and storage.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import kernels
-from ._base import (
-    Adapt,
-    Implementation,
-    LayerwiseOptimizer,
-    NonFinite,
-    check_bool,
-    check_number,
-    effective_grad,
-    effective_grads,
-    if_kept,
-    squares_of,
-    zero_if_skipped,
-)
-from .kernels import cpu as cpu_kernels
+from ._base import Adapt, LayerwiseOptimizer, NonFinite
+from ._dispatch import Path, PathTable
+from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
+from ._validation import check_bool, check_number
+from .bias_correction import STEP_SIZE_MODES, BiasCorrection, moment_corrections, step_count, step_size_factor
+from .kernels import entry
 from .presets import PRESETS
-from .quantized import Stored, sqrt_rn
-from .trust import ClipRange, FirstPass, TrustStats
+from .quantized import QuantizedKey, sqrt_rn
+from .trust import LAMB_UPDATE, ClipRange, PendingUpdate, squares_of
 
-# True/False: debias the moments inside u; the strings: debias through the step size, outside the ratio.
-BiasCorrection = Union[bool, Literal["step_size", "step_size_first_moment"]]
-_STEP_SIZE_MODES = ("step_size", "step_size_first_moment")
 # The moments under state_dtype="8bit": m as signed codes, v as √v in unsigned codes (see torchlamb.quantized).
-_MOMENTS_8BIT = (Stored("exp_avg", "exp_avg"), Stored("exp_avg_sq", "exp_avg_sqrt", sqrt=True))
+MOMENTS_8BIT = (QuantizedKey("exp_avg", "exp_avg"), QuantizedKey("exp_avg_sq", "exp_avg_sqrt", sqrt=True))
 
 
 class Lamb(LayerwiseOptimizer):
@@ -72,7 +65,7 @@ class Lamb(LayerwiseOptimizer):
             multiplies the step by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` outside the ratio (DeepSpeed);
             ``"step_size_first_moment"`` multiplies it by :math:`1/(1-\beta_1^t)` only (pytorch_optimizer).
         weight_norm_clip: ``(min, max)`` range for :math:`\phi(\lVert\theta\rVert)`, or None for the identity.
-        trust_clip: ``(min, max)`` range for the ratio :math:`r` (seed 002 clips at 10: ``(0, 10)``), or None.
+        trust_clip: ``(min, max)`` range for the ratio :math:`r` (Ben Mann's LAMB clips at 10: ``(0, 10)``), or None.
         trust_eps: added to :math:`\lVert u\rVert` in the ratio's denominator (pytorch_optimizer), default 0.
         decay_outside_ratio: apply weight decay as :math:`\theta \leftarrow \theta(1 - \eta\lambda)` before the
             norms instead of adding :math:`\lambda\theta` to :math:`u` (pytorch_optimizer's default).
@@ -118,7 +111,7 @@ class Lamb(LayerwiseOptimizer):
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
-    _quantized = _MOMENTS_8BIT
+    _quantized = MOMENTS_8BIT
 
     def __init__(
         self,
@@ -168,7 +161,7 @@ class Lamb(LayerwiseOptimizer):
         for i, beta in enumerate(betas):
             check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True, group_index=group_index)
         check_number("eps", group["eps"], low=0.0, low_open=True, group_index=group_index)
-        if not (isinstance(group["bias_correction"], bool) or group["bias_correction"] in _STEP_SIZE_MODES):
+        if not (isinstance(group["bias_correction"], bool) or group["bias_correction"] in STEP_SIZE_MODES):
             raise TypeError(f"bias_correction must be True, False, 'step_size' or 'step_size_first_moment', "
                             f"got {group['bias_correction']!r}")
         check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
@@ -179,49 +172,8 @@ class Lamb(LayerwiseOptimizer):
             "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
         }
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
-                    grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
-        if implementation == "triton":
-            update = functools.partial(kernels.triton_module().lamb_first_pass, copies=self._copies_in_kernel(params))
-        else:
-            update = {"fused": cpu_kernels.fused_lamb, "foreach": _multi_tensor_lamb,
-                      "single_tensor": _single_tensor_lamb}[implementation]
-        as_stored = implementation in ("fused", "triton")  # the kernels take bf16/fp16 state as stored
-        return update(targets, grads, self._states(params, "exp_avg", as_stored),
-                      self._states(params, "exp_avg_sq", as_stored), self._states(params, "step"),
-                      **self._options(group), grad_factor=grad_factor, keep=keep)
-
-    def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
-                              keep: Tensor | None) -> FirstPass:
-        if implementation == "triton":  # the codes and scales read and written in the kernels
-            return kernels.triton_module().lamb_first_pass_8bit(
-                targets, grads, self._local_states(params), self._states(params, "step"), _MOMENTS_8BIT,
-                **self._options(group), grad_factor=grad_factor, keep=keep, copies=self._copies_in_kernel(params))
-        if implementation == "fused":  # sharded tensors: pass 1 and pass 2 apart, the norms summed in between
-            return cpu_kernels.fused_lamb_8bit(targets, grads, self._local_states(params), self._states(params, "step"),
-                                            _MOMENTS_8BIT, **self._options(group), grad_factor=grad_factor, keep=keep)
-        return _quantized_lamb(targets, grads, self._local_states(params), self._states(params, "step"),
-                               **self._options(group), grad_factor=grad_factor, keep=keep)
-
-    def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lamb_8bit_step(targets, grads, self._local_states(params),
-                                                  self._states(params, "step"), _MOMENTS_8BIT,
-                                                  **self._options(group), grad_factor=grad_factor,
-                                                  trust_options=self._trust_options(group))
-        return TrustStats(params, *result)
-
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
-        return norms[:, 1]  # ‖u‖
-
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
-                    grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lamb_step(targets, grads, self._states(params, "exp_avg", as_stored=True),
-                                             self._states(params, "exp_avg_sq", as_stored=True),
-                                             self._states(params, "step"), **self._options(group),
-                                             grad_factor=grad_factor, trust_options=self._trust_options(group))
-        return TrustStats(params, *result)
+        return norms[:, LAMB_UPDATE]  # ‖u‖
 
     @staticmethod
     def _options(group: dict[str, Any]) -> dict[str, Any]:
@@ -231,13 +183,6 @@ class Lamb(LayerwiseOptimizer):
                     maximize=group["maximize"])
 
 
-def _precise(step: Tensor) -> Tensor:
-    """The step count t for the bias corrections, as float64 where the device has it (1 − β^t in float32 loses
-    digits: 1 − 0.999 keeps 4), and at least 1: a step skipped on the device (see LayerwiseOptimizer._first_pass)
-    leaves a first step's count at 0, where 1 − β^0 = 0 would make 0/0 = NaN, which no factor 0 can cancel."""
-    return (step if step.device.type == "mps" else step.to(torch.float64)).clamp(min=1)
-
-
 def _per_tensor(values: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """``values[i]`` as a 0-dim tensor of ``tensors[i]``'s dtype. Dividing a 0-dim float32 tensor (a scalar
     parameter's moment) by a float64 0-dim correction would give a float64 update, and float64 norms for the group."""
@@ -245,104 +190,97 @@ def _per_tensor(values: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     return [by_dtype[t.dtype][i] for i, t in enumerate(tensors)]
 
 
-def _step_size_factor(bias_correction: BiasCorrection, beta1: float, beta2: float, step: Tensor) -> Tensor | None:
-    """The factor bias correction puts on the step, outside the ratio, in the "step_size" modes (else None)."""
-    if bias_correction == "step_size":
-        t = _precise(step)
-        return (1 - beta2**t).sqrt() / (1 - beta1**t)
-    if bias_correction == "step_size_first_moment":
-        return 1 / (1 - beta1 ** _precise(step))
-    return None
-
-
 def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                         beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
                         decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                        keep: Tensor | None = None) -> FirstPass:
-    """LAMB one tensor at a time, written as the math reads. The updates u wait for their ratios in a list.
-    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
-    weight1, weight2 = if_kept(keep, 1 - beta1, 0.0), if_kept(keep, 1 - beta2, 0.0)
-    decay_factor = if_kept(keep, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
+                        step_weight: Tensor | None = None) -> PendingUpdate:
+    """LAMB one tensor at a time, written as the math reads; the updates u wait for their ratios in a list.
+    With a ``step_weight`` (see torchlamb._gradients), every change is weighted by it."""
+    weight1, weight2 = weighted(step_weight, 1 - beta1, 0.0), weighted(step_weight, 1 - beta2, 0.0)
+    decay_factor = weighted(step_weight, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
     updates = []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
-        step += 1 if keep is None else keep
+        grad = zeroed_if_skipped([effective_grad(grad, maximize, grad_factor)], step_weight)[0]
+        step += 1 if step_weight is None else step_weight
         if decay_outside_ratio and weight_decay != 0:
             param.mul_(decay_factor)
         exp_avg.lerp_(grad, weight1)
-        if keep is None:
+        if step_weight is None:
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         else:  # v + (1−β2)·(g² − v): v itself when the weight is 0
             exp_avg_sq.lerp_(grad * grad, weight2)
         m_hat, v_hat = exp_avg, exp_avg_sq
         if bias_correction is True:
-            t = _precise(step)  # corrections in float64, then in the tensor's dtype (see _per_tensor)
-            m_hat = exp_avg / (1 - beta1**t).to(param.dtype)
-            v_hat = exp_avg_sq / (1 - beta2**t).to(param.dtype)
+            # corrections in float64, then in the tensor's dtype (see _per_tensor)
+            correction1, correction2 = moment_corrections(beta1, beta2, step_count(step))
+            m_hat = exp_avg / correction1.to(param.dtype)
+            v_hat = exp_avg_sq / correction2.to(param.dtype)
         update = m_hat / (v_hat.sqrt() + eps)
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
-    return _one_by_one(params, updates, steps, lr, beta1, beta2, bias_correction, keep)
+    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight)
 
 
-def _one_by_one(params: list[Tensor], updates: list[Tensor], steps: list[Tensor], lr: float | Tensor, beta1: float,
-                beta2: float, bias_correction: BiasCorrection, keep: Tensor | None) -> FirstPass:
-    """The FirstPass of updates u computed one tensor at a time: ‖θ‖², ‖u‖², and θ ← θ − lr·r·u to finish."""
-    def finish(ratio: Tensor) -> None:
+def _awaiting_ratios(params: list[Tensor], updates: list[Tensor], steps: list[Tensor], lr: float | Tensor,
+                     beta1: float, beta2: float, bias_correction: BiasCorrection,
+                     step_weight: Tensor | None) -> PendingUpdate:
+    """The PendingUpdate of updates u computed one tensor at a time: ‖θ‖², ‖u‖², and θ ← θ − lr·r·u to apply."""
+    def apply(ratio: Tensor) -> None:
         for param, update, step, r in zip(params, updates, steps, ratio.unbind(0)):
             scale = r.to(param.device) * -lr
-            step_size_factor = _step_size_factor(bias_correction, beta1, beta2, step)
-            if step_size_factor is not None:
-                scale = scale * step_size_factor
-            if keep is not None:
-                scale = scale * keep.to(param.device)
+            factor = step_size_factor(bias_correction, beta1, beta2, step)
+            if factor is not None:
+                scale = scale * factor
+            if step_weight is not None:
+                scale = scale * step_weight.to(param.device)
             param.add_(update * scale)
 
-    return FirstPass(squares_of(params, updates), finish)
+    return PendingUpdate(squares_of(params, updates), apply)
 
 
 def _quantized_lamb(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                    steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, bias_correction: BiasCorrection, decay_outside_ratio: bool, maximize: bool,
-                    grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+                    steps: list[Tensor], *, moments: tuple[QuantizedKey, QuantizedKey], lr: float | Tensor,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
+                    decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
+                    step_weight: Tensor | None = None) -> PendingUpdate:
     """LAMB with 8-bit moments, one tensor at a time: m and s = √v are dequantized, updated in float32
     (v = s², then s = √v) and stored; u is then computed from the moments *as stored*, dequantized again, so that
     ‖u‖ — hence the trust ratio — is that of the update the parameter receives. A skipped step stores nothing."""
-    first, second = _MOMENTS_8BIT
-    weight1, weight2 = if_kept(keep, 1 - beta1, 0.0), if_kept(keep, 1 - beta2, 0.0)
-    decay_factor = if_kept(keep, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
+    first, second = moments
+    weight1, weight2 = weighted(step_weight, 1 - beta1, 0.0), weighted(step_weight, 1 - beta2, 0.0)
+    decay_factor = weighted(step_weight, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
     updates = []
     for param, grad, state, step in zip(params, grads, states, steps):
-        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0].float()
-        step += 1 if keep is None else keep
+        grad = zeroed_if_skipped([effective_grad(grad, maximize, grad_factor)], step_weight)[0].float()
+        step += 1 if step_weight is None else step_weight
         if decay_outside_ratio and weight_decay != 0:
             param.mul_(decay_factor)
         exp_avg = first.load(state).lerp_(grad, weight1)
         exp_avg_sq = second.load(state).square_().lerp_(grad * grad, weight2)
-        first.save_(state, exp_avg, keep)
-        second.save_(state, sqrt_rn(exp_avg_sq), keep)
+        first.save_(state, exp_avg, step_weight)
+        second.save_(state, sqrt_rn(exp_avg_sq), step_weight)
         exp_avg, root = first.load(state), second.load(state)
         if bias_correction is True:
-            t = _precise(step)
-            exp_avg = exp_avg / (1 - beta1**t).float()
-            root = root / (1 - beta2**t).sqrt().float()
+            correction1, correction2 = moment_corrections(beta1, beta2, step_count(step))
+            exp_avg = exp_avg / correction1.float()
+            root = root / correction2.sqrt().float()
         update = exp_avg / (root + eps)
         if weight_decay != 0 and not decay_outside_ratio:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
-    return _one_by_one(params, updates, steps, lr, beta1, beta2, bias_correction, keep)
+    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                        beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
                        decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                       keep: Tensor | None = None) -> FirstPass:
+                       step_weight: Tensor | None = None) -> PendingUpdate:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
-    grads = zero_if_skipped(effective_grads(grads, maximize, grad_factor), keep)
-    if keep is None:
+    grads = zeroed_if_skipped(effective_grads(grads, maximize, grad_factor), step_weight)
+    if step_weight is None:
         torch._foreach_add_(steps, 1)
         if decay_outside_ratio and weight_decay != 0:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -350,25 +288,25 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     else:
-        # Weighted by keep, with lists of 0-dim tensors: the single-tensor overloads of _foreach_add_ and
-        # _foreach_lerp_ read the value on the host.
+        # Weighted, with lists of 0-dim tensors: the single-tensor overloads of _foreach_add_ and _foreach_lerp_
+        # read the value on the host.
         n = len(params)
-        torch._foreach_add_(steps, [keep] * n)
+        torch._foreach_add_(steps, [step_weight] * n)
         if decay_outside_ratio and weight_decay != 0:
-            torch._foreach_mul_(params, [if_kept(keep, 1 - lr * weight_decay, 1.0)] * n)
-        torch._foreach_lerp_(exp_avgs, grads, [if_kept(keep, 1 - beta1, 0.0)] * n)
+            torch._foreach_mul_(params, [weighted(step_weight, 1 - lr * weight_decay, 1.0)] * n)
+        torch._foreach_lerp_(exp_avgs, grads, [weighted(step_weight, 1 - beta1, 0.0)] * n)
         # v + (1−β2)·(g² − v): v itself when the weight is 0
-        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), [if_kept(keep, 1 - beta2, 0.0)] * n)
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads),
+                             [weighted(step_weight, 1 - beta2, 0.0)] * n)
 
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if bias_correction is True:
         # m̂/(√v̂+ε) = (m/(1−β1^t)) / (√v/√(1−β2^t) + ε), with each tensor's own t kept on the device. The
         # corrections of all tensors are one vector op rather than a handful of tiny ops per tensor.
-        t = _precise(torch.stack(steps))
-        correction1 = _per_tensor(1 - beta1**t, params)
-        torch._foreach_div_(denom, _per_tensor((1 - beta2**t).sqrt(), params))
+        correction1, correction2 = moment_corrections(beta1, beta2, step_count(torch.stack(steps)))
+        torch._foreach_div_(denom, _per_tensor(correction2.sqrt(), params))
         torch._foreach_add_(denom, eps)
-        updates = torch._foreach_div(exp_avgs, correction1)
+        updates = torch._foreach_div(exp_avgs, _per_tensor(correction1, params))
         torch._foreach_div_(updates, denom)
     else:
         torch._foreach_add_(denom, eps)
@@ -377,14 +315,33 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     if weight_decay != 0 and not decay_outside_ratio:
         torch._foreach_add_(updates, params, alpha=weight_decay)
 
-    def finish(ratio: Tensor) -> None:
+    def apply(ratio: Tensor) -> None:
         scale = ratio.to(params[0].device) * -lr
-        step_size_factor = _step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
-        if step_size_factor is not None:
-            scale = scale * step_size_factor
-        if keep is not None:
-            scale = scale * keep.to(scale.device)
+        factor = step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
+        if factor is not None:
+            scale = scale * factor
+        if step_weight is not None:
+            scale = scale * step_weight.to(scale.device)
         torch._foreach_mul_(updates, list(scale.unbind(0)))
         torch._foreach_add_(params, updates)
 
-    return FirstPass(squares_of(params, updates), finish)
+    return PendingUpdate(squares_of(params, updates), apply)
+
+
+_QUANTIZED = functools.partial(_quantized_lamb, moments=MOMENTS_8BIT)
+# (implementation, 8-bit state) -> the functions that compute a group's update (see torchlamb._dispatch).
+_PATHS: PathTable = {
+    ("single_tensor", False): Path(_single_tensor_lamb),
+    ("foreach", False): Path(_multi_tensor_lamb),
+    ("fused", False): Path(entry("cpu", "lamb_first_pass"), whole_step=entry("cpu", "lamb_whole_step"),
+                           state_as_stored=True),
+    ("triton", False): Path(entry("triton", "lamb_first_pass"), state_as_stored=True, writes_copies=True),
+    # 8-bit state: the torch operations for both torch paths, the kernels reading codes and scales themselves.
+    ("single_tensor", True): Path(_QUANTIZED),
+    ("foreach", True): Path(_QUANTIZED),
+    ("fused", True): Path(functools.partial(entry("cpu", "lamb_first_pass_8bit"), moments=MOMENTS_8BIT),
+                          whole_step=functools.partial(entry("cpu", "lamb_whole_step_8bit"), moments=MOMENTS_8BIT)),
+    ("triton", True): Path(functools.partial(entry("triton", "lamb_first_pass_8bit"), moments=MOMENTS_8BIT),
+                           writes_copies=True),
+}
+Lamb._PATHS = _PATHS

@@ -1,4 +1,9 @@
-"""LARS: momentum SGD's direction, then the layer-wise trust ratio (You, Gitman & Ginsburg, 2017)."""
+"""LARS: momentum SGD's direction, then the layer-wise trust ratio (You, Gitman & Ginsburg, 2017).
+
+This file holds the optimizer's options (the class and its checks), its state, its math — a single-tensor version
+that reads like the paper, the 8-bit one, and a multi-tensor (``torch._foreach_*``) one — and its path table, which
+adds the fused kernels (torchlamb.kernels) for each implementation and storage.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +14,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import kernels
-from ._base import (
-    Adapt,
-    Implementation,
-    LayerwiseOptimizer,
-    NonFinite,
-    check_bool,
-    check_number,
-    effective_grad,
-    effective_grads,
-    if_kept,
-    zero_if_skipped,
-)
-from .kernels import cpu as cpu_kernels
-from .quantized import Stored
-from .trust import ClipRange, FirstPass, TrustStats, sums_of_squares
+from ._base import Adapt, LayerwiseOptimizer, NonFinite
+from ._dispatch import Path, PathTable
+from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
+from ._validation import check_bool, check_number
+from .kernels import entry
+from .quantized import QuantizedKey
+from .trust import LARS_DECAYED_GRAD, LARS_GRAD, WEIGHT, ClipRange, PendingUpdate, sums_of_squares
 
 Denominator = Literal["combined", "split"]
 # The momentum buffer under state_dtype="8bit", in signed codes (see torchlamb.quantized).
-_BUFFER_8BIT = Stored("momentum_buffer", "momentum_buffer")
+BUFFER_8BIT = QuantizedKey("momentum_buffer", "momentum_buffer")
 
 
 class Lars(LayerwiseOptimizer):
@@ -48,8 +44,8 @@ class Lars(LayerwiseOptimizer):
 
     :math:`\eta` is ``trust_coefficient``. With ``denominator="split"`` the ratio divides by
     :math:`\lVert g\rVert + \lambda\lVert\theta\rVert`, as in the original LARS paper; the default ``"combined"``
-    divides by :math:`\lVert g + \lambda\theta\rVert`, the change LAMB made (seed 002: it "preserves more
-    information"). The trust stage is the one :class:`~torchlamb.Lamb` uses (:mod:`torchlamb.trust`): LAMB and
+    divides by :math:`\lVert g + \lambda\theta\rVert`, the change LAMB made (it "preserves more information", in
+    Ben Mann's words). The trust stage is the one :class:`~torchlamb.Lamb` uses (:mod:`torchlamb.trust`): LAMB and
     LARS differ only in their direction.
 
     Args:
@@ -85,7 +81,7 @@ class Lars(LayerwiseOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
-    _quantized = (_BUFFER_8BIT,)
+    _quantized = (BUFFER_8BIT,)
 
     def __init__(
         self,
@@ -134,49 +130,10 @@ class Lars(LayerwiseOptimizer):
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
-                    grad_factor: Tensor | None, implementation: Implementation, keep: Tensor | None) -> FirstPass:
-        if implementation == "triton":
-            update = functools.partial(kernels.triton_module().lars_first_pass, copies=self._copies_in_kernel(params))
-        else:
-            update = {"fused": cpu_kernels.fused_lars, "foreach": _multi_tensor_lars,
-                      "single_tensor": _single_tensor_lars}[implementation]
-        as_stored = implementation in ("fused", "triton")  # the kernels take bf16/fp16 state as stored
-        return update(targets, grads, self._states(params, "momentum_buffer", as_stored),
-                      self._states(params, "step"), **self._options(group), grad_factor=grad_factor, keep=keep)
-
-    def _quantized_first_pass(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None, implementation: Implementation,
-                              keep: Tensor | None) -> FirstPass:
-        if implementation == "triton":  # the codes and scales read and written in the kernels
-            return kernels.triton_module().lars_first_pass_8bit(
-                targets, grads, self._local_states(params), self._states(params, "step"), _BUFFER_8BIT,
-                **self._options(group), grad_factor=grad_factor, keep=keep, copies=self._copies_in_kernel(params))
-        if implementation == "fused":  # sharded tensors: pass 1 and pass 2 apart, the norms summed in between
-            return cpu_kernels.fused_lars_8bit(targets, grads, self._local_states(params), self._states(params, "step"),
-                                            _BUFFER_8BIT, **self._options(group), grad_factor=grad_factor, keep=keep)
-        return _quantized_lars(targets, grads, self._local_states(params), self._states(params, "step"),
-                               **self._options(group), grad_factor=grad_factor, keep=keep)
-
-    def _quantized_whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
-                              grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lars_8bit_step(targets, grads, self._local_states(params),
-                                                  self._states(params, "step"), _BUFFER_8BIT, **self._options(group),
-                                                  grad_factor=grad_factor, trust_options=self._trust_options(group))
-        return TrustStats(params, *result)
-
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
-        # Columns: ‖θ‖, ‖g‖, ‖g + λθ‖.
         if group["denominator"] == "split":
-            return norms[:, 1] + group["weight_decay"] * norms[:, 0]
-        return norms[:, 2]
-
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
-                    grad_factor: Tensor | None) -> TrustStats:
-        result = cpu_kernels.fused_lars_step(targets, grads, self._states(params, "momentum_buffer", as_stored=True),
-                                        self._states(params, "step"), **self._options(group), grad_factor=grad_factor,
-                                        trust_options=self._trust_options(group))
-        return TrustStats(params, *result)
+            return norms[:, LARS_GRAD] + group["weight_decay"] * norms[:, WEIGHT]
+        return norms[:, LARS_DECAYED_GRAD]
 
     @staticmethod
     def _options(group: dict[str, Any]) -> dict[str, Any]:
@@ -186,13 +143,13 @@ class Lars(LayerwiseOptimizer):
 
 
 def _directions(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], weight_decay: float, maximize: bool,
-                grad_factor: Tensor | None, keep: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+                grad_factor: Tensor | None, step_weight: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
     """One tensor at a time: the gradients g as the update uses them and the directions u = g + λθ; counts the
     steps."""
     effective, updates = [], []
     for param, grad, step in zip(params, grads, steps):
-        grad = zero_if_skipped([effective_grad(grad, maximize, grad_factor)], keep)[0]
-        step += 1 if keep is None else keep
+        grad = zeroed_if_skipped([effective_grad(grad, maximize, grad_factor)], step_weight)[0]
+        step += 1 if step_weight is None else step_weight
         effective.append(grad)
         updates.append(grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad)
     return effective, updates
@@ -201,85 +158,87 @@ def _directions(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                         steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
                         nesterov: bool, split_denominator: bool, maximize: bool,
-                        grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
-    """LARS one tensor at a time, written as the math reads. The directions u wait for their ratios in a list.
-    With ``keep`` (a skip flag, see LayerwiseOptimizer._first_pass), every change is weighted by it."""
-    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, keep)
+                        grad_factor: Tensor | None, step_weight: Tensor | None = None) -> PendingUpdate:
+    """LARS one tensor at a time, written as the math reads; the directions u wait for their ratios in a list.
+    With a ``step_weight`` (see torchlamb._gradients), every change is weighted by it."""
+    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, step_weight)
 
-    def finish(ratio: Tensor) -> None:
+    def apply(ratio: Tensor) -> None:
         # Skipped: b ← 1·b + 0, θ ← θ − 0.
-        buffer_factor, step_lr = if_kept(keep, momentum, 1.0), lr if keep is None else lr * keep
+        buffer_factor = weighted(step_weight, momentum, 1.0)
+        step_lr = lr if step_weight is None else lr * step_weight
         for param, update, buffer, r in zip(params, updates, momentum_buffers, ratio.unbind(0)):
             scaled_update = update * r.to(param.device)
-            if keep is not None:
-                scaled_update = scaled_update * keep.to(param.device)
+            if step_weight is not None:
+                scaled_update = scaled_update * step_weight.to(param.device)
             buffer.mul_(buffer_factor).add_(scaled_update)
             direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
             _subtract_scaled_([param], [direction], step_lr)
 
-    return FirstPass(_squares(params, effective, updates, split_denominator), finish)
+    return PendingUpdate(_squares(params, effective, updates, split_denominator), apply)
 
 
 def _quantized_lars(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], steps: list[Tensor],
-                    *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
-                    split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
-                    keep: Tensor | None = None) -> FirstPass:
+                    *, buffer: QuantizedKey, lr: float | Tensor, momentum: float, weight_decay: float,
+                    nesterov: bool, split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
+                    step_weight: Tensor | None = None) -> PendingUpdate:
     """LARS with an 8-bit momentum buffer, one tensor at a time: b is dequantized, updated in float32 and stored,
     and θ moves by the buffer as stored (dequantized again), the one the next step continues from. A skipped step
     stores nothing and moves nothing."""
-    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, keep)
+    effective, updates = _directions(params, grads, steps, weight_decay, maximize, grad_factor, step_weight)
 
-    def finish(ratio: Tensor) -> None:
-        step_lr = lr if keep is None else lr * keep
+    def apply(ratio: Tensor) -> None:
+        step_lr = lr if step_weight is None else lr * step_weight
         for param, update, state, r in zip(params, updates, states, ratio.unbind(0)):
             scaled_update = update.float() * r.to(param.device, torch.float32)
-            buffer = _BUFFER_8BIT.load(state).mul_(momentum).add_(scaled_update)
-            _BUFFER_8BIT.save_(state, buffer, keep)
-            buffer = _BUFFER_8BIT.load(state)
-            direction = scaled_update.add(buffer, alpha=momentum) if nesterov else buffer
-            if keep is not None:
-                direction = direction * keep.to(param.device)  # the skipped step's update may hold NaN
+            value = buffer.load(state).mul_(momentum).add_(scaled_update)
+            buffer.save_(state, value, step_weight)
+            value = buffer.load(state)
+            direction = scaled_update.add(value, alpha=momentum) if nesterov else value
+            if step_weight is not None:
+                direction = direction * step_weight.to(param.device)  # the skipped step's update may hold NaN
             _subtract_scaled_([param], [direction.to(param.dtype)], step_lr)
 
-    return FirstPass(_squares(params, effective, updates, split_denominator), finish)
+    return PendingUpdate(_squares(params, effective, updates, split_denominator), apply)
 
 
 def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                        steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float,
                        nesterov: bool, split_denominator: bool, maximize: bool,
-                       grad_factor: Tensor | None, keep: Tensor | None = None) -> FirstPass:
+                       grad_factor: Tensor | None, step_weight: Tensor | None = None) -> PendingUpdate:
     """The same update with ``torch._foreach_*`` ops."""
-    grads = zero_if_skipped(effective_grads(grads, maximize, grad_factor), keep)
+    grads = zeroed_if_skipped(effective_grads(grads, maximize, grad_factor), step_weight)
     # A list of 0-dim tensors: the single-tensor overload of _foreach_add_ reads the value on the host.
-    torch._foreach_add_(steps, 1 if keep is None else [keep] * len(steps))
+    torch._foreach_add_(steps, 1 if step_weight is None else [step_weight] * len(steps))
     # A new list: p.grad itself is never modified.
     updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
 
-    def finish(ratio: Tensor) -> None:
+    def apply(ratio: Tensor) -> None:
         scale = ratio.to(params[0].device)
-        if keep is not None:
-            scale = scale * keep.to(scale.device)
+        if step_weight is not None:
+            scale = scale * step_weight.to(scale.device)
         scaled_updates = torch._foreach_mul(updates, list(scale.unbind(0)))
-        torch._foreach_mul_(momentum_buffers, momentum if keep is None else  # skipped: b ← 1·b + 0
-                            [if_kept(keep, momentum, 1.0)] * len(momentum_buffers))
+        torch._foreach_mul_(momentum_buffers, momentum if step_weight is None else  # skipped: b ← 1·b + 0
+                            [weighted(step_weight, momentum, 1.0)] * len(momentum_buffers))
         torch._foreach_add_(momentum_buffers, scaled_updates)
         if nesterov:
             torch._foreach_add_(scaled_updates, momentum_buffers, alpha=momentum)
             directions = scaled_updates
         else:
             directions = momentum_buffers
-        _subtract_scaled_(params, directions, lr if keep is None else lr * keep)
+        _subtract_scaled_(params, directions, lr if step_weight is None else lr * step_weight)
 
-    return FirstPass(_squares(params, grads, updates, split_denominator), finish)
+    return PendingUpdate(_squares(params, grads, updates, split_denominator), apply)
 
 
 def _squares(params: list[Tensor], grads: list[Tensor], updates: list[Tensor], split_denominator: bool) -> Tensor:
-    """The [n, 3] float64 columns ‖θ‖², ‖g‖², ‖g + λθ‖² that ``Lars._update_norm`` reads; only the denominator in
+    """The [n, 3] float64 columns ‖θ‖², ‖g‖², ‖g + λθ‖² (torchlamb.trust's LARS columns); only the denominator in
     use is computed, the other column stays 0."""
-    weight = sums_of_squares(params)
-    used = sums_of_squares(grads if split_denominator else updates)
-    unused = torch.zeros_like(weight)
-    return torch.stack([weight, used, unused] if split_denominator else [weight, unused, used], 1)
+    columns = [sums_of_squares(params), None, None]
+    used = LARS_GRAD if split_denominator else LARS_DECAYED_GRAD
+    columns[used] = sums_of_squares(grads if split_denominator else updates)
+    columns[LARS_DECAYED_GRAD if split_denominator else LARS_GRAD] = torch.zeros_like(columns[WEIGHT])
+    return torch.stack(columns, 1)
 
 
 def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor) -> None:
@@ -288,3 +247,22 @@ def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float 
         torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
     else:
         torch._foreach_add_(params, directions, alpha=-lr)
+
+
+_QUANTIZED = functools.partial(_quantized_lars, buffer=BUFFER_8BIT)
+# (implementation, 8-bit state) -> the functions that compute a group's update (see torchlamb._dispatch).
+_PATHS: PathTable = {
+    ("single_tensor", False): Path(_single_tensor_lars),
+    ("foreach", False): Path(_multi_tensor_lars),
+    ("fused", False): Path(entry("cpu", "lars_first_pass"), whole_step=entry("cpu", "lars_whole_step"),
+                           state_as_stored=True),
+    ("triton", False): Path(entry("triton", "lars_first_pass"), state_as_stored=True, writes_copies=True),
+    # 8-bit state: the torch operations for both torch paths, the kernels reading codes and scales themselves.
+    ("single_tensor", True): Path(_QUANTIZED),
+    ("foreach", True): Path(_QUANTIZED),
+    ("fused", True): Path(functools.partial(entry("cpu", "lars_first_pass_8bit"), buffer=BUFFER_8BIT),
+                          whole_step=functools.partial(entry("cpu", "lars_whole_step_8bit"), buffer=BUFFER_8BIT)),
+    ("triton", True): Path(functools.partial(entry("triton", "lars_first_pass_8bit"), buffer=BUFFER_8BIT),
+                           writes_copies=True),
+}
+Lars._PATHS = _PATHS

@@ -210,7 +210,7 @@ def dequantize(codes: Tensor, absmax: Tensor, code: CodeMap, block: int = BLOCK)
 
 
 @dataclass(frozen=True)
-class Stored:
+class QuantizedKey:
     """How one float state key (e.g. LAMB's ``"exp_avg_sq"``) is kept in 8 bits: as ``{name}_codes`` (uint8, the
     parameter's shape) and ``{name}_absmax`` (float32, one per block: :func:`absmax_shape`) in the parameter's
     state.
@@ -249,14 +249,14 @@ class Stored:
         """The stored quantity (x, or √x), dequantized to float32."""
         return dequantize(state[self.codes_key], state[self.absmax_key], self.code)
 
-    def save_(self, state: dict[str, Tensor], stored: Tensor, keep: Tensor | None = None) -> None:
-        """Quantize ``stored`` (x, or √x) into ``state``'s codes and absmax, in place; with a skip flag ``keep``
-        (0-dim, 0 or 1), nothing changes where it is 0."""
+    def save_(self, state: dict[str, Tensor], stored: Tensor, step_weight: Tensor | None = None) -> None:
+        """Quantize ``stored`` (x, or √x) into ``state``'s codes and absmax, in place; with a ``step_weight``
+        (0-dim, 0 on a skipped step, else 1), nothing changes where it is 0."""
         codes, absmax = quantize(stored, self.code, floor=self.sqrt)
-        if keep is not None:
-            kept = keep.bool()
-            codes = torch.where(kept, codes, state[self.codes_key])
-            absmax = torch.where(kept, absmax, state[self.absmax_key])
+        if step_weight is not None:
+            applies = step_weight.bool()
+            codes = torch.where(applies, codes, state[self.codes_key])
+            absmax = torch.where(applies, absmax, state[self.absmax_key])
         state[self.codes_key].copy_(codes)
         state[self.absmax_key].copy_(absmax)
 

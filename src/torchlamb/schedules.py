@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from ._base import check_number
+from ._validation import check_number
 
 
 def _check_steps(name: str, value: Any, *, low: int) -> None:

@@ -9,9 +9,10 @@ for LARS). The trust stage turns the two per-tensor norms into a scale for that 
     r ← clamp(r, *trust_clip)                                  when ``trust_clip = (r_min, r_max)`` is given
     r ← 1                                                      when the group has ``adapt=False``
 
-and the optimizer applies ``θ ← θ − lr · r · u``. In seed 000's words ``w`` is ``pom1`` and ``‖u‖`` is
-``pom2`` (there with the RMS "pomero" norm, whose √n factors cancel in the ratio); in seed 002's, ``w`` is
-``r1``, ``‖u‖`` is ``r2`` and ``r`` is the trust ratio. A "layer" is one parameter tensor.
+and the optimizer applies ``θ ← θ − lr · r · u``. Simplified LAMBs written with an RMS norm ("pomero": power,
+mean, square root) call ``w`` ``pom1`` and ``‖u‖`` ``pom2``; the √n factors of the RMS cancel in the ratio. Ben
+Mann's "An intuitive understanding of the LAMB optimizer" (2019) calls them ``r1`` and ``r2``, and ``r`` the trust
+ratio. A "layer" is one parameter tensor.
 
 Everything here works on device tensors and never reads a value back to the host, so an optimizer step that
 uses it issues no host-device synchronisation.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -145,13 +147,37 @@ class TrustStats:
     trust_ratio: Tensor
 
 
-@dataclass
-class FirstPass:
-    """A group's update up to the trust stage, from an optimizer's ``_first_pass``.
+# The columns of a PendingUpdate's sums of squares: what each direction reports for its ratio. Column 0 is ‖θ‖² for
+# every direction; the kernels (C++ and Triton) write the same columns in the same places.
+WEIGHT = 0
+LAMB_UPDATE = 1  # LAMB: ‖u‖², u = m̂/(√v̂ + ε) + λθ
+LARS_GRAD, LARS_DECAYED_GRAD = 1, 2  # LARS: ‖g‖² (the split denominator ‖g‖ + λ‖θ‖) and ‖g + λθ‖² (the combined)
 
-    ``squares[i]``: this process's float64 sums of squares for tensor i (column 0 ‖θ‖², the others whatever the
-    optimizer's ``_update_norm`` reads). ``finish(ratio)`` applies the update with the per-tensor trust ratios.
+
+@dataclass
+class PendingUpdate:
+    """A group's update computed up to the trust stage, waiting for its ratios.
+
+    ``squares[i]``: this process's float64 sums of squares for tensor i, in the columns above (``WEIGHT`` first).
+    ``apply(ratio)`` completes the update with the per-tensor trust ratios (pass 2 of the fused kernels).
     """
 
     squares: Tensor
-    finish: Callable[[Tensor], None]
+    apply: Callable[[Tensor], None]
+
+
+def squares_of(*columns: Sequence[Tensor]) -> Tensor:
+    """The float64 [n, k] sums of squares of a PendingUpdate: column j holds ‖x‖² of each tensor of ``columns[j]``."""
+    return torch.stack([sums_of_squares(column) for column in columns], 1)
+
+
+def trust_stage(pending: PendingUpdate, squares: Tensor, params: list[Tensor],
+                update_norm: Callable[[Tensor], Tensor], trust_options: dict[str, Any]) -> TrustStats:
+    """Turn a group's whole-tensor sums of squares (``squares``: its pending update's, summed over the processes a
+    tensor is sharded over) into trust ratios, apply the update, and return what the stage saw. ``update_norm``
+    reads the ratio's denominator from the norms (the square roots of the columns)."""
+    norms = squares.sqrt().to(norm_dtype(params))
+    weight_norm, denominator = norms[:, WEIGHT], update_norm(norms)
+    ratio = trust_ratio(weight_norm, denominator, **trust_options)
+    pending.apply(ratio)
+    return TrustStats(params, weight_norm, denominator, ratio)

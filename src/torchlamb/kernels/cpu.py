@@ -36,14 +36,16 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..quantized import BLOCK, Stored, row_length
-from ..trust import FirstPass, norm_dtype
+from ..bias_correction import CODES as BIAS_CORRECTION_CODES
+from ..quantized import BLOCK, QuantizedKey, row_length
+from ..trust import LAMB_UPDATE, PendingUpdate, norm_dtype
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,9 @@ def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor
 # The kernels' phases (enum Phase in the C++ source): a whole step, or pass 1 and pass 2 of a sharded one.
 _WHOLE, _NORMS, _APPLY = 0, 1, 2
 _NO_RATIOS = torch.empty(0, dtype=torch.float64)
+# Pass 1 of LAMB fills the first two of the result's three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE.
+_LAMB_COLUMNS = LAMB_UPDATE + 1
 _NO_TRUST = dict(adapt=True, weight_norm_clip=None, trust_clip=None, trust_eps=0.0)  # unused outside _WHOLE
-_BIAS_CORRECTION_CODES = {False: 0, True: 1, "step_size": 2, "step_size_first_moment": 3}
 
 
 def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -177,7 +180,7 @@ def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
           grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
     return load().lamb_step(
         params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps, weight_decay,
-        _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _gradient_multiplier(maximize, grad_factor),
+        BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _gradient_multiplier(maximize, grad_factor),
         *_trust_arguments(**trust_options), phase, ratios)
 
 
@@ -190,38 +193,44 @@ def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
         _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios)
 
 
-def fused_lamb_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Tensor], grads: list[Tensor],
+                *arguments: Any, step_weight: Tensor | None, trust_options: dict[str, Any],
+                **options: Any) -> PendingUpdate:
+    """Pass 1 (this process's sums of squares, the first ``columns`` of the kernel's result, all if None) now, and
+    pass 2 as the PendingUpdate's ``apply``: for sharded tensors, whose sums are all-reduced in between. A skipped
+    step never gets here: on the CPU the optimizer reads the skip flag and returns (no ``step_weight``)."""
+    assert step_weight is None, "the fused kernels do not take a step weight"
+    grads = _kernel_grads(params, grads)
+    squares = run(_NORMS, _NO_RATIOS, params, grads, *arguments, **options, trust_options=trust_options)
+    return PendingUpdate(squares[:, :columns],
+                         lambda ratio: run(_APPLY, ratio.to(torch.float64).contiguous(), params, grads, *arguments,
+                                           **options, trust_options=trust_options))
+
+
+def lamb_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step in one call (``states``: exp_avgs, exp_avg_sqs, steps); returns ‖θ‖, ‖u‖ and r."""
     return _stats(_lamb(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
 
 
-def fused_lars_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+def lars_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step in one call (``states``: momentum_buffers, steps); returns ‖θ‖, the denominator and r."""
     return _stats(_lars(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
 
 
-def fused_lamb(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], keep: Tensor | None = None,
-               **options: Any) -> FirstPass:
-    """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors. A skipped step
-    never gets here: on the CPU the optimizer reads the skip flag and returns (``keep`` is None)."""
-    assert keep is None, "the fused kernels do not take a skip flag"
-    grads = _kernel_grads(params, grads)
-    squares = _lamb(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=_NO_TRUST)[:, :2]
-    return FirstPass(squares, lambda ratio: _lamb(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
-                                                  *states, **options, trust_options=_NO_TRUST))
+def lamb_first_pass(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+                    step_weight: Tensor | None = None, **options: Any) -> PendingUpdate:
+    """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``apply``, for sharded tensors."""
+    return _two_passes(_lamb, _LAMB_COLUMNS, params, grads, *states, step_weight=step_weight,
+                       trust_options=_NO_TRUST, **options)
 
 
-def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], keep: Tensor | None = None,
-               **options: Any) -> FirstPass:
-    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``finish``, for sharded tensors (as fused_lamb)."""
-    assert keep is None, "the fused kernels do not take a skip flag"
-    grads = _kernel_grads(params, grads)
-    no_trust = {**_NO_TRUST, "trust_coefficient": 1.0}
-    squares = _lars(_NORMS, _NO_RATIOS, params, grads, *states, **options, trust_options=no_trust)
-    return FirstPass(squares, lambda ratio: _lars(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
-                                                  *states, **options, trust_options=no_trust))
+def lars_first_pass(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
+                    step_weight: Tensor | None = None, **options: Any) -> PendingUpdate:
+    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 as ``apply``, for sharded tensors."""
+    return _two_passes(_lars, None, params, grads, *states, step_weight=step_weight,
+                       trust_options={**_NO_TRUST, "trust_coefficient": 1.0}, **options)
 
 
 # -- 8-bit state (torchlamb.quantized) ----------------------------------------------------------------------------
@@ -230,7 +239,7 @@ def fused_lars(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
 # out within each tensor's rows (torchlamb.quantized.absmax_shape): the kernels get each tensor's row length.
 
 
-def _tables(*stored: Stored) -> list[Tensor]:
+def _tables(*stored: QuantizedKey) -> list[Tensor]:
     """The code maps the kernels read (values and entries for each), in the order of ``stored``."""
     assert BLOCK == 256, "the fused kernels quantize blocks of 256 values (kQuantBlock)"
     return [table for s in stored for table in (s.code.values, s.code.entries)]
@@ -240,25 +249,25 @@ def _row_lengths(params: list[Tensor]) -> list[int]:
     return [row_length(p.shape) for p in params]
 
 
-def _codes(states: list[dict[str, Tensor]], stored: Stored) -> tuple[list[Tensor], list[Tensor]]:
+def _codes(states: list[dict[str, Tensor]], stored: QuantizedKey) -> tuple[list[Tensor], list[Tensor]]:
     return [state[stored.codes_key] for state in states], [state[stored.absmax_key] for state in states]
 
 
 def _lamb_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
-               states: list[dict[str, Tensor]], steps: list[Tensor], moments: tuple[Stored, Stored], *,
+               states: list[dict[str, Tensor]], steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey], *,
                lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: Any,
                decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
                trust_options: dict[str, Any]) -> Tensor:
     first, second = moments
     return load().lamb_step_8bit(
         params, grads, *_codes(states, first), *_codes(states, second), steps, _tables(first, second), float(lr),
-        beta1, beta2, eps, weight_decay, _BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio,
+        beta1, beta2, eps, weight_decay, BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio,
         _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios,
         _row_lengths(params))
 
 
 def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
-               states: list[dict[str, Tensor]], steps: list[Tensor], buffer: Stored, *, lr: float | Tensor,
+               states: list[dict[str, Tensor]], steps: list[Tensor], buffer: QuantizedKey, *, lr: float | Tensor,
                momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
                grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
     return load().lars_step_8bit(
@@ -267,41 +276,33 @@ def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
         ratios, _row_lengths(params))
 
 
-def fused_lamb_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                         steps: list[Tensor], moments: tuple[Stored, Stored], **options: Any
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def lamb_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey],
+                         **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
     return _stats(_lamb_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, moments,
                              **options), params)
 
 
-def fused_lars_8bit_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                         steps: list[Tensor], buffer: Stored, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+def lars_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], buffer: QuantizedKey, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step on an 8-bit momentum buffer; returns ‖θ‖, the denominator and r."""
     return _stats(_lars_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, buffer,
                              **options), params)
 
 
-def fused_lamb_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                    steps: list[Tensor], moments: tuple[Stored, Stored], keep: Tensor | None = None,
-                    **options: Any) -> FirstPass:
-    """Lamb's pass 1 on 8-bit moments (local ‖θ‖², ‖u‖²), with pass 2 as ``finish``, for sharded tensors (as
-    fused_lamb)."""
-    assert keep is None, "the fused kernels do not take a skip flag"
-    grads = _kernel_grads(params, grads)
-    squares = _lamb_8bit(_NORMS, _NO_RATIOS, params, grads, states, steps, moments, **options,
-                         trust_options=_NO_TRUST)[:, :2]
-    return FirstPass(squares, lambda ratio: _lamb_8bit(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
-                                                       states, steps, moments, **options, trust_options=_NO_TRUST))
+def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey],
+                         step_weight: Tensor | None = None, **options: Any) -> PendingUpdate:
+    """Lamb's pass 1 on 8-bit moments (local ‖θ‖², ‖u‖²), with pass 2 as ``apply``, for sharded tensors."""
+    return _two_passes(_lamb_8bit, _LAMB_COLUMNS, params, grads, states, steps, moments, step_weight=step_weight,
+                       trust_options=_NO_TRUST, **options)
 
 
-def fused_lars_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-                    steps: list[Tensor], buffer: Stored, keep: Tensor | None = None, **options: Any) -> FirstPass:
-    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 on the 8-bit buffer as ``finish``, for sharded
-    tensors (as fused_lars)."""
-    assert keep is None, "the fused kernels do not take a skip flag"
-    grads = _kernel_grads(params, grads)
-    no_trust = {**_NO_TRUST, "trust_coefficient": 1.0}
-    squares = _lars_8bit(_NORMS, _NO_RATIOS, params, grads, states, steps, buffer, **options, trust_options=no_trust)
-    return FirstPass(squares, lambda ratio: _lars_8bit(_APPLY, ratio.to(torch.float64).contiguous(), params, grads,
-                                                       states, steps, buffer, **options, trust_options=no_trust))
+def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+                         steps: list[Tensor], buffer: QuantizedKey, step_weight: Tensor | None = None,
+                         **options: Any) -> PendingUpdate:
+    """Lars's pass 1 (local ‖θ‖², ‖g‖², ‖g + λθ‖²), with pass 2 on the 8-bit buffer as ``apply``, for sharded
+    tensors."""
+    return _two_passes(_lars_8bit, None, params, grads, states, steps, buffer, step_weight=step_weight,
+                       trust_options={**_NO_TRUST, "trust_coefficient": 1.0}, **options)
