@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard  # imported before the process group exists: see process_group
-from torch.distributed.tensor import _collective_utils, _redistribute, debug
 
 import torchlamb
+from torchlamb.distributed import clear_dtensor_caches
 
 
 class SortingTransformer(nn.Module):
@@ -77,21 +77,10 @@ def process_group(backend: str) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()  # no barrier: the other processes may be stuck in a collective
         raise
-    _clear_dtensor_caches()
+    clear_dtensor_caches()
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _clear_dtensor_caches() -> None:
-    """Empties DTensor's caches keyed by sharding specs, which hold DeviceMeshes and through them the process group
-    (private torch 2.13 APIs: one that is absent is skipped)."""
-    for clear in (lambda: debug._clear_sharding_prop_cache(),  # Python and C++ (thread-local) caches
-                  lambda: _redistribute._gen_transform_infos.cache_clear(),
-                  lambda: _redistribute.clear_redistribute_planner_cache(),
-                  lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
-        with contextlib.suppress(AttributeError):
-            clear()
 
 
 def main() -> None:

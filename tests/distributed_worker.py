@@ -28,7 +28,7 @@ if dist.is_available():
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-    from torch.distributed.tensor import Shard, _collective_utils, _redistribute, debug, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel
 
     with warnings.catch_warnings():  # its import scripts functional optimizers with the deprecated torch.jit.script
@@ -38,6 +38,7 @@ if dist.is_available():
 import switches
 import torchlamb
 from torchlamb import quantized
+from torchlamb.distributed import clear_dtensor_caches
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 processes
 OPTIMIZERS = {
@@ -126,24 +127,13 @@ def process_group(rank: int, world: int, port: int, timeout: float = 60.0) -> It
     except BaseException:
         dist.destroy_process_group()  # no barrier: the other processes may never reach it
         raise
-    _clear_dtensor_caches()
+    clear_dtensor_caches()
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     if threads := _gloo_threads():  # what would abort at random at exit fails here every time
         raise RuntimeError(f"gloo threads {threads} outlived destroy_process_group: something still holds the "
                            "process group (see distributed_worker.process_group)")
-
-
-def _clear_dtensor_caches() -> None:
-    """Empties DTensor's caches keyed by sharding specs, which hold DeviceMeshes and through them the process group
-    (private torch 2.13 APIs: one that is absent is skipped)."""
-    for clear in (lambda: debug._clear_sharding_prop_cache(),  # Python and C++ (thread-local) caches
-                  lambda: _redistribute._gen_transform_infos.cache_clear(),
-                  lambda: _redistribute.clear_redistribute_planner_cache(),
-                  lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
-        with contextlib.suppress(AttributeError):
-            clear()
 
 
 def _gloo_threads() -> list[str]:

@@ -1,4 +1,5 @@
-"""An independent float64 NumPy reference of LAMB, written from seed 001's pseudocode.
+"""An independent float64 NumPy reference of LAMB, written from the pseudocode of You et al. (2019), "Large Batch
+Optimization for Deep Learning: Training BERT in 76 minutes".
 
 It must not import torchlamb (nor torch): the tests compare the package against it, so it has to stand on its
 own. It is written for clarity, one tensor at a time, with no attempt at speed.
@@ -162,7 +163,8 @@ class RefLarsGroup:
 
 
 class ReferenceLars(_Reference):
-    """LARS (You et al. 2017, with seed 002's ‖g + λθ‖ denominator by default) over float64 copies.
+    """LARS (You et al. 2017, with the ‖g + λθ‖ denominator of Ben Mann's post on LAMB, 2019, by default) over
+    float64 copies.
 
         u = g + wd * theta
         trust = eta * clamp(||theta||, weight_norm_clip) / denom   if both > 0 else 1;  clamp(trust, trust_clip)

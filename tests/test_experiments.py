@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -56,6 +57,19 @@ def test_demo_writes_a_report_whose_figures_exist(demo):
     for figure in figures:
         assert (demo / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (demo / "adam_vs_lamb_lamb_telemetry.csv").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["run", "--help"]])
+def test_help_is_plain_text_for_a_terminal(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: torchlamb")
+    # No RST (``literal``, :role:`target`) nor Markdown backticks: the terminal would print them as they are.
+    assert "`" not in text and not re.search(r":\w+:", text)
+    if argv == ["--help"]:
+        assert "torchlamb demo runs the MNIST experiments" in text
 
 
 def test_run_writes_one_experiment(tiny, tmp_path):

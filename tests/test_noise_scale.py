@@ -202,6 +202,17 @@ def test_records_export_and_plot(tmp_path):
     assert noise.plot(tmp_path / "alone.png").stat().st_size > 5_000
 
 
+def test_to_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    noise, _, _ = train_regression(steps=20, ema=0.9)
+    noise.to_tensorboard(tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [(event.step, event.value) for event in events.Scalars(f"noise_scale/trace/{ALL}")] == [
+        (row["step"], pytest.approx(row["trace"], rel=1e-6)) for row in noise.records if row["name"] == ALL]
+
+
 def test_bad_arguments_are_named():
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

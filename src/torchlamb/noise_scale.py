@@ -27,7 +27,6 @@ exponential moving averages and :math:`B_\text{simple}` is their ratio.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .telemetry import _new_figure, _prepare, _save, _series_by_name
+from .records import Recorder, new_figure, save_figure, series_by_name, summary_writer, write_csv
 from .trust import sums_of_squares
 
 #: The name of the records that take all tensors together.
@@ -56,7 +55,7 @@ class NoiseRecord(TypedDict):
     trace: float  # tr(Σ), the per-example gradient variance summed over the tensor's elements
 
 
-class NoiseScale:
+class NoiseScale(Recorder):
     r"""Measure the gradient noise scale :math:`B_\text{simple}` of a model while it trains, globally and per tensor.
 
     Attach it to the model and the optimizer before training; it hooks into each parameter's gradient (one extra
@@ -240,37 +239,14 @@ class NoiseScale:
             raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
         return [(row["step"], row[quantity]) for row in self.records if row["name"] == name]
 
-    # -- lifetime --------------------------------------------------------------------------------------------------
-    def remove(self) -> None:
-        """Remove the hooks; the records stay."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> NoiseScale:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
-
     # -- export ----------------------------------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
         """Write the records as CSV: ``step, name, b_simple, grad_sq, trace``. Parent directories are created."""
-        path = _prepare(path)
-        with path.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=["step", "name", *QUANTITIES])
-            writer.writeheader()
-            writer.writerows(self.records)
-        return path
+        return write_csv(path, ("step", "name", *QUANTITIES), self.records)
 
     def to_tensorboard(self, log_dir: str | Path) -> None:
         """Write the records as TensorBoard scalars ``noise_scale/<quantity>/<name>``; needs ``tensorboard``."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ImportError("NoiseScale.to_tensorboard needs the tensorboard package: pip install tensorboard"
-                              ) from error
-        writer = SummaryWriter(log_dir=str(log_dir))
+        writer = summary_writer(log_dir, "NoiseScale.to_tensorboard")
         try:
             for row in self.records:
                 for quantity in QUANTITIES:
@@ -284,7 +260,7 @@ class NoiseScale:
         second panel. Non-positive estimates cannot sit on a log axis and are left out. Returns the path."""
         if not self.records:
             raise RuntimeError("NoiseScale has no records to plot yet: step the optimizer first")
-        figure = _new_figure(figsize=(13.0 if monitor is not None else 7.0, 4.5))
+        figure = new_figure(figsize=(13.0 if monitor is not None else 7.0, 4.5))
         axes = figure.subplots(1, 2 if monitor is not None else 1, squeeze=False)[0]
         left = axes[0]
         for name in self.names:
@@ -301,16 +277,17 @@ class NoiseScale:
         left.legend(loc="best", fontsize="small")
         if monitor is not None:
             right = axes[1]
-            for name, points in _series_by_name(monitor.records).items():
+            ratios = series_by_name(monitor.records)
+            for name, points in ratios.items():
                 right.plot([s for s, _ in points], [r if r > 0 else math.nan for _, r in points], linewidth=1.0,
                            label=name)
             right.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
             right.set(yscale="log", xlabel="optimizer step", ylabel="trust ratio r (log scale)",
                       title="Trust ratio per tensor")
             right.grid(True, which="major", alpha=0.3)
-            if len(_series_by_name(monitor.records)) <= 12:
+            if len(ratios) <= 12:
                 right.legend(loc="best", fontsize="x-small")
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def _positive(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:

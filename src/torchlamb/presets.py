@@ -26,7 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # jettify torch-optimizer: no bias correction, φ(‖θ‖) = min(‖θ‖, 10).
     "torch_optimizer": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=False,
                             weight_norm_clip=(0.0, 10.0)),
-    # cybertronai pytorch-lamb (seed 002's author): the same rule, with a zero-norm guard added.
+    # cybertronai pytorch-lamb (by Ben Mann, author of "An intuitive understanding of the LAMB optimizer", 2019): the
+    # same rule, with a zero-norm guard added.
     "cybertronai": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=False,
                         weight_norm_clip=(0.0, 10.0)),
     # DeepSpeed FusedLamb: ratio of the uncorrected u, clamped to [0.01, 10]; bias correction in the step size.

@@ -1,6 +1,7 @@
 """The learning-rate schedules and scaling rules large-batch training needs.
 
-Large batches need two things besides a layer-wise optimizer (seed 001, You et al. 2019):
+Large batches need two things besides a layer-wise optimizer (You et al. 2019, "Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes"):
 
 * a **warmup**: the trust ratio tames each layer's step, but early moments are noisy; ramp the lr up linearly, then
   decay it polynomially to the end of training (:func:`~torchlamb.warmup_poly`);

@@ -9,16 +9,19 @@ For every parameter tensor θ (a "layer") the monitor records, on its record ste
 For :class:`~torchlamb.Lamb` and :class:`~torchlamb.Lars` these are what the trust stage used
 (``optimizer.trust_stats``). For any other ``torch.optim`` optimizer the monitor measures the update the
 optimizer made, ``u = (θ_before − θ_after) / lr``, and records the ratio LAMB would have used for it,
-``r = ‖θ_before‖ / ‖u‖`` (1 if either norm is 0), as seed 002 did for Adam. In seed 002's names ``weight_norm``
-is r1, ``update_norm`` is r2 and ``trust_ratio`` is r.
+``r = ‖θ_before‖ / ‖u‖`` (1 if either norm is 0), as Ben Mann did for Adam in "An intuitive understanding of the
+LAMB optimizer" (2019). In that post's names ``weight_norm`` is r1, ``update_norm`` is r2 and ``trust_ratio`` is r.
 
 Reading device values forces a host-device sync, so the monitor reads them only on record steps (step 1 and
 every ``every``-th step) and does nothing else on the others.
+
+This module records and writes the records as files; the two figures are drawn by ``trust_plots.py``, and what
+the monitor shares with :class:`~torchlamb.noise_scale.NoiseScale` (the hooks' lifetime, CSV, TensorBoard, figures)
+lives in ``records.py``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -27,20 +30,14 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
+from . import trust_plots
+from .records import Recorder, prepare_path, rows_by_step, summary_writer, write_csv
 from .trust import tensor_norms
 
 #: The per-tensor quantities a record holds (and ``plot_histograms`` can plot).
 QUANTITIES = ("weight_norm", "update_norm", "trust_ratio")
 #: The keys of a :class:`TrustRecord`, in the order of the CSV columns.
 FIELDS = ("step", "name", "group", *QUANTITIES)
-
-# Labels for the plots' axes.
-_LABELS = {"weight_norm": "weight norm ‖θ‖", "update_norm": "update norm ‖u‖", "trust_ratio": "trust ratio r"}
-
-# Above this many lines plot_ratios colours lines by layer order instead of naming each in a legend.
-_MAX_LEGEND_ENTRIES = 12
-# Above this many recorded steps plot_histograms draws this many, evenly spaced: more ridges are unreadable.
-_MAX_RIDGES = 40
 
 
 class TrustRecord(TypedDict):
@@ -54,7 +51,7 @@ class TrustRecord(TypedDict):
     trust_ratio: float
 
 
-class TrustMonitor:
+class TrustMonitor(Recorder):
     r"""Record each parameter tensor's ‖θ‖, ‖u‖ and trust ratio every ``every`` optimizer steps.
 
     The monitor hooks into ``optimizer.step`` (``register_step_pre_hook`` / ``register_step_post_hook``) and
@@ -217,17 +214,8 @@ class TrustMonitor:
 
     # -- hooks' lifetime ---------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Remove the hooks: the monitor stops recording and keeps its records. Calling it again does nothing."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._snapshot = []
-
-    def __enter__(self) -> TrustMonitor:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
+        super().remove()
+        self._snapshot = []  # a step that raised leaves its copies here
 
     # -- export ------------------------------------------------------------------------------------------------
     def to_csv(self, path: str | Path) -> Path:
@@ -237,19 +225,14 @@ class TrustMonitor:
         Floats are written with Python's ``repr``, so reading them back with ``float`` gives the same numbers
         (NaN is written ``nan``). Parent directories are created.
         """
-        path = _prepare(path)
-        with path.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(self.records)
-        return path
+        return write_csv(path, FIELDS, self.records)
 
     def to_jsonl(self, path: str | Path) -> Path:
         """Write :attr:`records` as JSON Lines, one object per record; return the path.
 
         NaN is written as ``NaN``, as Python's ``json`` module writes and reads it. Parent directories are created.
         """
-        path = _prepare(path)
+        path = prepare_path(path)
         with path.open("w", encoding="utf-8") as file:
             for record in self.records:
                 file.write(json.dumps(record) + "\n")
@@ -259,18 +242,13 @@ class TrustMonitor:
         """Write the records to TensorBoard event files in ``log_dir``.
 
         For each recorded step: histograms ``histograms/weight_norm``, ``histograms/update_norm`` and
-        ``histograms/trust_ratio`` over all tensors (the view of seed 002), and per-tensor scalars
+        ``histograms/trust_ratio`` over all tensors (the view of Ben Mann's post on LAMB), and per-tensor scalars
         ``trust_ratio/<name>``, ``weight_norm/<name>`` and ``update_norm/<name>``. Non-finite values are left out
         of the histograms. Needs the optional ``tensorboard`` package (raises ImportError without it).
         """
+        writer = summary_writer(log_dir, "TrustMonitor.to_tensorboard")
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ImportError("TrustMonitor.to_tensorboard needs the tensorboard package: pip install tensorboard"
-                              ) from error
-        writer = SummaryWriter(log_dir=str(log_dir))
-        try:
-            for step, rows in _rows_by_step(self.records).items():
+            for step, rows in rows_by_step(self.records).items():
                 for quantity in QUANTITIES:
                     values = [row[quantity] for row in rows if math.isfinite(row[quantity])]
                     if values:
@@ -281,7 +259,7 @@ class TrustMonitor:
         finally:
             writer.close()
 
-    # -- plots -------------------------------------------------------------------------------------------------
+    # -- plots (drawn by trust_plots.py) -----------------------------------------------------------------------
     def plot_ratios(self, path: str | Path, title: str | None = None) -> Path:
         """Plot each tensor's trust ratio against the step, one line per tensor, log-scale y; save as PNG.
 
@@ -289,99 +267,18 @@ class TrustMonitor:
         in a legend; with more, lines are coloured by the tensor's order in the model (dark: first, light: last).
         Non-positive and NaN ratios cannot sit on a log axis and are left out. Returns the path.
         """
-        if not self.records:
-            raise RuntimeError("TrustMonitor has no records to plot yet: step the optimizer first")
-        figure = _new_figure(figsize=(8.0, 4.5))
-        axes = figure.add_subplot()
-        series = _series_by_name(self.records)
-        colormap = _colormap("viridis")
-        many = len(series) > _MAX_LEGEND_ENTRIES
-        marker = "o" if len({row["step"] for row in self.records}) <= 30 else None
-        for index, (name, points) in enumerate(series.items()):
-            steps = [step for step, _ in points]
-            ratios = [ratio if ratio > 0 else math.nan for _, ratio in points]  # NaN stays NaN: a gap in the line
-            color = colormap(index / max(len(series) - 1, 1)) if many else None
-            axes.plot(steps, ratios, label=name, color=color, marker=marker, markersize=3, linewidth=1.2)
-        axes.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
-        axes.set_yscale("log")
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel("trust ratio r = ‖θ‖ / ‖u‖ (log scale)")
-        axes.set_title(title if title is not None else "Trust ratio per tensor")
-        axes.grid(True, which="major", alpha=0.3)
-        if many:
-            from matplotlib.cm import ScalarMappable
-            from matplotlib.colors import Normalize
-
-            mappable = ScalarMappable(norm=Normalize(0, len(series) - 1), cmap=colormap)
-            figure.colorbar(mappable, ax=axes, label="tensor index in the model (first → last)")
-        else:
-            axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small",
-                        title="tensor")
-        return _save(figure, path)
+        return trust_plots.plot_ratios(self.records, path, title)
 
     def plot_histograms(self, path: str | Path, title: str | None = None, quantity: str = "trust_ratio") -> Path:
         """Plot, for each recorded step, a histogram of ``quantity`` across tensors, stacked as a ridge plot.
 
-        Seed 002's "histogram over time" view: the first recorded step is the top ridge, later steps are offset
+        Ben Mann's "histogram over time" view: the first recorded step is the top ridge, later steps are offset
         downwards; x is the value (its log10 when all values are positive and span two decades or more), each
         ridge's height is its count scaled to the ridge's own maximum. All ridges share the bins. With more than
         40 recorded steps, 40 evenly spaced ones (first and last included) are drawn. ``quantity`` is
         ``"trust_ratio"``, ``"weight_norm"`` or ``"update_norm"``. Returns the path of the PNG.
         """
-        if quantity not in QUANTITIES:
-            raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
-        if not self.records:
-            raise RuntimeError("TrustMonitor has no records to plot yet: step the optimizer first")
-        import numpy as np
-
-        by_step = _rows_by_step(self.records)
-        steps = list(by_step)
-        if len(steps) > _MAX_RIDGES:
-            keep = np.unique(np.linspace(0, len(steps) - 1, _MAX_RIDGES).round().astype(int))
-            steps = [steps[i] for i in keep]
-        values = {step: np.array([row[quantity] for row in by_step[step]], dtype=float) for step in steps}
-        values = {step: v[np.isfinite(v)] for step, v in values.items()}
-        everything = np.concatenate(list(values.values()))
-        log = everything.size > 0 and everything.min() > 0 and everything.max() / everything.min() >= 100
-        if log:
-            values = {step: np.log10(v) for step, v in values.items()}
-            everything = np.log10(everything)
-        low, high = (everything.min(), everything.max()) if everything.size else (0.0, 1.0)
-        if high - low < 1e-12:  # one value everywhere: give the bins some width
-            low, high = low - 0.5, high + 0.5
-        tensors = max(len(v) for v in values.values())
-        edges = np.linspace(low, high, int(np.clip(4 * math.sqrt(max(tensors, 1)), 10, 40)) + 1)
-
-        height = 1.6  # a ridge's peak, in units of the spacing between ridges: neighbours overlap a little
-        figure = _new_figure(figsize=(7.5, float(np.clip(1.5 + 0.32 * len(steps), 3.5, 14.0))))
-        axes = figure.add_subplot()
-        colormap = _colormap("viridis")
-        for index, step in enumerate(steps):
-            baseline = -float(index)
-            counts, _ = np.histogram(values[step], bins=edges)
-            tops = baseline + height * counts / max(counts.max(), 1)
-            color = colormap(index / max(len(steps) - 1, 1))
-            # Later ridges are drawn over earlier ones: each hides the baseline region of the one above it.
-            axes.stairs(tops, edges, baseline=baseline, fill=True, color=color, alpha=0.9, zorder=2 * index)
-            # The outline runs along the baseline where a bin is empty, so every ridge reads as one curve.
-            axes.stairs(tops, edges, baseline=baseline, fill=False, color="0.15", linewidth=0.7,
-                        zorder=2 * index + 1)
-        if quantity == "trust_ratio":
-            one = 0.0 if log else 1.0
-            if low <= one <= high:
-                axes.axvline(one, color="0.3", linestyle="--", linewidth=0.8, zorder=10 * len(steps))
-        label_every = max(1, math.ceil(len(steps) / 20))
-        axes.set_yticks([-float(i) for i in range(0, len(steps), label_every)])
-        axes.set_yticklabels([str(steps[i]) for i in range(0, len(steps), label_every)])
-        axes.set_ylim(-len(steps) + 0.5, height + 0.3)
-        axes.set_xlim(edges[0], edges[-1])
-        axes.set_ylabel("step (first at top)")
-        axes.set_xlabel(f"log10({_LABELS[quantity]})" if log else _LABELS[quantity])
-        axes.spines[["left", "right", "top"]].set_visible(False)
-        axes.tick_params(axis="y", length=0)
-        default = f"{_LABELS[quantity].capitalize()} across {tensors} tensors, per recorded step"
-        axes.set_title(title if title is not None else default)
-        return _save(figure, path)
+        return trust_plots.plot_histograms(self.records, path, title, quantity)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,49 +309,3 @@ def _names_by_id(names: dict | None) -> dict[int, str]:
             raise TypeError(f"names must map str to Tensor or Tensor to str, got an item "
                             f"{type(key).__name__} -> {type(value).__name__}")
     return by_id
-
-
-def _rows_by_step(records: list[TrustRecord]) -> dict[int, list[TrustRecord]]:
-    by_step: dict[int, list[TrustRecord]] = {}
-    for row in records:
-        by_step.setdefault(row["step"], []).append(row)
-    return by_step
-
-
-def _series_by_name(records: list[TrustRecord]) -> dict[str, list[tuple[int, float]]]:
-    """Each tensor's (step, trust ratio) points, tensors in the order they first appear (the model's order)."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in records:
-        series.setdefault(row["name"], []).append((row["step"], row["trust_ratio"]))
-    return series
-
-
-def _prepare(path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _new_figure(figsize: tuple[float, float]) -> Any:
-    """A figure with its own Agg canvas: no pyplot, so no global state, no GUI backend and nothing to close."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("TrustMonitor's plots need the matplotlib package: pip install matplotlib") from error
-    figure = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(figure)  # attaches itself as figure.canvas
-    return figure
-
-
-def _colormap(name: str) -> Any:
-    import matplotlib
-
-    return matplotlib.colormaps[name]
-
-
-def _save(figure: Any, path: str | Path) -> Path:
-    path = _prepare(path)
-    figure.savefig(path, format="png", dpi=120)
-    figure.clear()  # drop the artists now rather than when the garbage collector finds the figure
-    return path

@@ -1,5 +1,6 @@
-"""The experiments, one readable script each (``torchlamb run NAME``): the MNIST experiments of the seeds and the
-paper, which ``torchlamb demo`` runs together, and the longer MLM pre-training comparison, which runs alone."""
+"""The experiments, one readable script each (``torchlamb run NAME``): the MNIST experiments of Ben Mann's post "An
+intuitive understanding of the LAMB optimizer" (2019) and of the paper (You et al. 2019), which ``torchlamb demo`` runs
+together, and the longer MLM pre-training comparison, which runs alone."""
 
 from . import adam_vs_lamb, batch_sweep, critical_batch, lamb_lr, mlm
 

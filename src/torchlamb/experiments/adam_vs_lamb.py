@@ -1,8 +1,9 @@
-"""Experiment 1 (seed 002): Adam vs LAMB on MNIST, lr 0.01, betas (0.9, 0.99), with trust-ratio telemetry.
+"""Experiment 1 (Ben Mann, 2019): Adam vs LAMB on MNIST, lr 0.01, betas (0.9, 0.99), with trust-ratio telemetry.
 
-Seed 002 saw the two train "pretty similarly", LAMB generalising a little better, and — logging ‖θ‖ (r1), ‖u‖ (r2)
-and r = r1/r2 for every layer, for Adam too, where r is computed but not used — r starting well below 1, which
-makes a natural warmup, then growing for layers with large weights and stable gradients.
+Ben Mann's post "An intuitive understanding of the LAMB optimizer" (2019) saw the two train "pretty similarly",
+LAMB generalising a little better, and — logging ‖θ‖ (r1), ‖u‖ (r2) and r = r1/r2 for every layer, for Adam too,
+where r is computed but not used — r starting well below 1, which makes a natural warmup, then growing for layers
+with large weights and stable gradients.
 
     torchlamb run adam_vs_lamb [--full]
 """
@@ -28,7 +29,7 @@ OPTIMIZERS = ("adam", "lamb")
 
 def run(out: Path, full: bool = False) -> Summary:
     epochs = EPOCHS["full" if full else "reduced"]
-    # As in seed 002, no weight decay and the ratio on every tensor: the two differ only in r.
+    # As in Ben Mann's post, no weight decay and the ratio on every tensor: the two differ only in r.
     configs = [RunConfig(optimizer=name, lr=LR, betas=BETAS, batch_size=BATCH_SIZE, epochs=epochs,
                          exempt_norms=False, warmup_fraction=0.05, end_factor=1.0, monitor_every=MONITOR_EVERY)
                for name in OPTIMIZERS]
@@ -65,13 +66,13 @@ def run(out: Path, full: bool = False) -> Summary:
     adam, lamb = results
     first_lamb = [r["trust_ratio"] for r in lamb.monitor.records if r["step"] == 1]
     text = (f"{epochs} epochs at batch {BATCH_SIZE}, lr {LR} after a 5% warmup, no weight decay, the ratio on every "
-            "tensor (as in seed 002). For Adam the ratio is what LAMB would have used for Adam's actual update "
-            "(TrustMonitor computes it from the step taken); only LAMB applies it.\n\n"
+            "tensor (as in Ben Mann's post on LAMB, 2019). For Adam the ratio is what LAMB would have used for Adam's "
+            "actual update (TrustMonitor computes it from the step taken); only LAMB applies it.\n\n"
             f"**What it shows:** final test accuracy {100 * adam.final_test_accuracy:.2f}% for Adam and "
             f"{100 * lamb.final_test_accuracy:.2f}% for LAMB (one seed: a difference of a few tenths may be noise). "
             f"LAMB's ratio starts at {max(first_lamb):.2g} or below for every tensor"
-            + (" — well below 1, the natural warmup seed 002 describes" if max(first_lamb) < 0.5 else "")
+            + (" — well below 1, the natural warmup Ben Mann's post describes" if max(first_lamb) < 0.5 else "")
             + ", and grows as the weights grow.")
     headers = ["optimizer", "test accuracy (%)", "final train loss", "ratio at the first record (min – max)",
                "ratio at the last record", "ratio over all records", "seconds"]
-    return Summary("1. Adam vs LAMB (seed 002)", text, headers, rows, figures)
+    return Summary("1. Adam vs LAMB (Ben Mann, 2019)", text, headers, rows, figures)

@@ -25,13 +25,14 @@ OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "sgd")
 
 
 def mlp() -> nn.Module:
-    """The small network of the seed experiments: 784 → 256 → 128 → 10, ReLU."""
+    """The small network of the MNIST experiments (Ben Mann's post on LAMB does not give its own): 784 → 256 → 128 →
+    10, ReLU."""
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def convnet() -> nn.Module:
-    """The PyTorch-examples MNIST ConvNet that seed 002's public code trained: conv 1→20 5×5, max-pool, conv 20→50
-    5×5, max-pool, fc 800→500, fc 500→10, ReLU."""
+    """The PyTorch-examples MNIST ConvNet that Ben Mann's public code for his LAMB post trained: conv 1→20 5×5,
+    max-pool, conv 20→50 5×5, max-pool, fc 800→500, fc 500→10, ReLU."""
     return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
@@ -63,8 +64,8 @@ def mnist_data() -> Data:
 @dataclass(frozen=True)
 class RunConfig:
     """One training run. ``exempt_norms``: put biases in an un-decayed, un-adapted group (param_groups);
-    False applies decay and the ratio to every tensor, as the seed 002 experiments did. ``model``: a key of
-    ``MODELS``; ``bias_correction`` is Lamb's."""
+    False applies decay and the ratio to every tensor, as the experiments of Ben Mann's post on LAMB did. ``model``:
+    a key of ``MODELS``; ``bias_correction`` is Lamb's."""
 
     optimizer: str
     lr: float

@@ -1,10 +1,11 @@
-"""Experiment 2 (seed 002): LAMB at lr 0.01 and 0.1, and at 0.1 with weight decay 0.01.
+"""Experiment 2 (Ben Mann, 2019): LAMB at lr 0.01 and 0.1, and at 0.1 with weight decay 0.01.
 
-Seed 002: at lr 0.1 LAMB "converges almost instantly during the warmup, but then a few layer weights start to
-explode" and training diverges; weight decay 0.01 keeps it stable ("Training didn't diverge!"), with the trust ratio
-held below 1, where at lr 0.01 it rose as high as 4.5. The same three runs are made twice: with the experiments' MLP
-(batch 1024, a warmup), and as the seed's author ran them — the public code its experiments came from trained the
-PyTorch-examples ConvNet at batch 64 with no lr schedule, and a LAMB without bias correction or any clamp.
+Ben Mann's post "An intuitive understanding of the LAMB optimizer" (2019): at lr 0.1 LAMB "converges almost
+instantly during the warmup, but then a few layer weights start to explode" and training diverges; weight decay 0.01
+keeps it stable ("Training didn't diverge!"), with the trust ratio held below 1, where at lr 0.01 it rose as high as
+4.5. The same three runs are made twice: with the experiments' MLP (batch 1024, a warmup), and as the post's author
+ran them — the public code his experiments came from trained the PyTorch-examples ConvNet at batch 64 with no lr
+schedule, and a LAMB without bias correction or any clamp.
 
     torchlamb run lamb_lr [--full]
 """
@@ -26,7 +27,7 @@ BETAS = (0.9, 0.99)
 BATCH_SIZE = 1024
 EPOCHS = {"reduced": 6, "full": 30}
 MONITOR_EVERY = 5
-# Seed 002 as its author ran it: the ConvNet at batch 64, a constant lr from the first step, no bias correction.
+# As Ben Mann ran his experiments: the ConvNet at batch 64, a constant lr from the first step, no bias correction.
 AUTHOR_BATCH_SIZE = 64
 AUTHOR_EPOCHS = {"reduced": 0.25, "full": 3}
 # A run whose final test accuracy is below this did not learn, whatever its loss did (chance is 10%; a network that
@@ -51,7 +52,7 @@ def verdict(result: RunResult) -> str:
 def run(out: Path, full: bool = False) -> Summary:
     mode = "full" if full else "reduced"
     epochs = EPOCHS[mode]
-    # Seed 002's setting: decay and the ratio on every tensor, a warmup, then a constant lr.
+    # The setting of Ben Mann's post: decay and the ratio on every tensor, a warmup, then a constant lr.
     configs = {label: RunConfig(optimizer="lamb", betas=BETAS, batch_size=BATCH_SIZE, epochs=epochs,
                                 exempt_norms=False, warmup_fraction=0.05, end_factor=1.0,
                                 monitor_every=MONITOR_EVERY, **options)
@@ -87,9 +88,9 @@ def run(out: Path, full: bool = False) -> Summary:
     for label, result in author_results.items():
         axis.plot(result.epochs, [100 * a for a in result.test_accuracy], marker=".", label=label)
     axis.set(xlabel="epoch", ylabel="test accuracy (%)",
-             title=f"As seed 002's author ran it: ConvNet, batch {AUTHOR_BATCH_SIZE}, no schedule")
+             title=f"As Ben Mann ran it: ConvNet, batch {AUTHOR_BATCH_SIZE}, no schedule")
     axis.legend()
-    figures.append((save(figure, out / "lamb_lr_convnet.png"), "Seed 002's own setting: the ConvNet at batch "
+    figures.append((save(figure, out / "lamb_lr_convnet.png"), "Ben Mann's own setting: the ConvNet at batch "
                     f"{AUTHOR_BATCH_SIZE}, constant lr, no bias correction: test accuracy"))
 
     rows = []
@@ -105,13 +106,13 @@ def run(out: Path, full: bool = False) -> Summary:
                      f"{max(r['trust_ratio'] for r in records):.3g}"])
 
     text = (f"MLP: {epochs} epochs at batch {BATCH_SIZE}, betas {BETAS}, a 5% warmup then a constant lr, decay and "
-            f"the ratio on every tensor, as in seed 002. ConvNet (the seed author's code): {AUTHOR_EPOCHS[mode]:g} "
-            f"epochs at batch {AUTHOR_BATCH_SIZE}, the same betas, a constant lr from the first step, no bias "
-            "correction, no clamp.\n\n**What it shows:** "
+            f"the ratio on every tensor, as in Ben Mann's post on LAMB (2019). ConvNet (its author's code): "
+            f"{AUTHOR_EPOCHS[mode]:g} epochs at batch {AUTHOR_BATCH_SIZE}, the same betas, a constant lr from the "
+            "first step, no bias correction, no clamp.\n\n**What it shows:** "
             + "; ".join(f"{label} {verdict(result)}" for label, result in {**results, **author_results}.items())
-            + ". Seed 002 reports that lr 0.1 diverges after a fast start and that weight decay 0.01 keeps it stable "
-            "(\"Training didn't diverge!\"); a loss that stays finite is not yet a network that learned, so the "
+            + ". Ben Mann's post reports that lr 0.1 diverges after a fast start and that weight decay 0.01 keeps it "
+            "stable (\"Training didn't diverge!\"); a loss that stays finite is not yet a network that learned, so the "
             "verdicts above say which of the two each run did.")
     headers = ["run", "best test accuracy (%)", "final test accuracy (%)", "final train loss", "largest ‖θ‖",
                "largest trust ratio"]
-    return Summary("2. LAMB: lr 0.01 vs 0.1, and weight decay (seed 002)", text, headers, rows, figures)
+    return Summary("2. LAMB: lr 0.01 vs 0.1, and weight decay (Ben Mann, 2019)", text, headers, rows, figures)

@@ -1,4 +1,6 @@
-"""The claims of the three seed documents, each checked directly."""
+"""The claims of LAMB's sources, each checked directly: You et al. (2019), "Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes"; Ben Mann's post "An intuitive understanding of the LAMB optimizer" (2019, by
+the author of cybertronai/pytorch-lamb); and a blog post on a simplified LAMB with an RMS norm it calls "pomero"."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ IMPLEMENTATIONS = pytest.mark.parametrize("foreach", [False, True], ids=["single
 
 
 def pomero(t: torch.Tensor) -> torch.Tensor:
-    """Seed 000: power 2, mean, square root (the RMS norm)."""
+    """The "pomero" norm of the blog post on a simplified LAMB: power 2, mean, square root (the RMS norm)."""
     return t.pow(2).mean().sqrt()
 
 
 @IMPLEMENTATIONS
-def test_seed_000_pomero_rule_without_weight_decay(foreach):
-    """Seed 000: p ← p − lr·pomero(p)/pomero(step)·step, with step the bias-corrected Adam step."""
+def test_pomero_rule_without_weight_decay(foreach):
+    """The simplified LAMB of the "pomero" post: p ← p − lr·pomero(p)/pomero(step)·step, with step the
+    bias-corrected Adam step."""
     torch.manual_seed(0)
     lr, (beta1, beta2), eps = 0.02, (0.9, 0.999), 1e-6
     shapes = [(16, 8), (8,), (3, 4, 5)]
@@ -42,8 +45,8 @@ def test_seed_000_pomero_rule_without_weight_decay(foreach):
 
 
 @IMPLEMENTATIONS
-def test_seed_002_trust_ratio_clipped_at_ten(foreach):
-    """Seed 002: LAMB clips the trust ratio at 10. A layer with ‖θ‖ ≫ ‖u‖ would get a ratio far above it."""
+def test_trust_ratio_clipped_at_ten(foreach):
+    """Ben Mann's post: LAMB clips the trust ratio at 10. A layer with ‖θ‖ ≫ ‖u‖ would get a ratio far above it."""
     # ‖θ‖ = 8000; at step 1 ‖u‖ ≈ √64 = 8, so r ≈ 1000. float64 so the small moves are measurable at 1000.
     big = torch.full((64,), 1000.0, dtype=torch.float64, requires_grad=True)
     unclipped = big.detach().clone().requires_grad_()
@@ -66,7 +69,7 @@ def test_seed_002_trust_ratio_clipped_at_ten(foreach):
 @IMPLEMENTATIONS
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_relative_change_of_each_adapted_tensor_equals_lr(foreach, weight_decay):
-    """The trust ratio makes ‖Δθ‖/‖θ‖ = lr for every adapted tensor, whatever its scale (seed 001)."""
+    """The trust ratio makes ‖Δθ‖/‖θ‖ = lr for every adapted tensor, whatever its scale (You et al. 2019)."""
     torch.manual_seed(1)
     lr = 0.05
     params = [(scale * torch.randn(shape, dtype=torch.float64)).requires_grad_()
@@ -122,7 +125,7 @@ def test_lars_without_adaptation_is_torch_sgd(foreach, nesterov):
 
 @IMPLEMENTATIONS
 def test_lars_moves_each_tensor_by_lr_times_eta_times_its_norm(foreach):
-    """Seed 002's LARS: the local lr is η·‖θ‖/‖∇L + λθ‖, so a momentum-free step moves θ by lr·η·‖θ‖."""
+    """The LARS of Ben Mann's post: the local lr is η·‖θ‖/‖∇L + λθ‖, so a momentum-free step moves θ by lr·η·‖θ‖."""
     torch.manual_seed(0)
     lr, eta = 2.0, 0.01
     params = [(scale * torch.randn(12, 7, dtype=torch.float64)).requires_grad_() for scale in (1e-2, 1.0, 1e2)]
