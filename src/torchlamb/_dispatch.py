@@ -15,6 +15,7 @@ float state, or one list of each parameter's state dict for 8-bit state. Triton'
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,30 @@ class Path:
 
 
 PathTable = dict[tuple[Implementation, bool], Path]  # (implementation, 8-bit state) -> its functions
+
+
+def path_table(name: str, single_tensor: Callable[..., PendingUpdate], multi_tensor: Callable[..., PendingUpdate],
+               quantized: Callable[..., PendingUpdate], **quantized_keys: Any) -> PathTable:
+    """The path table of optimizer ``name`` ("lamb", "lars"): its torch functions for float state (a loop over
+    tensors, foreach ops) and for 8-bit state (one for both), and the kernels' functions, found by name in
+    torchlamb.kernels' ``cpu`` and ``triton_steps``: ``{name}_first_pass`` and, on the CPU, ``{name}_whole_step``,
+    with an ``_8bit`` form of each. The 8-bit functions get ``quantized_keys``: how the state is kept in 8 bits."""
+    def kernel(module: str, function: str, eight_bit: bool) -> Callable[..., Any]:
+        found = kernels.entry(module, f"{name}_{function}{'_8bit' if eight_bit else ''}")
+        return functools.partial(found, **quantized_keys) if eight_bit else found
+
+    quantized_state = functools.partial(quantized, **quantized_keys)
+    return {
+        ("single_tensor", False): Path(single_tensor),
+        ("foreach", False): Path(multi_tensor),
+        ("fused", False): Path(kernel("cpu", "first_pass", False), whole_step=kernel("cpu", "whole_step", False),
+                               state_as_stored=True),
+        ("triton", False): Path(kernel("triton", "first_pass", False), state_as_stored=True, writes_copies=True),
+        ("single_tensor", True): Path(quantized_state),
+        ("foreach", True): Path(quantized_state),
+        ("fused", True): Path(kernel("cpu", "first_pass", True), whole_step=kernel("cpu", "whole_step", True)),
+        ("triton", True): Path(kernel("triton", "first_pass", True), writes_copies=True),
+    }
 
 
 def choose_implementation(optimizer_name: str, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],

@@ -7,7 +7,6 @@ adds the fused kernels (torchlamb.kernels) for each implementation and storage.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,11 +14,10 @@ import torch
 from torch import Tensor
 
 from ._base import Adapt, LayerwiseOptimizer, NonFinite
-from ._dispatch import Path, PathTable
+from ._dispatch import path_table
 from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
 from ._validation import check_bool, check_number
 from .bias_correction import STEP_SIZE_MODES, BiasCorrection, moment_corrections, step_count, step_size_factor
-from .kernels import entry
 from .presets import PRESETS
 from .quantized import QuantizedKey, sqrt_rn
 from .trust import LAMB_UPDATE, ClipRange, PendingUpdate, squares_of
@@ -328,20 +326,5 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     return PendingUpdate(squares_of(params, updates), apply)
 
 
-_QUANTIZED = functools.partial(_quantized_lamb, moments=MOMENTS_8BIT)
 # (implementation, 8-bit state) -> the functions that compute a group's update (see torchlamb._dispatch).
-_PATHS: PathTable = {
-    ("single_tensor", False): Path(_single_tensor_lamb),
-    ("foreach", False): Path(_multi_tensor_lamb),
-    ("fused", False): Path(entry("cpu", "lamb_first_pass"), whole_step=entry("cpu", "lamb_whole_step"),
-                           state_as_stored=True),
-    ("triton", False): Path(entry("triton", "lamb_first_pass"), state_as_stored=True, writes_copies=True),
-    # 8-bit state: the torch operations for both torch paths, the kernels reading codes and scales themselves.
-    ("single_tensor", True): Path(_QUANTIZED),
-    ("foreach", True): Path(_QUANTIZED),
-    ("fused", True): Path(functools.partial(entry("cpu", "lamb_first_pass_8bit"), moments=MOMENTS_8BIT),
-                          whole_step=functools.partial(entry("cpu", "lamb_whole_step_8bit"), moments=MOMENTS_8BIT)),
-    ("triton", True): Path(functools.partial(entry("triton", "lamb_first_pass_8bit"), moments=MOMENTS_8BIT),
-                           writes_copies=True),
-}
-Lamb._PATHS = _PATHS
+Lamb._PATHS = path_table("lamb", _single_tensor_lamb, _multi_tensor_lamb, _quantized_lamb, moments=MOMENTS_8BIT)

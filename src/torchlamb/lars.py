@@ -7,7 +7,6 @@ adds the fused kernels (torchlamb.kernels) for each implementation and storage.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -15,10 +14,9 @@ import torch
 from torch import Tensor
 
 from ._base import Adapt, LayerwiseOptimizer, NonFinite
-from ._dispatch import Path, PathTable
+from ._dispatch import path_table
 from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
 from ._validation import check_bool, check_number
-from .kernels import entry
 from .quantized import QuantizedKey
 from .trust import LARS_DECAYED_GRAD, LARS_GRAD, WEIGHT, ClipRange, PendingUpdate, sums_of_squares
 
@@ -249,20 +247,5 @@ def _subtract_scaled_(params: list[Tensor], directions: list[Tensor], lr: float 
         torch._foreach_add_(params, directions, alpha=-lr)
 
 
-_QUANTIZED = functools.partial(_quantized_lars, buffer=BUFFER_8BIT)
 # (implementation, 8-bit state) -> the functions that compute a group's update (see torchlamb._dispatch).
-_PATHS: PathTable = {
-    ("single_tensor", False): Path(_single_tensor_lars),
-    ("foreach", False): Path(_multi_tensor_lars),
-    ("fused", False): Path(entry("cpu", "lars_first_pass"), whole_step=entry("cpu", "lars_whole_step"),
-                           state_as_stored=True),
-    ("triton", False): Path(entry("triton", "lars_first_pass"), state_as_stored=True, writes_copies=True),
-    # 8-bit state: the torch operations for both torch paths, the kernels reading codes and scales themselves.
-    ("single_tensor", True): Path(_QUANTIZED),
-    ("foreach", True): Path(_QUANTIZED),
-    ("fused", True): Path(functools.partial(entry("cpu", "lars_first_pass_8bit"), buffer=BUFFER_8BIT),
-                          whole_step=functools.partial(entry("cpu", "lars_whole_step_8bit"), buffer=BUFFER_8BIT)),
-    ("triton", True): Path(functools.partial(entry("triton", "lars_first_pass_8bit"), buffer=BUFFER_8BIT),
-                           writes_copies=True),
-}
-Lars._PATHS = _PATHS
+Lars._PATHS = path_table("lars", _single_tensor_lars, _multi_tensor_lars, _quantized_lars, buffer=BUFFER_8BIT)
