@@ -17,7 +17,7 @@ from torchlamb import kernels
 
 TARGETS = (80, 90)
 WORKER = Path(__file__).with_name("triton_compile_worker.py")
-STEPS = Path(kernels.__file__).with_name("triton_steps.py")
+STEPS = Path(kernels.__file__).with_name("triton_kernels.py")
 
 
 def _ptxas() -> Path | None:

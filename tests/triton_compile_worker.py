@@ -1,4 +1,4 @@
-"""Compiles every Triton kernel of torchlamb/kernels/triton_steps.py for real NVIDIA GPUs, on a machine without one.
+"""Compiles every Triton kernel of torchlamb/kernels/triton_kernels.py for real NVIDIA GPUs, on a machine without one.
 
 Run by tests/test_triton_compile.py in a process of its own: Triton's interpreter (TRITON_INTERPRET=1, which the rest
 of the suite sets) would run the kernels instead of compiling them. A stand-in for the CUDA driver names the target
