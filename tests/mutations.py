@@ -1,0 +1,77 @@
+"""Does the suite catch real bugs? Plant each of a few semantic bugs in a copy of the sources and run the tests that
+should catch it; each must fail. Not part of ``make test`` (it takes minutes): run it after a change to the core::
+
+    .venv/bin/python tests/mutations.py            # all
+    .venv/bin/python tests/mutations.py masters    # the ones whose name contains "masters"
+
+Each mutation is (name, file under src/torchlamb, the text replaced, its replacement, the tests to run). The copy
+lives in a temporary folder first on PYTHONPATH, with its own torch extensions folder (C++ mutations rebuild there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MUTATIONS = [
+    ("bias correction one step late", "bias_correction.py",
+     "return 1 - beta1**t, 1 - beta2**t", "return 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)",
+     ["tests/test_reference.py", "-k", "lamb or Lamb"]),
+    ("decay outside the ratio", "lamb.py",
+     "update = m_hat / (v_hat.sqrt() + eps)\n        if weight_decay != 0 and not decay_outside_ratio:\n"
+     "            update = update.add(param, alpha=weight_decay)",
+     "update = m_hat / (v_hat.sqrt() + eps)\n        if weight_decay != 0 and not decay_outside_ratio:\n"
+     "            param.mul_(1 - lr * weight_decay)",
+     ["tests/test_reference.py"]),
+    ("LARS reads the wrong norm column", "lars.py",
+     "        return norms[:, LARS_DECAYED_GRAD]", "        return norms[:, LARS_GRAD]",
+     ["tests/test_reference.py", "-k", "lars or Lars"]),
+    ("the foreach path ignores the step weight", "lamb.py",
+     "        if step_weight is not None:\n            scale = scale * step_weight.to(scale.device)\n"
+     "        torch._foreach_mul_(updates",
+     "        torch._foreach_mul_(updates",
+     ["tests/test_amp.py"]),
+    ("masters not written back", "_storage.py",
+     "            if master is not None and id(param) not in self.written_in_kernel:",
+     "            if master is not None and id(param) in self.written_in_kernel:",
+     ["tests/test_mixed_precision.py"]),
+    ("8-bit ties round up", "quantized.py",
+     "codes = torch.bucketize(normalized, midpoints)", "codes = torch.bucketize(normalized, midpoints, right=True)",
+     ["tests/test_quantized_state.py"]),
+]
+
+
+def run(name: str, file: str, old: str, new: str, tests: list[str], workdir: Path) -> bool:
+    """Whether the tests fail with the mutation planted (they should)."""
+    src = workdir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    target = src / "torchlamb" / file
+    text = target.read_text()
+    assert text.count(old) == 1, f"{name}: the text to replace is not found once in {file}"
+    target.write_text(text.replace(old, new))
+    env = {**os.environ, "PYTHONPATH": str(src), "TORCH_EXTENSIONS_DIR": str(workdir / "extensions")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    print(f"{'caught' if done.returncode else 'MISSED'}: {name} ({' '.join(tests)})"
+          + (f"\n    {failed[0]}" if failed else ""), flush=True)
+    return done.returncode != 0
+
+
+def main() -> None:
+    wanted = [m for m in MUTATIONS if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
+    with tempfile.TemporaryDirectory() as workdir:
+        missed = [m[0] for m in wanted if not run(*m, Path(workdir))]
+    print(f"{len(wanted) - len(missed)} of {len(wanted)} mutations caught" + (f"; missed: {missed}" if missed else ""))
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
