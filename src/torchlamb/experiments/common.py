@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import MNIST_MEAN, MNIST_STD, load_mnist
 from ..groups import param_groups
+from ..kernels import cpu
 from ..lamb import Lamb
 from ..lars import Lars
 from ..schedules import warmup_poly
@@ -112,8 +113,6 @@ class RunResult:
 def load_fused_kernels() -> str:
     """Builds (first use) or loads the fused CPU kernels that Lamb and Lars run on the CPU, before any run is timed,
     so that the runs' seconds compare training and not a compiler; returns what happened, for the report."""
-    from ..kernels import cpu
-
     start = time.perf_counter()
     module = cpu.load()
     seconds = time.perf_counter() - start
