@@ -31,6 +31,7 @@ constexpr int64_t kBlock = 1024;
 // touched last, which are still in cache.
 constexpr int64_t kChunk = 16384;
 
+// The sums of squares pass 1 returns for a range of a tensor; lamb.cpp and lars.cpp name their columns.
 using Sums = std::array<double, 3>;
 
 Sums add(const Sums& a, const Sums& b) { return {a[0] + b[0], a[1] + b[1], a[2] + b[2]}; }
@@ -58,8 +59,8 @@ struct Stats {
 // local sums of squares, the caller all-reduces them and computes the ratios, and kApply runs pass 2 with them.
 enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 
-// The driver. For every tensor i: pass 1 (sums = Σ norms(i, begin, end) over its elements), then
-// finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (apply(i, begin, end, stats) over its elements).
+// The driver. For every tensor i: pass 1 (sums = Σ pass1(i, begin, end) over its elements), then
+// finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (pass2(i, begin, end, stats) over its elements).
 // kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the sums of
 // pass 1; kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
 // Ranges begin at multiples of `align` elements, or with `rows` (8-bit state: each tensor's row length) at the
@@ -67,9 +68,9 @@ enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 //
 // The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
 // pointers would be reloaded after every store and the loops would not vectorise.
-template <typename Norms, typename Finish, typename Apply>
-torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Norms& norms,
-                          const Finish& finish, const Apply& apply, int64_t align = 1,
+template <typename Pass1, typename Finish, typename Pass2>
+torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Pass1& pass1,
+                          const Finish& finish, const Pass2& pass2, int64_t align = 1,
                           const std::vector<int64_t>* rows = nullptr) {
   const int64_t n = static_cast<int64_t>(params.size());
   auto result = torch::zeros({phase == kApply ? 0 : n, 3}, torch::kFloat64);
@@ -89,10 +90,10 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
       sums = split ? at::parallel_reduce(
                          0, units, grain, Sums{0, 0, 0},
                          [&](int64_t begin, int64_t end, Sums acc) {
-                           return add(acc, norms(i, element(begin), element(end)));
+                           return add(acc, pass1(i, element(begin), element(end)));
                          },
                          add)
-                   : norms(i, 0, numel);
+                   : pass1(i, 0, numel);
     }
     if (phase == kNorms) {
       std::copy(sums.begin(), sums.end(), out + 3 * i);
@@ -105,12 +106,12 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
       out[3 * i + 2] = stats.ratio;
     }
     if (!split) {
-      apply(i, 0, numel, stats);
+      pass2(i, 0, numel, stats);
       return;
     }
     // Each thread walks its part backwards: after pass 1 the end of its part is what is still in cache.
     at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t hi = end; hi > begin; hi -= chunk) apply(i, element(std::max(begin, hi - chunk)), element(hi), stats);
+      for (int64_t hi = end; hi > begin; hi -= chunk) pass2(i, element(std::max(begin, hi - chunk)), element(hi), stats);
     });
   };
   std::vector<int64_t> small;

@@ -3,6 +3,17 @@
 // lamb_step and lamb_step_8bit.
 
 namespace {
+// How the moments' bias is corrected (Lamb's bias_correction; cpu.py passes these values).
+enum BiasCorrection : int64_t {
+  kNoCorrection = 0,
+  kCorrectMoments = 1,              // inside u: m/(1−β1^t) and v/(1−β2^t), Adam's debiasing
+  kCorrectStepSize = 2,             // "step_size": √(1−β2^t)/(1−β1^t) on the step, outside the ratio
+  kCorrectStepSizeFirstMoment = 3,  // "step_size_first_moment": 1/(1−β1^t) on the step
+};
+
+// The columns of pass 1's sums (what kNorms returns; the third is unused).
+enum LambNorm : size_t { kLambWeight = 0, kLambUpdate = 1 };
+
 // u = (m·c1) / (√v·c2 + ε) + decay·θ ; c1 = 1/(1−β1^t), c2 = 1/√(1−β2^t) (or 1, 1 without bias correction).
 template <typename T>
 inline T lamb_direction(T m, T v, T theta, T c1, T c2, T eps, T decay) {
@@ -12,9 +23,9 @@ inline T lamb_direction(T m, T v, T theta, T c1, T c2, T eps, T decay) {
 // Pass 1 on elements [0, n): moments in place (θ ← θ·theta_factor first when decay is outside the ratio);
 // returns ‖θ‖², ‖u‖² of the range.
 template <typename T, typename S>
-Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ m, S* __restrict__ v,
-                  int64_t n, double grad_factor, double beta1, double beta2, double eps_, double decay_,
-                  double theta_factor, double c1_, double c2_) {
+Sums lamb_pass1(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ m, S* __restrict__ v, int64_t n,
+                double grad_factor, double beta1, double beta2, double eps_, double decay_, double theta_factor,
+                double c1_, double c2_) {
   using opmath_t = at::opmath_type<T>;
   // 1 − β in double first: 1 − 0.999f in float32 is off by 1.3e-5, which shifts v and u by ~7e-6.
   const opmath_t one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2, b2 = beta2;
@@ -41,15 +52,15 @@ Sums lamb_moments(T* __restrict__ theta, const T* __restrict__ g, S* __restrict_
       theta_sq += t * t;
       u_sq += u * u;
     }
-    sums[0] += theta_sq;
-    sums[1] += u_sq;
+    sums[kLambWeight] += theta_sq;
+    sums[kLambUpdate] += u_sq;
   }
   return sums;
 }
 
 // Pass 2 on elements [0, n): θ ← θ + scale·u, u recomputed exactly as in pass 1.
 template <typename T, typename S>
-void lamb_apply(T* __restrict__ theta, const S* __restrict__ m, const S* __restrict__ v, int64_t n, double eps_,
+void lamb_pass2(T* __restrict__ theta, const S* __restrict__ m, const S* __restrict__ v, int64_t n, double eps_,
                 double decay_, double c1_, double c2_, double scale_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t c1 = c1_, c2 = c2_, eps = eps_, decay = decay_, scale = scale_;
@@ -64,10 +75,9 @@ void lamb_apply(T* __restrict__ theta, const S* __restrict__ m, const S* __restr
 // LAMB's u = (m·c1)/(s·c2 + ε) + decay·θ on one block, from m and s = √v as stored. One compiled function serves
 // pass 1 (‖u‖) and pass 2 (the step), so the two compute the same u bit for bit.
 template <typename T>
-__attribute__((noinline)) void lamb_direction_8bit(const float* __restrict__ m, const float* __restrict__ s,
-                                                   const T* __restrict__ theta, int64_t n, float c1, float c2,
-                                                   float eps, at::opmath_type<T> decay,
-                                                   at::opmath_type<T>* __restrict__ u) {
+__attribute__((noinline)) void lamb8_direction(const float* __restrict__ m, const float* __restrict__ s,
+                                               const T* __restrict__ theta, int64_t n, float c1, float c2, float eps,
+                                               at::opmath_type<T> decay, at::opmath_type<T>* __restrict__ u) {
   using opmath_t = at::opmath_type<T>;
   for (int64_t k = 0; k < n; ++k) {
     u[k] = static_cast<opmath_t>((m[k] * c1) / (s[k] * c2 + eps)) + decay * static_cast<opmath_t>(theta[k]);
@@ -78,11 +88,11 @@ __attribute__((noinline)) void lamb_direction_8bit(const float* __restrict__ m, 
 // in float, store their codes and absmax, and sum ‖θ‖² and ‖u‖² with u computed from the values as stored
 // (dequantized again), so pass 2 recomputes the same u from the codes.
 template <typename T>
-Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ m_codes,
-                       float* __restrict__ m_absmax, uint8_t* __restrict__ s_codes, float* __restrict__ s_absmax,
-                       int64_t begin, int64_t end, const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map,
-                       double grad_factor, double beta1, double beta2, double eps, double decay_,
-                       double theta_factor, double c1, double c2) {
+Sums lamb8_pass1(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ m_codes,
+                 float* __restrict__ m_absmax, uint8_t* __restrict__ s_codes, float* __restrict__ s_absmax,
+                 int64_t begin, int64_t end, const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map,
+                 double grad_factor, double beta1, double beta2, double eps, double decay_, double theta_factor,
+                 double c1, double c2) {
   using opmath_t = at::opmath_type<T>;  // θ's arithmetic (double for double); the moments compute in float
   const float one_minus_b1 = 1.0 - beta1, one_minus_b2 = 1.0 - beta2, scale = grad_factor;
   const opmath_t decay = decay_, factor = theta_factor;
@@ -116,15 +126,15 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
     s_map.encode_block(s, len, s_max, true, s_codes + start);
     m_map.decode_block(m_codes + start, len, m_max, m);
     s_map.decode_block(s_codes + start, len, s_max, s);
-    lamb_direction_8bit<T>(m, s, t, len, c1, c2, eps, decay, u);
+    lamb8_direction<T>(m, s, t, len, c1, c2, eps, decay, u);
     opmath_t theta_sq = 0, u_sq = 0;
     for (int64_t k = 0; k < len; ++k) {
       const opmath_t th = static_cast<opmath_t>(t[k]);
       theta_sq += th * th;
       u_sq += u[k] * u[k];
     }
-    sums[0] += theta_sq;
-    sums[1] += u_sq;
+    sums[kLambWeight] += theta_sq;
+    sums[kLambUpdate] += u_sq;
   }
   return sums;
 }
@@ -132,10 +142,10 @@ Sums lamb_moments_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* 
 // LAMB pass 2 on the blocks of elements [begin, end) of a tensor: θ ← θ + scale·u, u from the stored codes as in
 // pass 1.
 template <typename T>
-void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes, const float* __restrict__ m_absmax,
-                     const uint8_t* __restrict__ s_codes, const float* __restrict__ s_absmax, int64_t begin,
-                     int64_t end, const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map, double eps,
-                     double decay_, double c1, double c2, double scale_) {
+void lamb8_pass2(T* __restrict__ theta, const uint8_t* __restrict__ m_codes, const float* __restrict__ m_absmax,
+                 const uint8_t* __restrict__ s_codes, const float* __restrict__ s_absmax, int64_t begin, int64_t end,
+                 const Blocks& blocks, const CodeMap& m_map, const CodeMap& s_map, double eps, double decay_,
+                 double c1, double c2, double scale_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t decay = decay_, scale = scale_;
   float m[kQuantBlock], s[kQuantBlock];
@@ -149,38 +159,49 @@ void lamb_apply_8bit(T* __restrict__ theta, const uint8_t* __restrict__ m_codes,
     prefetch_block(s_codes + start, kAhead);
     m_map.decode_block(m_codes + start, len, m_absmax[block], m);
     s_map.decode_block(s_codes + start, len, s_absmax[block], s);
-    lamb_direction_8bit<T>(m, s, t, len, c1, c2, eps, decay, u);
+    lamb8_direction<T>(m, s, t, len, c1, c2, eps, decay, u);
     for (int64_t k = 0; k < len; ++k) t[k] = static_cast<T>(static_cast<opmath_t>(t[k]) + scale * u[k]);
   }
 }
 
+// Lamb's bias_correction, checked before the step is counted.
+BiasCorrection bias_correction_mode(int64_t code) {
+  TORCH_CHECK(code >= kNoCorrection && code <= kCorrectStepSizeFirstMoment,
+              "torchlamb fused: bias_correction must be 0 to 3, got ", code);
+  return static_cast<BiasCorrection>(code);
+}
+
 // After pass 1 of a LAMB tensor: its norms, its ratio (the caller's in the apply phase: `given`), its step size.
 Stats lamb_finish(Stats s, const Sums& sums, const double* given, const Trust& trust) {
-  s.weight_norm = std::sqrt(sums[0]);
-  s.update_norm = std::sqrt(sums[1]);
+  s.weight_norm = std::sqrt(sums[kLambWeight]);
+  s.update_norm = std::sqrt(sums[kLambUpdate]);
   s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
   s.scale *= s.ratio;
   return s;
 }
 
 // Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
-// bias_correction: 0 none, 1 inside u (m̂, v̂), 2 "step_size" (√(1−β2^t)/(1−β1^t) on the step), 3
-// "step_size_first_moment" (1/(1−β1^t) on the step).
 std::vector<Stats> lamb_corrections(const std::vector<torch::Tensor>& steps, Phase phase, double lr, double beta1,
-                                    double beta2, int64_t bias_correction) {
+                                    double beta2, BiasCorrection bias_correction) {
   std::vector<Stats> before(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
     const double t = count_step(steps[i], phase);
     const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
     Stats& s = before[i];
     s.scale = -lr;
-    if (bias_correction == 1) {
-      s.c1 = 1.0 / debias1;
-      s.c2 = 1.0 / std::sqrt(debias2);
-    } else if (bias_correction == 2) {
-      s.scale *= std::sqrt(debias2) / debias1;
-    } else if (bias_correction == 3) {
-      s.scale /= debias1;
+    switch (bias_correction) {
+      case kNoCorrection:
+        break;
+      case kCorrectMoments:
+        s.c1 = 1.0 / debias1;
+        s.c2 = 1.0 / std::sqrt(debias2);
+        break;
+      case kCorrectStepSize:
+        s.scale *= std::sqrt(debias2) / debias1;
+        break;
+      case kCorrectStepSizeFirstMoment:
+        s.scale /= debias1;
+        break;
     }
   }
   return before;
@@ -188,7 +209,7 @@ std::vector<Stats> lamb_corrections(const std::vector<torch::Tensor>& steps, Pha
 }  // namespace
 
 // One LAMB step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
-// apply phase only. Returns what each_tensor returns.
+// apply phase only. kNorms returns ‖θ‖², ‖u‖² (LambNorm); the others return what each_tensor returns.
 torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                         std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
                         std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
@@ -201,10 +222,11 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
   check_state(params, exp_avg_sqs, "exp_avg_sqs");
   if (phase != kApply) check_like_params(params, grads, "grads");
   check_steps(params, steps);
+  const BiasCorrection correction = bias_correction_mode(bias_correction);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
   const double decay = decay_outside_ratio ? 0.0 : weight_decay;
   const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, bias_correction);
+  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, correction);
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
@@ -212,9 +234,9 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto s) {
           using T = decltype(t);
           using S = decltype(s);
-          sums = lamb_moments<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(exp_avgs[i], begin),
-                                    ptr<S>(exp_avg_sqs[i], begin), end - begin, grad_factor, beta1, beta2, eps,
-                                    decay, theta_factor, before[i].c1, before[i].c2);
+          sums = lamb_pass1<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(exp_avgs[i], begin),
+                                  ptr<S>(exp_avg_sqs[i], begin), end - begin, grad_factor, beta1, beta2, eps, decay,
+                                  theta_factor, before[i].c1, before[i].c2);
         });
         return sums;
       },
@@ -223,7 +245,7 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto state) {
           using T = decltype(t);
           using S = decltype(state);
-          lamb_apply<T, S>(ptr<T>(params[i], begin), ptr<S>(exp_avgs[i], begin), ptr<S>(exp_avg_sqs[i], begin),
+          lamb_pass2<T, S>(ptr<T>(params[i], begin), ptr<S>(exp_avgs[i], begin), ptr<S>(exp_avg_sqs[i], begin),
                            end - begin, eps, decay, s.c1, s.c2, s.scale);
         });
       });
@@ -247,16 +269,17 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
   check_steps(params, steps);
   TORCH_CHECK(tables.size() == 4, "torchlamb fused: lamb_step_8bit takes two code maps");
   const CodeMap m_map = code_map(tables, 0), s_map = code_map(tables, 2);
+  const BiasCorrection correction = bias_correction_mode(bias_correction);
   const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
   const double decay = decay_outside_ratio ? 0.0 : weight_decay;
   const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, bias_correction);
+  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, correction);
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
-        TORCHLAMB_DISPATCH(params[i], "lamb_moments_8bit", [&] {
-          sums = lamb_moments_8bit<scalar_t>(
+        TORCHLAMB_DISPATCH(params[i], "lamb8_pass1", [&] {
+          sums = lamb8_pass1<scalar_t>(
               ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0), ptr<uint8_t>(m_codes[i], 0),
               ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0), ptr<float>(s_absmax[i], 0), begin, end,
               Blocks(rows[i]), m_map, s_map, grad_factor, beta1, beta2, eps, decay, theta_factor, before[i].c1,
@@ -266,11 +289,10 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
       },
       [&](int64_t i, const Sums& sums) { return lamb_finish(before[i], sums, given ? given + i : nullptr, trust); },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
-        TORCHLAMB_DISPATCH(params[i], "lamb_apply_8bit", [&] {
-          lamb_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0),
-                                    ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0),
-                                    ptr<float>(s_absmax[i], 0), begin, end, Blocks(rows[i]), m_map, s_map, eps,
-                                    decay, s.c1, s.c2, s.scale);
+        TORCHLAMB_DISPATCH(params[i], "lamb8_pass2", [&] {
+          lamb8_pass2<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0), ptr<float>(m_absmax[i], 0),
+                                ptr<uint8_t>(s_codes[i], 0), ptr<float>(s_absmax[i], 0), begin, end,
+                                Blocks(rows[i]), m_map, s_map, eps, decay, s.c1, s.c2, s.scale);
         });
       },
       kQuantBlock, &rows);

@@ -3,9 +3,12 @@
 // and the entry points lars_step and lars_step_8bit.
 
 namespace {
+// The columns of pass 1's sums, ‖θ‖², ‖g‖², ‖g + λθ‖² (what kNorms returns; torchlamb names them too).
+enum LarsNorm : size_t { kLarsWeight = 0, kLarsGrad = 1, kLarsDecayedGrad = 2 };
+
 // Pass 1 on elements [0, n): ‖θ‖², ‖g‖², ‖g + λθ‖² of the range (g times grad_factor). Reads only.
 template <typename T>
-Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n, double grad_factor,
+Sums lars_pass1(const T* __restrict__ theta, const T* __restrict__ g, int64_t n, double grad_factor,
                 double weight_decay) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t scale = grad_factor, decay = weight_decay;
@@ -21,16 +24,16 @@ Sums lars_norms(const T* __restrict__ theta, const T* __restrict__ g, int64_t n,
       g_sq += grad * grad;
       u_sq += u * u;
     }
-    sums[0] += theta_sq;
-    sums[1] += g_sq;
-    sums[2] += u_sq;
+    sums[kLarsWeight] += theta_sq;
+    sums[kLarsGrad] += g_sq;
+    sums[kLarsDecayedGrad] += u_sq;
   }
   return sums;
 }
 
 // Pass 2 on elements [0, n): b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov).
 template <typename T, typename S>
-void lars_apply(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ b, int64_t n, double grad_factor,
+void lars_pass2(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ b, int64_t n, double grad_factor,
                 double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
   using opmath_t = at::opmath_type<T>;
   const opmath_t scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_, lr = lr_;
@@ -47,10 +50,9 @@ void lars_apply(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ 
 // LARS pass 2 on the blocks of elements [begin, end) of a tensor: b ← μb + r·u stored in 8 bits, then
 // θ ← θ − lr·(b as stored, or r·u + μb with Nesterov).
 template <typename T>
-void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ b_codes,
-                     float* __restrict__ b_absmax, int64_t begin, int64_t end, const Blocks& blocks,
-                     const CodeMap& map, double grad_factor,
-                     double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
+void lars8_pass2(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __restrict__ b_codes,
+                 float* __restrict__ b_absmax, int64_t begin, int64_t end, const Blocks& blocks, const CodeMap& map,
+                 double grad_factor, double weight_decay, double momentum, bool nesterov, double ratio_, double lr_) {
   using opmath_t = at::opmath_type<T>;
   const float scale = grad_factor, decay = weight_decay, mu = momentum, ratio = ratio_;
   const opmath_t lr = lr_;
@@ -80,12 +82,13 @@ void lars_apply_8bit(T* __restrict__ theta, const T* __restrict__ g, uint8_t* __
   }
 }
 
-// LARS pass 1 on elements [begin, end) of a tensor: ‖θ‖², ‖g‖², ‖g + λθ‖².
-Sums lars_range_norms(const torch::Tensor& param, const torch::Tensor& grad, int64_t begin, int64_t end,
-                      double grad_factor, double weight_decay) {
+// Pass 1 on elements [begin, end) of a tensor of any dtype. One function for the float and 8-bit steps, as the
+// momentum is not read until pass 2.
+Sums lars_pass1_on(const torch::Tensor& param, const torch::Tensor& grad, int64_t begin, int64_t end,
+                   double grad_factor, double weight_decay) {
   Sums sums;
-  TORCHLAMB_DISPATCH(param, "lars_norms", [&] {
-    sums = lars_norms<scalar_t>(ptr<scalar_t>(param, begin), ptr<scalar_t>(grad, begin), end - begin, grad_factor,
+  TORCHLAMB_DISPATCH(param, "lars_pass1", [&] {
+    sums = lars_pass1<scalar_t>(ptr<scalar_t>(param, begin), ptr<scalar_t>(grad, begin), end - begin, grad_factor,
                                 weight_decay);
   });
   return sums;
@@ -95,15 +98,16 @@ Sums lars_range_norms(const torch::Tensor& param, const torch::Tensor& grad, int
 Stats lars_finish(const Sums& sums, bool split_denominator, double weight_decay, const double* given,
                   const Trust& trust) {
   Stats s;
-  s.weight_norm = std::sqrt(sums[0]);
-  s.update_norm = split_denominator ? std::sqrt(sums[1]) + weight_decay * s.weight_norm : std::sqrt(sums[2]);
+  s.weight_norm = std::sqrt(sums[kLarsWeight]);
+  s.update_norm = split_denominator ? std::sqrt(sums[kLarsGrad]) + weight_decay * s.weight_norm
+                                    : std::sqrt(sums[kLarsDecayedGrad]);
   s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
   return s;
 }
 }  // namespace
 
 // One LARS step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
-// apply phase only. kNorms returns ‖θ‖², ‖g‖², ‖g + λθ‖²; kWhole returns ‖θ‖, the denominator and r.
+// apply phase only. kNorms returns ‖θ‖², ‖g‖², ‖g + λθ‖² (LarsNorm); kWhole returns ‖θ‖, the denominator and r.
 torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                         std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
                         double momentum, double weight_decay, bool nesterov, bool split_denominator,
@@ -120,7 +124,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
-        return lars_range_norms(params[i], grads[i], begin, end, grad_factor, weight_decay);
+        return lars_pass1_on(params[i], grads[i], begin, end, grad_factor, weight_decay);
       },
       [&](int64_t i, const Sums& sums) {
         return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
@@ -129,7 +133,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
         dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
           using T = decltype(t);
           using S = decltype(state);
-          lars_apply<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(momentum_buffers[i], begin),
+          lars_pass2<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(momentum_buffers[i], begin),
                            end - begin, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
         });
       });
@@ -156,16 +160,16 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
   return each_tensor(
       params, phase,
       [&](int64_t i, int64_t begin, int64_t end) {
-        return lars_range_norms(params[i], grads[i], begin, end, grad_factor, weight_decay);
+        return lars_pass1_on(params[i], grads[i], begin, end, grad_factor, weight_decay);
       },
       [&](int64_t i, const Sums& sums) {
         return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
       },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
-        TORCHLAMB_DISPATCH(params[i], "lars_apply_8bit", [&] {
-          lars_apply_8bit<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0),
-                                    ptr<uint8_t>(b_codes[i], 0), ptr<float>(b_absmax[i], 0), begin, end,
-                                    Blocks(rows[i]), map, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
+        TORCHLAMB_DISPATCH(params[i], "lars8_pass2", [&] {
+          lars8_pass2<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0), ptr<uint8_t>(b_codes[i], 0),
+                                ptr<float>(b_absmax[i], 0), begin, end, Blocks(rows[i]), map, grad_factor,
+                                weight_decay, momentum, nesterov, s.ratio, lr);
         });
       },
       kQuantBlock, &rows);
