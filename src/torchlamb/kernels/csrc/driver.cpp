@@ -1,5 +1,6 @@
 // The fused CPU steps of LAMB and LARS: what every step shares. The parallel walk over the tensors (pass 1, the
-// trust ratio, pass 2), the phases of a sharded step, the trust ratio rule and the argument checks.
+// trust ratio, pass 2), the phases of a sharded step, the trust ratio rule, the argument checks and the setup that
+// the float and 8-bit entry points share.
 //
 // The files of csrc/ are one translation unit: cpu.py joins them in this order (driver, quantizer, lamb, lars,
 // testing), each using what the ones before it define, and compiles the text at first use with
@@ -207,8 +208,29 @@ void check_state(const std::vector<torch::Tensor>& params, const std::vector<tor
   }
 }
 
-Trust make_trust(bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                 double coefficient, double eps) {
-  return Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, coefficient, eps};
+// What every entry point, LAMB or LARS, float or 8-bit, sets up alike: the phase, the caller's ratios (kApply), the
+// trust rule and the step counts.
+struct StepSetup {
+  Phase phase;
+  const double* given;         // the caller's ratios in the apply phase, else null
+  Trust trust;
+  std::vector<double> counts;  // each parameter's step count t, this step included
+
+  // Tensor i's ratio from the caller (kApply), or null: the trust rule decides.
+  const double* given_ratio(int64_t i) const { return given ? given + i : nullptr; }
+};
+
+// Checks the phase, the ratios, the gradients (read by pass 1, and by pass 2 where `pass2_reads_grads`) and the
+// step counts, then counts the step. The entry point checks its state before: a call that fails counts no step.
+StepSetup set_up_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                      const std::vector<torch::Tensor>& steps, int64_t phase_, const torch::Tensor& ratios,
+                      bool pass2_reads_grads, const Trust& trust) {
+  const Phase phase = static_cast<Phase>(phase_);
+  const double* given = given_ratios(params, phase, ratios);
+  if (phase != kApply || pass2_reads_grads) check_like_params(params, grads, "grads");
+  check_steps(params, steps);
+  std::vector<double> counts(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) counts[i] = count_step(steps[i], phase);
+  return StepSetup{phase, given, trust, std::move(counts)};
 }
 }  // namespace

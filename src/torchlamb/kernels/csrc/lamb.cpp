@@ -1,6 +1,6 @@
-// LAMB: pass 1 (the moments, ‖θ‖², ‖u‖²) and pass 2 (θ ← θ − lr·r·u) with the moments in float (the parameter's
-// dtype, or bfloat16/float16 beside float32 parameters) and in 8 bits, the bias corrections, and the entry points
-// lamb_step and lamb_step_8bit.
+// LAMB: the direction u, pass 1 (the moments, ‖θ‖², ‖u‖²) and pass 2 (θ ← θ − lr·r·u) with the moments in float (the
+// parameter's dtype, or bfloat16/float16 beside float32 parameters) and in 8 bits, the bias corrections, and the
+// entry points lamb_step and lamb_step_8bit.
 
 namespace {
 // How the moments' bias is corrected (Lamb's bias_correction; cpu.py passes these values).
@@ -171,41 +171,68 @@ BiasCorrection bias_correction_mode(int64_t code) {
   return static_cast<BiasCorrection>(code);
 }
 
-// After pass 1 of a LAMB tensor: its norms, its ratio (the caller's in the apply phase: `given`), its step size.
-Stats lamb_finish(Stats s, const Sums& sums, const double* given, const Trust& trust) {
-  s.weight_norm = std::sqrt(sums[kLambWeight]);
-  s.update_norm = std::sqrt(sums[kLambUpdate]);
-  s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
-  s.scale *= s.ratio;
-  return s;
-}
+// What the float and 8-bit steps share: the setup (set_up_step), where the weight decay goes, each tensor's bias
+// corrections and step size before pass 1 (they need the step count, which pass 1 already uses), and after pass 1
+// its norms and ratio.
+struct LambStep {
+  const std::vector<torch::Tensor>& params;
+  StepSetup setup;
+  double decay;               // λ inside u; 0 when the decay is outside the ratio
+  double theta_factor;        // 1 − lr·λ, applied to θ by pass 1 when the decay is outside the ratio; else 1
+  std::vector<Stats> before;  // per tensor: c1, c2 and the step size without the ratio
 
-// Bias corrections need the step count, which pass 1 already uses: count and correct before the passes.
-std::vector<Stats> lamb_corrections(const std::vector<torch::Tensor>& steps, Phase phase, double lr, double beta1,
-                                    double beta2, BiasCorrection bias_correction) {
-  std::vector<Stats> before(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const double t = count_step(steps[i], phase);
-    const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
-    Stats& s = before[i];
-    s.scale = -lr;
-    switch (bias_correction) {
-      case kNoCorrection:
-        break;
-      case kCorrectMoments:
-        s.c1 = 1.0 / debias1;
-        s.c2 = 1.0 / std::sqrt(debias2);
-        break;
-      case kCorrectStepSize:
-        s.scale *= std::sqrt(debias2) / debias1;
-        break;
-      case kCorrectStepSizeFirstMoment:
-        s.scale /= debias1;
-        break;
+  // The entry point checks its state first: this counts the step.
+  LambStep(const std::vector<torch::Tensor>& params_, const std::vector<torch::Tensor>& grads,
+           const std::vector<torch::Tensor>& steps, int64_t phase, const torch::Tensor& ratios, double lr,
+           double beta1, double beta2, double weight_decay, int64_t bias_correction, bool decay_outside_ratio,
+           const Trust& trust)
+      : params(params_),
+        decay(decay_outside_ratio ? 0.0 : weight_decay),
+        theta_factor(decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0) {
+    const BiasCorrection correction = bias_correction_mode(bias_correction);
+    setup = set_up_step(params, grads, steps, phase, ratios, /*pass2_reads_grads=*/false, trust);
+    before.resize(setup.counts.size());
+    for (size_t i = 0; i < before.size(); ++i) {
+      const double t = setup.counts[i];
+      const double debias1 = 1.0 - std::pow(beta1, t), debias2 = 1.0 - std::pow(beta2, t);
+      Stats& s = before[i];
+      s.scale = -lr;
+      switch (correction) {
+        case kNoCorrection:
+          break;
+        case kCorrectMoments:
+          s.c1 = 1.0 / debias1;
+          s.c2 = 1.0 / std::sqrt(debias2);
+          break;
+        case kCorrectStepSize:
+          s.scale *= std::sqrt(debias2) / debias1;
+          break;
+        case kCorrectStepSizeFirstMoment:
+          s.scale /= debias1;
+          break;
+      }
     }
   }
-  return before;
-}
+
+  // After pass 1 of tensor i: its norms, its ratio (the caller's in the apply phase), its step size.
+  Stats finish(int64_t i, const Sums& sums) const {
+    Stats s = before[i];
+    s.weight_norm = std::sqrt(sums[kLambWeight]);
+    s.update_norm = std::sqrt(sums[kLambUpdate]);
+    const double* given = setup.given_ratio(i);
+    s.ratio = given ? *given : setup.trust.ratio(s.weight_norm, s.update_norm);
+    s.scale *= s.ratio;
+    return s;
+  }
+
+  // The step (or its phase) over all tensors with the moments' own passes: what each_tensor returns.
+  template <typename Pass1, typename Pass2>
+  torch::Tensor walk(const Pass1& pass1, const Pass2& pass2, int64_t align = 1,
+                     const std::vector<int64_t>* rows = nullptr) const {
+    return each_tensor(
+        params, setup.phase, pass1, [&](int64_t i, const Sums& sums) { return finish(i, sums); }, pass2, align, rows);
+  }
+};
 }  // namespace
 
 // One LAMB step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
@@ -215,38 +242,29 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
                         std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t bias_correction, bool decay_outside_ratio, double grad_factor,
                         bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                        double trust_eps, int64_t phase_, torch::Tensor ratios) {
-  const Phase phase = static_cast<Phase>(phase_);
-  const double* given = given_ratios(params, phase, ratios);
+                        double trust_eps, int64_t phase, torch::Tensor ratios) {
   check_state(params, exp_avgs, "exp_avgs");
   check_state(params, exp_avg_sqs, "exp_avg_sqs");
-  if (phase != kApply) check_like_params(params, grads, "grads");
-  check_steps(params, steps);
-  const BiasCorrection correction = bias_correction_mode(bias_correction);
-  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
-  const double decay = decay_outside_ratio ? 0.0 : weight_decay;
-  const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, correction);
-  return each_tensor(
-      params, phase,
+  const LambStep lamb(params, grads, steps, phase, ratios, lr, beta1, beta2, weight_decay, bias_correction,
+                      decay_outside_ratio, Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps});
+  return lamb.walk(
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
         dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto s) {
           using T = decltype(t);
           using S = decltype(s);
           sums = lamb_pass1<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(exp_avgs[i], begin),
-                                  ptr<S>(exp_avg_sqs[i], begin), end - begin, grad_factor, beta1, beta2, eps, decay,
-                                  theta_factor, before[i].c1, before[i].c2);
+                                  ptr<S>(exp_avg_sqs[i], begin), end - begin, grad_factor, beta1, beta2, eps,
+                                  lamb.decay, lamb.theta_factor, lamb.before[i].c1, lamb.before[i].c2);
         });
         return sums;
       },
-      [&](int64_t i, const Sums& sums) { return lamb_finish(before[i], sums, given ? given + i : nullptr, trust); },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         dispatch_with_state(params[i], exp_avgs[i], [&](auto t, auto state) {
           using T = decltype(t);
           using S = decltype(state);
           lamb_pass2<T, S>(ptr<T>(params[i], begin), ptr<S>(exp_avgs[i], begin), ptr<S>(exp_avg_sqs[i], begin),
-                           end - begin, eps, decay, s.c1, s.c2, s.scale);
+                           end - begin, eps, lamb.decay, s.c1, s.c2, s.scale);
         });
       });
 }
@@ -259,40 +277,31 @@ torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
                              std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
                              double beta1, double beta2, double eps, double weight_decay, int64_t bias_correction,
                              bool decay_outside_ratio, double grad_factor, bool adapt, double weight_lo,
-                             double weight_hi, double ratio_lo, double ratio_hi, double trust_eps, int64_t phase_,
+                             double weight_hi, double ratio_lo, double ratio_hi, double trust_eps, int64_t phase,
                              torch::Tensor ratios, std::vector<int64_t> rows) {
-  const Phase phase = static_cast<Phase>(phase_);
-  const double* given = given_ratios(params, phase, ratios);
   check_quantized(params, m_codes, m_absmax, rows, "exp_avg");
   check_quantized(params, s_codes, s_absmax, rows, "exp_avg_sqrt");
-  if (phase != kApply) check_like_params(params, grads, "grads");
-  check_steps(params, steps);
   TORCH_CHECK(tables.size() == 4, "torchlamb fused: lamb_step_8bit takes two code maps");
   const CodeMap m_map = code_map(tables, 0), s_map = code_map(tables, 2);
-  const BiasCorrection correction = bias_correction_mode(bias_correction);
-  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps);
-  const double decay = decay_outside_ratio ? 0.0 : weight_decay;
-  const double theta_factor = decay_outside_ratio ? 1.0 - lr * weight_decay : 1.0;
-  const std::vector<Stats> before = lamb_corrections(steps, phase, lr, beta1, beta2, correction);
-  return each_tensor(
-      params, phase,
+  const LambStep lamb(params, grads, steps, phase, ratios, lr, beta1, beta2, weight_decay, bias_correction,
+                      decay_outside_ratio, Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, 1.0, trust_eps});
+  return lamb.walk(
       [&](int64_t i, int64_t begin, int64_t end) {
         Sums sums;
         TORCHLAMB_DISPATCH(params[i], "lamb8_pass1", [&] {
           sums = lamb8_pass1<scalar_t>(
               ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0), ptr<uint8_t>(m_codes[i], 0),
               ptr<float>(m_absmax[i], 0), ptr<uint8_t>(s_codes[i], 0), ptr<float>(s_absmax[i], 0), begin, end,
-              Blocks(rows[i]), m_map, s_map, grad_factor, beta1, beta2, eps, decay, theta_factor, before[i].c1,
-              before[i].c2);
+              Blocks(rows[i]), m_map, s_map, grad_factor, beta1, beta2, eps, lamb.decay, lamb.theta_factor,
+              lamb.before[i].c1, lamb.before[i].c2);
         });
         return sums;
       },
-      [&](int64_t i, const Sums& sums) { return lamb_finish(before[i], sums, given ? given + i : nullptr, trust); },
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lamb8_pass2", [&] {
           lamb8_pass2<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<uint8_t>(m_codes[i], 0), ptr<float>(m_absmax[i], 0),
                                 ptr<uint8_t>(s_codes[i], 0), ptr<float>(s_absmax[i], 0), begin, end,
-                                Blocks(rows[i]), m_map, s_map, eps, decay, s.c1, s.c2, s.scale);
+                                Blocks(rows[i]), m_map, s_map, eps, lamb.decay, s.c1, s.c2, s.scale);
         });
       },
       kQuantBlock, &rows);

@@ -94,16 +94,48 @@ Sums lars_pass1_on(const torch::Tensor& param, const torch::Tensor& grad, int64_
   return sums;
 }
 
-// After pass 1 of a LARS tensor: its norms, the ratio's denominator and the ratio (the caller's: `given`).
-Stats lars_finish(const Sums& sums, bool split_denominator, double weight_decay, const double* given,
-                  const Trust& trust) {
-  Stats s;
-  s.weight_norm = std::sqrt(sums[kLarsWeight]);
-  s.update_norm = split_denominator ? std::sqrt(sums[kLarsGrad]) + weight_decay * s.weight_norm
-                                    : std::sqrt(sums[kLarsDecayedGrad]);
-  s.ratio = given ? *given : trust.ratio(s.weight_norm, s.update_norm);
-  return s;
-}
+// What the float and 8-bit steps share: the setup (set_up_step), pass 1 and, after it, each tensor's norms, the
+// ratio's denominator and the ratio (the caller's in the apply phase).
+struct LarsStep {
+  const std::vector<torch::Tensor>& params;
+  const std::vector<torch::Tensor>& grads;
+  double grad_factor, weight_decay;
+  bool split_denominator;
+  StepSetup setup;
+
+  // The entry point checks its state first: this counts the step.
+  LarsStep(const std::vector<torch::Tensor>& params_, const std::vector<torch::Tensor>& grads_,
+           const std::vector<torch::Tensor>& steps, int64_t phase, const torch::Tensor& ratios, double grad_factor_,
+           double weight_decay_, bool split_denominator_, const Trust& trust)
+      : params(params_),
+        grads(grads_),
+        grad_factor(grad_factor_),
+        weight_decay(weight_decay_),
+        split_denominator(split_denominator_),
+        setup(set_up_step(params, grads, steps, phase, ratios, /*pass2_reads_grads=*/true, trust)) {}
+
+  // After pass 1 of tensor i: ‖θ‖, the denominator (‖g‖ + λ‖θ‖ when split, else ‖g + λθ‖) and the ratio.
+  Stats finish(int64_t i, const Sums& sums) const {
+    Stats s;
+    s.weight_norm = std::sqrt(sums[kLarsWeight]);
+    s.update_norm = split_denominator ? std::sqrt(sums[kLarsGrad]) + weight_decay * s.weight_norm
+                                      : std::sqrt(sums[kLarsDecayedGrad]);
+    const double* given = setup.given_ratio(i);
+    s.ratio = given ? *given : setup.trust.ratio(s.weight_norm, s.update_norm);
+    return s;
+  }
+
+  // The step (or its phase) over all tensors with the momentum's own pass 2: what each_tensor returns.
+  template <typename Pass2>
+  torch::Tensor walk(const Pass2& pass2, int64_t align = 1, const std::vector<int64_t>* rows = nullptr) const {
+    return each_tensor(
+        params, setup.phase,
+        [&](int64_t i, int64_t begin, int64_t end) {
+          return lars_pass1_on(params[i], grads[i], begin, end, grad_factor, weight_decay);
+        },
+        [&](int64_t i, const Sums& sums) { return finish(i, sums); }, pass2, align, rows);
+  }
+};
 }  // namespace
 
 // One LARS step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
@@ -112,31 +144,19 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
                         std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
                         double momentum, double weight_decay, bool nesterov, bool split_denominator,
                         double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
-                        double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase_,
+                        double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase,
                         torch::Tensor ratios) {
-  const Phase phase = static_cast<Phase>(phase_);
-  const double* given = given_ratios(params, phase, ratios);
-  check_like_params(params, grads, "grads");
   check_state(params, momentum_buffers, "momentum_buffers");
-  check_steps(params, steps);
-  for (const auto& step : steps) count_step(step, phase);
-  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
-  return each_tensor(
-      params, phase,
-      [&](int64_t i, int64_t begin, int64_t end) {
-        return lars_pass1_on(params[i], grads[i], begin, end, grad_factor, weight_decay);
-      },
-      [&](int64_t i, const Sums& sums) {
-        return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
-      },
-      [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
-        dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
-          using T = decltype(t);
-          using S = decltype(state);
-          lars_pass2<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(momentum_buffers[i], begin),
-                           end - begin, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
-        });
-      });
+  const LarsStep lars(params, grads, steps, phase, ratios, grad_factor, weight_decay, split_denominator,
+                      Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps});
+  return lars.walk([&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
+    dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
+      using T = decltype(t);
+      using S = decltype(state);
+      lars_pass2<T, S>(ptr<T>(params[i], begin), ptr<T>(grads[i], begin), ptr<S>(momentum_buffers[i], begin),
+                       end - begin, grad_factor, weight_decay, momentum, nesterov, s.ratio, lr);
+    });
+  });
 }
 
 // LARS with an 8-bit momentum buffer (signed codes): a whole step, or one phase of it, as lars_step. `tables`:
@@ -146,25 +166,14 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
                              std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
                              double momentum, double weight_decay, bool nesterov, bool split_denominator,
                              double grad_factor, bool adapt, double weight_lo, double weight_hi, double ratio_lo,
-                             double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase_,
+                             double ratio_hi, double trust_coefficient, double trust_eps, int64_t phase,
                              torch::Tensor ratios, std::vector<int64_t> rows) {
-  const Phase phase = static_cast<Phase>(phase_);
-  const double* given = given_ratios(params, phase, ratios);
-  check_like_params(params, grads, "grads");
   check_quantized(params, b_codes, b_absmax, rows, "momentum_buffer");
-  check_steps(params, steps);
   TORCH_CHECK(tables.size() == 2, "torchlamb fused: lars_step_8bit takes one code map");
   const CodeMap map = code_map(tables, 0);
-  for (const auto& step : steps) count_step(step, phase);
-  const Trust trust = make_trust(adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps);
-  return each_tensor(
-      params, phase,
-      [&](int64_t i, int64_t begin, int64_t end) {
-        return lars_pass1_on(params[i], grads[i], begin, end, grad_factor, weight_decay);
-      },
-      [&](int64_t i, const Sums& sums) {
-        return lars_finish(sums, split_denominator, weight_decay, given ? given + i : nullptr, trust);
-      },
+  const LarsStep lars(params, grads, steps, phase, ratios, grad_factor, weight_decay, split_denominator,
+                      Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps});
+  return lars.walk(
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lars8_pass2", [&] {
           lars8_pass2<scalar_t>(ptr<scalar_t>(params[i], 0), ptr<scalar_t>(grads[i], 0), ptr<uint8_t>(b_codes[i], 0),
