@@ -87,8 +87,9 @@ def test_wheel_holds_the_package_its_data_and_entry_point(dist):
     missing = _package_files() - names
     assert not missing, f"not in the wheel (add them to [tool.setuptools.package-data]): {sorted(missing)}"
     assert {"torchlamb/__init__.py", "torchlamb/data/kjv-wordpiece-8k.json"} <= names
-    # The kernels: the CPU kernels' C++ source (compiled on the user's machine) and the Triton kernels.
-    assert {"torchlamb/kernels/cpu.cpp", "torchlamb/kernels/cpu.py", "torchlamb/kernels/triton_steps.py"} <= names
+    # The kernels: the CPU kernels' C++ sources (compiled on the user's machine) and the Triton kernels.
+    csrc = {f"torchlamb/kernels/csrc/{name}.cpp" for name in ("driver", "quantizer", "lamb", "lars", "testing")}
+    assert csrc | {"torchlamb/kernels/cpu.py", "torchlamb/kernels/triton_steps.py"} <= names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/")) or n.endswith(".pyc")]
     assert f"{info}/licenses/LICENSE" in names
     assert "torchlamb = torchlamb.cli:main" in entry_points

@@ -1,6 +1,6 @@
 """The fused CPU steps of LAMB and LARS: two passes over each tensor instead of a dozen ``torch._foreach_*`` passes.
 
-For each tensor, in C++ (cpu.cpp beside this file): pass 1 reads it once and accumulates the norms the trust ratio
+For each tensor, in C++ (csrc/ beside this file): pass 1 reads it once and accumulates the norms the trust ratio
 needs; the trust stage (the rule of :func:`torchlamb.trust.trust_ratio`, re-stated in C++ and held to the same
 values by the tests) turns them into the ratio r; pass 2 applies the update. Pass 2 walks each thread's range
 backwards, so it starts on the elements pass 1 touched last, which are still in cache; step counts and bias
@@ -49,8 +49,12 @@ from ..trust import LAMB_UPDATE, PendingUpdate, norm_dtype
 
 log = logging.getLogger(__name__)
 
-# The kernels' C++ source, beside this file (shipped in the wheel as package data).
-_SOURCE = (Path(__file__).parent / "cpu.cpp").read_text()
+# The kernels' C++ sources, in csrc/ beside this file (shipped in the wheel as package data), joined in this order
+# into one translation unit: each file uses what the ones before it define. They are joined here, not #included, as
+# load_inline rebuilds only when the text it is given changes. The #line markers make the compiler's messages name
+# the files.
+_SOURCE = "\n".join(f'#line 1 "csrc/{name}"\n' + (Path(__file__).parent / "csrc" / name).read_text()
+                    for name in ("driver.cpp", "quantizer.cpp", "lamb.cpp", "lars.cpp", "testing.cpp"))
 
 
 # -fopenmp: at::parallel_for is an OpenMP pragma in the header; without it the loops run on one thread.
@@ -89,7 +93,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v13_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v14_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
