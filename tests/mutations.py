@@ -4,7 +4,8 @@ should catch it; each must fail. Not part of ``make test`` (it takes minutes): r
     .venv/bin/python tests/mutations.py            # all
     .venv/bin/python tests/mutations.py masters    # the ones whose name contains "masters"
 
-Each mutation is (name, file under src/torchlamb, the text replaced, its replacement, the tests to run). The copy
+Each mutation is (name, file under src/torchlamb, the text replaced, its replacement, the tests to run); several
+replacements in one file are tuples. The copy
 lives in a temporary folder first on PYTHONPATH, with its own torch extensions folder (C++ mutations rebuild there).
 """
 
@@ -44,18 +45,30 @@ MUTATIONS = [
     ("8-bit ties round up", "quantized.py",
      "codes = torch.bucketize(normalized, midpoints)", "codes = torch.bucketize(normalized, midpoints, right=True)",
      ["tests/test_quantized_state.py"]),
+    # The C++ kernels (rebuilt in the copy: about 30 s each).
+    ("C++: bias correction one step late", "kernels/csrc/lamb.cpp",
+     "const double t = setup.counts[i];", "const double t = setup.counts[i] + 1;",
+     ["tests/test_fused.py", "tests/test_reference.py"]),
+    ("C++: 8-bit ties round up", "kernels/csrc/quantizer.cpp",
+     ("(order_key(bits) > static_cast<uint32_t>(entry >> 8))", "_mm512_cmpgt_epi32_mask(key"),
+     ("(order_key(bits) >= static_cast<uint32_t>(entry >> 8))", "_mm512_cmpge_epi32_mask(key"),
+     ["tests/test_quantized_state.py"]),
 ]
 
 
-def run(name: str, file: str, old: str, new: str, tests: list[str], workdir: Path) -> bool:
+def run(name: str, file: str, old: str | tuple[str, ...], new: str | tuple[str, ...], tests: list[str],
+        workdir: Path) -> bool:
     """Whether the tests fail with the mutation planted (they should)."""
     src = workdir / "src"
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     target = src / "torchlamb" / file
     text = target.read_text()
-    assert text.count(old) == 1, f"{name}: the text to replace is not found once in {file}"
-    target.write_text(text.replace(old, new))
+    olds, news = (old, new) if isinstance(old, tuple) else ((old,), (new,))
+    for one_old, one_new in zip(olds, news):
+        assert text.count(one_old) == 1, f"{name}: {one_old!r} is not found once in {file}"
+        text = text.replace(one_old, one_new)
+    target.write_text(text)
     env = {**os.environ, "PYTHONPATH": str(src), "TORCH_EXTENSIONS_DIR": str(workdir / "extensions")}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
                           env=env, capture_output=True, text=True)
