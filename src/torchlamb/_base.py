@@ -287,7 +287,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._last_step["trust_stats"] = [stats[index] for index in sorted(stats)]
         return loss
 
-    def _path_arguments(self, group: dict[str, Any], params: list[Tensor], eight_bit: bool, state_as_stored: bool,
+    def _path_arguments(self, params: list[Tensor], eight_bit: bool, state_as_stored: bool,
                         scratch: StepScratch) -> list[Any]:
         """The state arguments of a path function: each state key's list (float state), or each parameter's state
         dict (8-bit state: the path reads the codes and scales it needs), then the step counts."""
@@ -309,8 +309,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             copies = ({"copies": _storage.copies_in_kernel(self.state, some_params, scratch)} if path.writes_copies
                       else {})
             update = path.first_pass(some_targets, some_grads,
-                                     *self._path_arguments(group, some_params, eight_bit, path.state_as_stored,
-                                                           scratch),
+                                     *self._path_arguments(some_params, eight_bit, path.state_as_stored, scratch),
                                      **self._options(group), grad_factor=grad_factor, step_weight=step_weight,
                                      **copies)
             parts.append((positions, update))
@@ -324,8 +323,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 group, params, targets, grads):
             path = self._PATHS["fused", eight_bit]
             stats = path.whole_step(some_targets, some_grads,
-                                    *self._path_arguments(group, some_params, eight_bit, path.state_as_stored,
-                                                          scratch),
+                                    *self._path_arguments(some_params, eight_bit, path.state_as_stored, scratch),
                                     **self._options(group), grad_factor=grad_factor,
                                     trust_options=self._trust_options(group))
             parts.append((positions, stats))
