@@ -288,6 +288,14 @@ def _count_collectives(name: str, options: dict[str, Any], rank: int, world: int
     train(model, optimizer, range(1), rank, world)  # creates the state
     x, y = batch(1)
     nn.functional.mse_loss(model(x), y).backward()
+    with counting_collectives() as (calls, counter):
+        optimizer.step()
+    return len(calls), counter.ops
+
+
+@contextlib.contextmanager
+def counting_collectives() -> Iterator[tuple[list[str], Any]]:
+    """Within the block: the dist.all_reduce calls (a list) and every collective dispatched (a counter's ops)."""
     calls: list[str] = []
     original = dist.all_reduce
 
@@ -298,10 +306,9 @@ def _count_collectives(name: str, options: dict[str, Any], rank: int, world: int
     dist.all_reduce = counting_all_reduce
     try:
         with _CollectiveCounter() as counter:
-            optimizer.step()
+            yield calls, counter
     finally:
         dist.all_reduce = original
-    return len(calls), counter.ops
 
 
 def _checkpoint_run(directory: str, steps: range, load: bool, name: str, path: str, rank: int,

@@ -16,8 +16,6 @@ ratio, the global gradient norm) and the collectives that step issued, for the t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -144,30 +142,12 @@ def _run(mode: str, name: str, path: str, steps: int, mesh: dict[str, Any], **ch
             optimizer.step()
             continue
         gradient_placements = {n: tuple(map(str, p.grad.placements)) for n, p in model.named_parameters()}
-        with _counting_collectives() as (calls, counter):
+        with worker.counting_collectives() as (calls, counter):
             optimizer.step()
     return {"parameters": worker.full_parameters(model), **last_step_seen(model, optimizer),
             "all_reduce_calls": len(calls), "dispatched": counter.ops,
             "placements": {n: tuple(map(str, p.placements)) for n, p in model.named_parameters()},
             "gradient_placements": gradient_placements}
-
-
-@contextlib.contextmanager
-def _counting_collectives() -> Iterator[tuple[list[str], Any]]:
-    """Within the block: the dist.all_reduce calls (a list) and every collective dispatched (a counter's ops)."""
-    calls: list[str] = []
-    original = dist.all_reduce
-
-    def counting_all_reduce(*args: Any, **kwargs: Any) -> Any:
-        calls.append("all_reduce")
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
-    try:
-        with worker._CollectiveCounter() as counter:
-            yield calls, counter
-    finally:
-        dist.all_reduce = original
 
 
 def _every_mesh_dimension(tensor: torch.Tensor) -> tuple[Any, ...]:
