@@ -323,6 +323,15 @@ def test_bad_lars_hyperparameters_are_rejected_by_name(kwargs, argument):
         Lars([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_a_tensor_lr_of_two_elements_is_refused_in_torchs_words(optimizer_class):
+    # The message says what torch's optimizers say (torch's optimizer test suite matches this text); it changed
+    # from "lr as a Tensor must hold one real value", which it still contains.
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element") as raised:
+        optimizer_class([torch.zeros(2, requires_grad=True)], lr=torch.tensor([0.1, 0.2]))
+    assert "lr as a Tensor must hold one real value, got shape (2,)" in str(raised.value)
+
+
 def test_bad_group_option_names_the_group():
     with pytest.raises(ValueError, match=r"eps.*param group 1"):
         Lamb([{"params": [torch.zeros(2, requires_grad=True)]},

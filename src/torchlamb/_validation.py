@@ -26,8 +26,9 @@ def check_number(name: str, value: Any, *, low: float, high: float = math.inf, l
     """Raise unless ``value`` is a real number in the interval (or half-open interval) from ``low`` to ``high``."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{name} as a Tensor must hold one real value, got shape {tuple(value.shape)}"
-                             f"{where(group_index)}")
+            # torch's wording ("Tensor lr must be 1-element"), which torch's own optimizer tests look for.
+            raise ValueError(f"Tensor {name} must be 1-element and real: {name} as a Tensor must hold one real "
+                             f"value, got shape {tuple(value.shape)}{where(group_index)}")
         number = float(value.detach().cpu())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
