@@ -229,7 +229,8 @@ def _buffer_scales(ratio: Tensor, steps: list[Tensor], lr: float | Tensor, lr_in
         scale = scale * (lr.to(scale.device) if isinstance(lr, Tensor) else lr)
     if dampening != 0:
         first = torch.stack([step.to(scale.device) for step in steps]) == 1  # counted already: 1 at the first step
-        scale = scale * torch.where(first, 1.0, 1.0 - dampening).to(scale.dtype)
+        # Full tensors of the scale's dtype: torch.where of two Python floats would round 1 − dampening to float32.
+        scale = scale * torch.where(first, torch.ones_like(scale), torch.full_like(scale, 1.0 - dampening))
     if step_weight is not None:
         scale = scale * step_weight.to(scale.device)
     return scale
