@@ -152,6 +152,10 @@ class RefLarsGroup:
     weight_norm_clip: tuple[float, float] | None = None
     trust_clip: tuple[float, float] | None = None
     trust_eps: float = 0.0
+    lr_inside_momentum: bool = False
+    dampening: float = 0.0
+    larc_clip: bool = False
+    zero_fallback: str = "denominator"
     max_grad_norm: float | None = None
     adapt: bool | str = True
     maximize: bool = False
@@ -160,6 +164,7 @@ class RefLarsGroup:
     store: Callable | None = None
     stored_update: bool = True
     buffers: list[np.ndarray] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
 
 
 class ReferenceLars(_Reference):
@@ -167,30 +172,42 @@ class ReferenceLars(_Reference):
     float64 copies.
 
         u = g + wd * theta
-        trust = eta * clamp(||theta||, weight_norm_clip) / denom   if both > 0 else 1;  clamp(trust, trust_clip)
-            denom = ||u|| ("combined") or ||g|| + wd * ||theta|| ("split")
-        b = momentum * b + trust * u
-        theta = theta - lr * b                      (nesterov: theta - lr * (trust * u + momentum * b))
+        trust = eta * clamp(||theta||, weight_norm_clip) / (denom + trust_eps)   if both > 0 else 1
+            denom = ||u|| ("combined") or ||g|| + wd * ||theta|| ("split"); "both": ||theta|| and denom, or
+            ||theta|| and ||g|| with zero_fallback="grad"
+        trust = clamp(trust, trust_clip);  min(trust / lr, 1) with larc_clip (1 at lr = 0);  1 if not adapting
+        s = lr * trust with lr_inside_momentum, else trust
+        c = 1 at the tensor's first step, else 1 - dampening
+        b = momentum * b + c * s * u
+        d = b                                       (nesterov: s * u + momentum * b)
+        theta = theta - d with lr_inside_momentum, else theta - lr * d
     """
 
     def _init_state(self, group):
         group.buffers = [np.zeros_like(p) for p in group.params]
+        group.steps = [0 for _ in group.params]
 
     def _update(self, group, i, theta, g):
+        group.steps[i] += 1
         u = g + group.weight_decay * theta
+        grad_norm = float(np.sqrt(np.sum(g * g)))
         if group.denominator == "split":
-            denominator = float(np.sqrt(np.sum(g * g))) + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
+            denominator = grad_norm + group.weight_decay * float(np.sqrt(np.sum(theta * theta)))
         else:
             denominator = float(np.sqrt(np.sum(u * u)))
+        if group.zero_fallback == "grad" and grad_norm == 0:
+            denominator = 0.0  # trust() falls back to 1 on a zero denominator
         ratio = trust(group, theta, denominator, group.trust_coefficient)
-        buffer = group.momentum * group.buffers[i] + ratio * u
+        if group.larc_clip and adapts(group.adapt, group.weight_decay):
+            ratio = ratio / group.lr if ratio < group.lr else 1.0
+        scale = group.lr * ratio if group.lr_inside_momentum else ratio
+        dampened = 1.0 if group.steps[i] == 1 else 1.0 - group.dampening
+        buffer = group.momentum * group.buffers[i] + dampened * scale * u
         group.buffers[i] = buffer if group.store is None else group.store(buffer)
         if group.stored_update:
             buffer = group.buffers[i]
-        if group.nesterov:
-            move = group.lr * (ratio * u + group.momentum * buffer)
-        else:
-            move = group.lr * buffer
+        direction = scale * u + group.momentum * buffer if group.nesterov else buffer
+        move = direction if group.lr_inside_momentum else group.lr * direction
         return theta - move, ratio, [move, ratio * u, group.buffers[i]]
 
 

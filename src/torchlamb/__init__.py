@@ -5,11 +5,11 @@ from .groups import param_groups
 from .lamb import Lamb
 from .lars import Lars
 from .noise_scale import NoiseScale
-from .presets import PRESETS
+from .presets import LARS_PRESETS, PRESETS
 from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
 from .telemetry import TrustMonitor
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "NoiseScale", "TrustMonitor",
+__all__ = ["BERT_LAMB_PHASES", "LARS_PRESETS", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "NoiseScale", "TrustMonitor",
            "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
 __version__ = "0.1.0"

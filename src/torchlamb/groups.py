@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 # Every parameter of these modules is exempt: normalisation scales and shifts have small norms, and scaling their
 # updates by ‖θ‖/‖u‖ makes the ratio unstable (You et al. 2019, "Large Batch Optimization for Deep Learning: Training
@@ -62,3 +62,33 @@ def param_groups(
         group["params"].append(param)
         group["param_names"].append(name)
     return [group for group in (decay, no_decay) if group["params"]]
+
+
+def split_exempt(params: Any, exempt: str | None) -> Any:
+    """``params`` (tensors, (name, tensor) pairs or groups) with each group's tensors that ``exempt`` names
+    (``"ndim == 1"`` or ``"ndim <= 1"``) moved to a group right after it, with ``weight_decay=0`` and
+    ``adapt=False``; unchanged when ``exempt`` is None. Used by ``Lars.from_preset`` for code bases whose LARS exempts
+    tensors by their number of dimensions (Barlow Twins, VICReg, DINO: 1-D; pytorch_optimizer: up to 1-D)."""
+    if exempt is None:
+        return params
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of Tensors or dicts, but got Tensor")
+    items = list(params)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    is_exempt = (lambda t: t.ndim == 1) if exempt == "ndim == 1" else (lambda t: t.ndim <= 1)
+    result = []
+    for group in groups:
+        members = group["params"]
+        members = [members] if isinstance(members, Tensor) else list(members)
+        names = group.get("param_names")
+        kept: dict[str, Any] = {**group, "params": [], **({"param_names": []} if names is not None else {})}
+        moved: dict[str, Any] = {**kept, "params": [], "weight_decay": 0.0, "adapt": False,
+                                 **({"param_names": []} if names is not None else {})}
+        for position, member in enumerate(members):
+            tensor = member[1] if isinstance(member, tuple) else member
+            target = moved if is_exempt(tensor) else kept
+            target["params"].append(member)
+            if names is not None:
+                target["param_names"].append(names[position])
+        result.extend(g for g in (kept, moved) if g["params"])
+    return result

@@ -1,4 +1,4 @@
-"""Lamb options that reproduce the default update of other LAMB implementations.
+"""Lamb and Lars options that reproduce the default update of other LAMB and LARS implementations.
 
 Public LAMBs disagree about the math: where bias correction goes, whether weight decay is inside the ratio's norm,
 which norms are clamped, which tensors skip the ratio. Moving from one of them, ``Lamb.from_preset(name, params)``
@@ -11,7 +11,10 @@ the update into ``p.grad``; cybertronai's missing zero-norm guard (a zero tensor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+# Which tensors a LARS code base exempts from weight decay and the ratio by their number of dimensions.
+Exempt = Literal["ndim == 1", "ndim <= 1"]
 
 #: Lamb options by preset name, for ``Lamb.from_preset(name, params)``.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -38,3 +41,55 @@ PRESETS: dict[str, dict[str, Any]] = {
                               bias_correction="step_size_first_moment", decay_outside_ratio=True,
                               weight_norm_clip=(0.0, 10.0), trust_eps=1e-6),
 }
+
+
+# LARS: where the lr enters (inside the momentum or outside), the ratio's denominator and ε, LARC's lr-relative clip,
+# which norm being 0 gives r = 1, and which tensors adapt. Sources and the differences: docs/presets.md and
+# docs/preset-sources/. Options a code base leaves to its caller (SimCLR's learning rate) keep Lars's defaults.
+_SIMCLR = dict(momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, denominator="combined",
+               lr_inside_momentum=True)
+_BARLOW_TWINS = dict(momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, denominator="combined")
+_LARC = dict(momentum=0.0, weight_decay=0.0, trust_coefficient=0.02, denominator="split", trust_eps=1e-8,
+             zero_fallback="grad")
+
+#: Lars options by preset name, for ``Lars.from_preset(name, params)``.
+LARS_PRESETS: dict[str, dict[str, Any]] = {
+    # You, Gitman & Ginsburg 2017, Algorithm 1: v ← m·v + γ_t·λ_l·(g + βw), w ← w − v; λ_l = η‖w‖/(‖g‖ + β‖w‖);
+    # momentum 0.9, weight decay 5e-4, η = 0.001 in all its experiments.
+    "paper": dict(momentum=0.9, weight_decay=5e-4, trust_coefficient=1e-3, denominator="split",
+                  lr_inside_momentum=True),
+    # google-research/simclr lars_optimizer.py, classic_momentum=True (its default): lr inside, ‖g + λθ‖.
+    "simclr": _SIMCLR,
+    # optax.lars (0.2.8): decay, trust ratio, lr, then the trace: the same update as SimCLR's.
+    "optax": _SIMCLR,
+    # mlcommons/training ResNet-50 (TF2) lars_optimizer.py: lr inside; ‖g‖ + λ‖θ‖ + ε with ε = Keras's 1e-7 (its
+    # `epsilon or backend.epsilon()` turns the default 0 into 1e-7); r = 1 when ‖θ‖ or ‖g‖ is 0.
+    "mlperf": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, denominator="split", trust_eps=1e-7,
+                   lr_inside_momentum=True, zero_fallback="grad"),
+    # NVIDIA apex LARC (clip mode, its default) around torch.optim.SGD (momentum 0 by default): r ← min(r/lr, 1).
+    "larc": {**_LARC, "larc_clip": True},
+    # apex LARC in scale mode (clip=False), as SwAV uses it (with trust_coefficient=0.001).
+    "larc_scale": _LARC,
+    # timm.optim.Lars (1.0.31): ‖g‖ + λ‖θ‖ + 1e-8; the ratio (and decay) only in groups with weight decay.
+    "timm": dict(lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=1e-3, denominator="split",
+                 trust_eps=1e-8, zero_fallback="grad", adapt="if_decayed"),
+    # facebookresearch/barlowtwins main.py LARS: lr outside, ‖g + λθ‖, 1-D tensors exempt; VICReg's and DINO's
+    # LARS are the same update.
+    "barlow_twins": _BARLOW_TWINS,
+    "vicreg": _BARLOW_TWINS,
+    "dino": _BARLOW_TWINS,
+    # kozistr pytorch_optimizer LARS (4.1.0): ‖g‖ + λ‖θ‖, tensors of ndim <= 1 exempt.
+    "pytorch_optimizer": dict(lr=1e-3, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+                              denominator="split"),
+}
+
+#: The LARS presets whose code base exempts tensors by their number of dimensions (see ``Lars.from_preset``).
+LARS_EXEMPT: dict[str, Exempt] = {"barlow_twins": "ndim == 1", "vicreg": "ndim == 1", "dino": "ndim == 1",
+                                  "pytorch_optimizer": "ndim <= 1"}
+
+
+def preset_options(presets: dict[str, dict[str, Any]], name: str) -> tuple[dict[str, Any], Exempt | None]:
+    """A preset's options (a copy) and its exemption rule; an unknown name raises ValueError listing the valid ones."""
+    if not isinstance(name, str) or name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return dict(presets[name]), LARS_EXEMPT.get(name) if presets is LARS_PRESETS else None

@@ -7,6 +7,7 @@ for LARS). The trust stage turns the two per-tensor norms into a scale for that 
     r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 for LAMB;
                                                               ε_r = ``trust_eps``, 0 unless a preset needs it)
     r ← clamp(r, *trust_clip)                                  when ``trust_clip = (r_min, r_max)`` is given
+    r ← min(r / lr, 1)                                         LARS with ``larc_clip`` (apex LARC's clip mode)
     r ← 1                                                      when the group has ``adapt=False``
 
 and the optimizer applies ``θ ← θ − lr · r · u``. Simplified LAMBs written with an RMS norm ("pomero": power,
@@ -113,11 +114,13 @@ def trust_ratio(
     trust_clip: ClipRange | None = None,
     trust_coefficient: float = 1.0,
     trust_eps: float = 0.0,
+    larc_lr: float | Tensor | None = None,
 ) -> Tensor:
     """Return the trust ratio ``r`` for tensors whose norms are ``weight_norm`` (‖θ‖) and ``update_norm`` (‖u‖).
 
     Works element-wise on any shape (one element per parameter tensor). See the module docstring for the math;
     the zero-norm fallback keeps ``r = 1`` for a zero-initialised tensor or an all-zero update, never NaN.
+    ``larc_lr``: the learning rate of apex LARC's clip, r ← min(r / lr, 1) (1 where lr is 0), read on the device.
     """
     if not adapt:
         return torch.ones_like(weight_norm)
@@ -129,6 +132,9 @@ def trust_ratio(
                         torch.ones_like(weight))
     if trust_clip is not None:
         ratio = ratio.clamp(*trust_clip)
+    if larc_lr is not None:
+        lr = larc_lr.to(ratio.device, ratio.dtype) if isinstance(larc_lr, Tensor) else larc_lr
+        ratio = torch.where(ratio < lr, ratio / lr, torch.ones_like(ratio))  # min(r/lr, 1), and 1 at lr = 0
     return ratio
 
 

@@ -154,13 +154,15 @@ def _gradient_multiplier(maximize: bool, grad_factor: Tensor | None) -> float:
 
 
 def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_eps: float,
-                     trust_coefficient: float | None = None) -> list[Any]:
+                     trust_coefficient: float | None = None, larc_lr: float | Tensor | None = None) -> list[Any]:
     """:func:`torchlamb.trust.trust_ratio`'s options as the kernels take them: no clip is the range (−∞, ∞)."""
     unbounded = (-math.inf, math.inf)
     weight_lo, weight_hi = weight_norm_clip or unbounded
     ratio_lo, ratio_hi = trust_clip or unbounded
     numbers = [float(x) for x in (weight_lo, weight_hi, ratio_lo, ratio_hi)]
     coefficient = [] if trust_coefficient is None else [float(trust_coefficient)]
+    if larc_lr is not None:
+        raise NotImplementedError("larc_clip in the fused CPU kernels")  # interim: the kernels follow
     return [adapt, *numbers, *coefficient, float(trust_eps)]
 
 
@@ -190,8 +192,10 @@ def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
 
 def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
           steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
-          split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
-          trust_options: dict[str, Any]) -> Tensor:
+          split_denominator: bool, lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool,
+          maximize: bool, grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+    if lr_inside_momentum or dampening != 0 or fallback_on_grad:
+        raise NotImplementedError("these Lars options in the fused CPU kernels")  # interim: the kernels follow
     return load().lars_step(
         params, grads, momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov, split_denominator,
         _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios)
@@ -272,8 +276,11 @@ def _lamb_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
 
 def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
                states: list[dict[str, Tensor]], steps: list[Tensor], buffer: QuantizedKey, *, lr: float | Tensor,
-               momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
+               momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool,
+               lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool, maximize: bool,
                grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+    if lr_inside_momentum or dampening != 0 or fallback_on_grad:
+        raise NotImplementedError("these Lars options in the fused CPU kernels")  # interim: the kernels follow
     return load().lars_step_8bit(
         params, grads, *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum, weight_decay, nesterov,
         split_denominator, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase,

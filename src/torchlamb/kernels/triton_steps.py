@@ -172,12 +172,15 @@ def _lars_pass1_launcher(scalars: Tensor, weight_decay: float) -> Callable[[Laun
 
 def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
                     *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
-                    split_denominator: bool, maximize: bool, grad_factor: Tensor | None,
+                    split_denominator: bool, lr_inside_momentum: bool,
+                    dampening: float, fallback_on_grad: bool, maximize: bool, grad_factor: Tensor | None,
                     step_weight: Tensor | None = None, copies: list[Tensor | None] | None = None) -> PendingUpdate:
     """LARS's pass 1 in Triton (the arguments of ``lars._multi_tensor_lars``; both denominators' columns are
     summed, ``split_denominator`` is the trust stage's to read): ‖θ‖², ‖g‖², ‖g + λθ‖² per tensor, reading θ and g
     only; the PendingUpdate's ``apply(ratio)`` runs pass 2 (momentum buffer and θ, and ``copies`` as for
     :func:`lamb_first_pass`)."""
+    if lr_inside_momentum or dampening != 0:
+        raise NotImplementedError("these Lars options in the Triton kernels")  # interim: the kernels follow
     device = params[0].device
     scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
     groups = launches(params, grads, [momentum_buffers], device, copies)
@@ -237,12 +240,15 @@ def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
 
 def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                          steps: list[Tensor], buffer: quantized.QuantizedKey, *, lr: float | Tensor, momentum: float,
-                         weight_decay: float, nesterov: bool, split_denominator: bool, maximize: bool,
-                         grad_factor: Tensor | None, step_weight: Tensor | None = None,
+                         weight_decay: float, nesterov: bool, split_denominator: bool, lr_inside_momentum: bool,
+                         dampening: float, fallback_on_grad: bool, maximize: bool, grad_factor: Tensor | None,
+                         step_weight: Tensor | None = None,
                          copies: list[Tensor | None] | None = None) -> PendingUpdate:
     """LARS's pass 1 in Triton (the norms; it does not read the buffer), then, in ``apply(ratio)``, pass 2 on the
     8-bit momentum buffer, one program per block: b decoded, b ← μb + r·u stored as codes and a scale, θ moved by
     the buffer as stored."""
+    if lr_inside_momentum or dampening != 0:
+        raise NotImplementedError("these Lars options in the Triton kernels")  # interim: the kernels follow
     device = params[0].device
     scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
     squares = _pass1(launches(params, grads, [], device), len(params), 3, device,
