@@ -35,12 +35,12 @@ import torch.nn.functional as F
 import reference_lars_sources as published
 from torchlamb import Lamb, Lars
 
-STEPS = 24
+STEPS = 20
 ZERO_GRAD_STEP = 5  # on this step (0-based) fc2.weight gets an all-zero gradient
 ZERO_GRAD_TENSOR = "fc2.weight"
 TINY = 1e-6  # the tiny head's share of the output
 RTOL = 1e-10  # float64 against float64
-FLIP_MARGIN = 100  # a flipped option must miss by more than FLIP_MARGIN · RTOL
+FLIP_MARGIN = 1e4  # a flipped option must miss by more than FLIP_MARGIN · RTOL
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "conv.weight": (3, 2, 3), "conv.bias": (3,),
@@ -170,9 +170,9 @@ class ReferenceSide:
         self.rule.step(grads, lr)
 
 
-def lockstep(problem: Problem, ours, theirs) -> tuple[float, int]:
+def lockstep(problem: Problem, ours, theirs, stop_above: float | None = None) -> tuple[float, int]:
     """Train both for STEPS steps; the largest relative gap max|a − e| / max(1, max|e|) over tensors and steps, and
-    the step it came at."""
+    the step it came at. With ``stop_above``, stop as soon as the gap exceeds it (a flip needs no more)."""
     start = problem.initial()
     worst, worst_step = 0.0, -1
     threads = torch.get_num_threads()
@@ -186,11 +186,13 @@ def lockstep(problem: Problem, ours, theirs) -> tuple[float, int]:
                 gap = float(np.abs(a - e).max()) / max(1.0, float(np.abs(e).max()))
                 if not gap <= worst:  # NaN counts as worse than anything
                     worst, worst_step = gap, step
+            if stop_above is not None and not worst <= stop_above:
+                return worst, worst_step
     finally:
         torch.set_num_threads(threads)
-    # not a vacuous comparison: every tensor moved, by much more than the tolerance
+    # not a vacuous comparison: every tensor moved, by much more than the tolerance, and none blew up
     for name, a, s in zip(NAMES, theirs.params, start):
-        assert np.abs(a - s).max() > 1e4 * RTOL * max(1.0, np.abs(s).max()), name
+        assert 100 * RTOL * max(1.0, np.abs(s).max()) < np.abs(a - s).max() < 10, name
     return worst, worst_step
 
 
@@ -268,7 +270,9 @@ class Case:
 
 
 WD = 1e-2
-SPLIT = Problem(grouping="decay_split", weight_decay=WD)
+# Tensors a preset leaves unadapted take plain momentum SGD steps: a base lr of 0.1 keeps them stable.
+SPLIT = Problem(grouping="decay_split", weight_decay=WD, base_lr=0.1)
+SLOW = Problem(base_lr=0.1)
 CASES: dict[str, Case] = {
     # timm.optim.Lars(momentum=0.9, weight_decay=λ) on timm's own grouping (1-D tensors in a λ = 0 group).
     "timm": Case(
@@ -294,13 +298,13 @@ CASES: dict[str, Case] = {
         flips={"dampening=0": dict(dampening=0.0)}),
     # pytorch_optimizer.LARS(weight_decay=λ): ndim ≤ 1 tensors (the 0-d scale too) neither decay nor adapt.
     "pytorch_optimizer": Case(
-        lambda p: pytorch_optimizer_side(p, weight_decay=WD), "pytorch_optimizer", dict(weight_decay=WD),
+        lambda p: pytorch_optimizer_side(p, weight_decay=WD), "pytorch_optimizer", dict(weight_decay=WD), SLOW,
         flips={"no exclusion": no_exclusion, "denominator=combined": dict(denominator="combined"),
                "zero_fallback=grad": dict(zero_fallback="grad"),
                "lr_inside_momentum": dict(lr_inside_momentum=True)}),
     "pytorch_optimizer-nesterov": Case(
         lambda p: pytorch_optimizer_side(p, weight_decay=WD, nesterov=True), "pytorch_optimizer",
-        dict(weight_decay=WD, nesterov=True),
+        dict(weight_decay=WD, nesterov=True), SLOW,
         flips={"nesterov=False": dict(nesterov=False)}),
     # optax.lars(schedule, weight_decay=λ): lr inside the trace, combined denominator, every leaf decayed and adapted.
     "optax": Case(
@@ -355,12 +359,13 @@ CASES: dict[str, Case] = {
                "lr_inside_momentum": dict(lr_inside_momentum=True)}),
     # torch SGD's dampening, first buffer copied undampened.
     "larc-dampening": Case(
-        lambda p: larc_side(p, momentum=0.9, dampening=0.5, weight_decay=WD), "larc",
-        dict(momentum=0.9, dampening=0.5, weight_decay=WD), Problem(zero_grad=False, base_lr=0.05),
+        lambda p: larc_side(p, momentum=0.9, dampening=0.3, weight_decay=WD), "larc",
+        dict(momentum=0.9, dampening=0.3, weight_decay=WD), Problem(zero_grad=False, base_lr=0.05),
         flips={"dampening=0": dict(dampening=0.0)}),
     # Barlow Twins' LARS with main.py's ndim == 1 filters (the 0-d scale is not excluded there).
     "barlow_twins": Case(
-        lambda p: reference_side(p, published.BarlowTwinsLars, weight_decay=WD), "barlow_twins", dict(weight_decay=WD),
+        lambda p: reference_side(p, published.BarlowTwinsLars, weight_decay=WD), "barlow_twins",
+        dict(weight_decay=WD), SLOW,
         flips={"no exclusion": no_exclusion, "lr_inside_momentum": dict(lr_inside_momentum=True),
                "denominator=split": dict(denominator="split"), "zero_fallback=grad": dict(zero_fallback="grad")}),
 }
@@ -396,5 +401,31 @@ def test_flipped_option_misses_library(name, flip):
     case = CASES[name]
     problem = case.problem
     theirs = case.library(problem)
-    gap, step = lockstep(problem, ours_side(case, problem, False, case.flips[flip]), theirs)
+    gap, step = lockstep(problem, ours_side(case, problem, False, case.flips[flip]), theirs,
+                         stop_above=FLIP_MARGIN * RTOL)
     assert gap > FLIP_MARGIN * RTOL, f"{name} with {flip}: relative gap only {gap:.3g} (step {step})"
+
+
+# -- where the larc presets and apex LARC part (spec issue 26 follows timm here; not reproduced) ---------------------
+
+LARC_EDGES = {
+    # LARC rewrites a gradient only when ‖θ‖ ≠ 0 and ‖g‖ ≠ 0 and has set the group's weight decay to 0 for SGD, so a
+    # zero gradient moves θ by momentum alone; the preset's u = g + λθ = λθ (r = 1 with zero_fallback="grad", or
+    # min(η/λ / lr, 1) with "denominator") decays θ that step. No zero_fallback reproduces it.
+    "zero gradient, clip": (dict(), Problem(base_lr=0.05)),
+    "zero gradient, scale": (dict(clip=False), Problem(base_lr=0.05)),
+    # For ‖θ‖ = 0 LARC leaves g as it is; the preset's fallback r = 1 still goes through the clip, min(1/lr, 1)
+    # (as timm's trust_clip does), which is not 1 once lr > 1.
+    "zero weight, clip, lr > 1": (dict(), Problem(zero_grad=False, base_lr=4.0)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="apex LARC skips decay and clip on zero norms; the larc presets do not")
+@pytest.mark.parametrize("edge", sorted(LARC_EDGES))
+def test_larc_zero_norm_edges_match_apex(edge):
+    options, problem = LARC_EDGES[edge]
+    preset = "larc" if options.get("clip", True) else "larc_scale"
+    case = Case(lambda p: larc_side(p, momentum=0.9, weight_decay=WD, **options), preset,
+                dict(momentum=0.9, weight_decay=WD))
+    gap, step = lockstep(problem, ours_side(case, problem, False), case.library(problem))
+    assert gap <= RTOL, f"{edge}: relative gap {gap:.3g} at step {step}"
