@@ -285,6 +285,12 @@ CASES: dict[str, Case] = {
         lambda p: timm_side(p, momentum=0.9, trust_clip=True), "timm", dict(momentum=0.9, larc_clip=True),
         dataclasses.replace(SPLIT, base_lr=0.05),
         flips={"larc_clip=False": dict(larc_clip=False)}),
+    # lr up to 4 with every tensor adapted: the fallback r = 1 (the zero-initialised LayerNorm bias, the zero gradient)
+    # goes through the clip too, min(1/lr, 1), in timm as in the preset.
+    "timm-trust_clip-big_lr": Case(
+        lambda p: timm_side(p, momentum=0.9, trust_clip=True, always_adapt=True), "timm",
+        dict(momentum=0.9, larc_clip=True, adapt=True), dataclasses.replace(SPLIT, base_lr=4.0),
+        flips={"larc_clip=False": dict(larc_clip=False)}),
     "timm-nesterov": Case(
         lambda p: timm_side(p, momentum=0.9, nesterov=True), "timm", dict(momentum=0.9, nesterov=True), SPLIT,
         flips={"nesterov=False": dict(nesterov=False)}),
