@@ -67,9 +67,23 @@ def test_dampening_leaves_the_first_step_undampened(path):
 @pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
 def test_larc_clip_caps_the_local_rate_at_the_global_one(path):
     # r = 5 with η = 1: at lr 0.1 < r the clip gives r/lr → 1, so the step is lr·u; at lr 10 > r it keeps r/lr = 0.5.
-    for lr, expected_ratio in [(0.1, 1.0), (10.0, 0.5), (0.0, 1.0)]:
-        _, optimizer = one_tensor([([0.6, 0.8], lr)], momentum=0.0, trust_coefficient=1.0, larc_clip=True, **path)
-        assert optimizer.trust_stats[0].trust_ratio.item() == pytest.approx(expected_ratio, rel=1e-14)
+    for larc_clip in (True, "computed"):
+        for lr, expected_ratio in [(0.1, 1.0), (10.0, 0.5), (0.0, 1.0)]:
+            _, optimizer = one_tensor([([0.6, 0.8], lr)], momentum=0.0, trust_coefficient=1.0, larc_clip=larc_clip,
+                                      **path)
+            assert optimizer.trust_stats[0].trust_ratio.item() == pytest.approx(expected_ratio, rel=1e-14)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+def test_larc_clip_of_the_fallback_ratio_is_timms_not_apexs(path):
+    # A zero-initialised tensor falls back to r = 1; at lr 4 timm's clip still divides (r = 1/4), apex's does not.
+    for larc_clip, expected_ratio in [(True, 0.25), ("computed", 1.0)]:
+        theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        optimizer = Lars([theta], lr=4.0, momentum=0.0, larc_clip=larc_clip, **path)
+        theta.grad = torch.tensor([0.6, 0.8], dtype=torch.float64)
+        optimizer.step()
+        assert optimizer.trust_stats[0].trust_ratio.item() == expected_ratio
+        torch.testing.assert_close(theta.detach(), -4.0 * expected_ratio * theta.grad, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
@@ -135,7 +149,7 @@ def test_bad_preset_input_is_named():
         Lars.from_preset("timm", params, momentum=0.9, nesterov=True, dampening=0.1)
     with pytest.raises(ValueError, match="zero_fallback"):
         Lars(params, zero_fallback="theta")
-    with pytest.raises(TypeError, match="larc_clip"):
+    with pytest.raises(TypeError, match="larc_clip must be True, False or 'computed'"):
         Lars(params, larc_clip="yes")
     with pytest.raises(TypeError, match="lr_inside_momentum"):
         Lars(params, lr_inside_momentum=1)
