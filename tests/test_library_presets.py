@@ -357,6 +357,12 @@ CASES: dict[str, Case] = {
         Problem(zero_grad=False, base_lr=0.05),
         flips={"larc_clip=False": dict(larc_clip=False), "denominator=combined": dict(denominator="combined"),
                "lr_inside_momentum": dict(lr_inside_momentum=True)}),
+    # lr up to 4 with a zero-initialised tensor: LARC leaves its g as it is (larc_clip="computed"); timm's clip of the
+    # fallback, min(1/lr, 1), would not.
+    "larc-big_lr": Case(
+        lambda p: larc_side(p, momentum=0.9, weight_decay=WD), "larc", dict(momentum=0.9, weight_decay=WD),
+        Problem(zero_grad=False, base_lr=4.0),
+        flips={"larc_clip=True": dict(larc_clip=True)}),
     # scale mode, as SwAV: η 0.001, λ 1e-6; the tiny head's ‖g‖ makes ε = 1e-8 count.
     "larc_scale": Case(
         lambda p: larc_side(p, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3, clip=False), "larc_scale",
@@ -412,7 +418,7 @@ def test_flipped_option_misses_library(name, flip):
     assert gap > FLIP_MARGIN * RTOL, f"{name} with {flip}: relative gap only {gap:.3g} (step {step})"
 
 
-# -- where the larc presets and apex LARC part (spec issue 26 follows timm here; not reproduced) ---------------------
+# -- where the larc presets and apex LARC part (docs/presets.md, "not reproduced") ------------------------------------
 
 LARC_EDGES = {
     # LARC rewrites a gradient only when ‖θ‖ ≠ 0 and ‖g‖ ≠ 0 and has set the group's weight decay to 0 for SGD, so a
@@ -420,15 +426,12 @@ LARC_EDGES = {
     # min(η/λ / lr, 1) with "denominator") decays θ that step. No zero_fallback reproduces it.
     "zero gradient, clip": (dict(), Problem(base_lr=0.05)),
     "zero gradient, scale": (dict(clip=False), Problem(base_lr=0.05)),
-    # For ‖θ‖ = 0 LARC leaves g as it is; the preset's fallback r = 1 still goes through the clip, min(1/lr, 1)
-    # (as timm's trust_clip does), which is not 1 once lr > 1.
-    "zero weight, clip, lr > 1": (dict(), Problem(zero_grad=False, base_lr=4.0)),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="apex LARC skips decay and clip on zero norms; the larc presets do not")
+@pytest.mark.xfail(strict=True, reason="apex LARC keeps no decay on a zero gradient; the larc presets do")
 @pytest.mark.parametrize("edge", sorted(LARC_EDGES))
-def test_larc_zero_norm_edges_match_apex(edge):
+def test_larc_zero_gradient_matches_apex(edge):
     options, problem = LARC_EDGES[edge]
     preset = "larc" if options.get("clip", True) else "larc_scale"
     case = Case(lambda p: larc_side(p, momentum=0.9, weight_decay=WD, **options), preset,
