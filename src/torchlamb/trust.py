@@ -4,7 +4,7 @@ An optimizer computes a *direction* ``u`` for each parameter tensor ``θ`` (Adam
 for LARS). The trust stage turns the two per-tensor norms into a scale for that direction::
 
     w = φ(‖θ‖)           φ = identity, clamped to ``weight_norm_clip = (φ_min, φ_max)`` when given
-    r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 for LAMB;
+    r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 by default for LAMB;
                                                               ε_r = ``trust_eps``, 0 unless a preset needs it)
     r ← clamp(r, *trust_clip)                                  when ``trust_clip = (r_min, r_max)`` is given
     r ← 1                                                      when the group has ``adapt=False``
