@@ -222,7 +222,9 @@ def _buffer_scales(ratio: Tensor, steps: list[Tensor], lr: float | Tensor, lr_in
         scale = scale * (lr.to(scale.device) if isinstance(lr, Tensor) else lr)
     if dampening != 0:
         first = torch.stack([step.to(scale.device) for step in steps]) == 1  # counted already: 1 at the first step
-        scale = scale * torch.where(first, 1.0, 1.0 - dampening).to(scale.dtype)
+        # In scale's dtype from the start: torch.where(first, 1.0, 1.0 - dampening) would round 1 − dampening to
+        # float32 (the default dtype), off by ~1e-8 for float64 tensors.
+        scale = scale * torch.full_like(scale, 1.0 - dampening).masked_fill_(first, 1.0)
     if step_weight is not None:
         scale = scale * step_weight.to(scale.device)
     return scale
