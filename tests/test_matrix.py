@@ -68,7 +68,7 @@ def run_case(optimizer_class, dtype, path, options, group_options, device="cpu")
     optimizer = optimizer_class(groups, **options, master_weights=master, **PATHS[path])
     # Each step's lr per group: Lars's changes (LARS_LR_FACTORS), Lamb's stays.
     factors = LARS_LR_FACTORS if optimizer_class is Lars else (1.0,) * len(grads)
-    lrs = [[{**options, **extra}["lr"] * factor for extra in group_options] for factor in factors]
+    lrs = [[group["lr"] * factor for group in optimizer.param_groups] for factor in factors]
     for step_grads, step_lrs in zip(grads, lrs):
         for ts, gs in zip(tensors, step_grads):
             for t, g in zip(ts, gs):
