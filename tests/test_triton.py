@@ -85,7 +85,8 @@ def test_triton_path_follows_the_float64_reference(triton_on_cpu, optimizer_clas
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("optimizer_class", "option"), [(Lamb, "defaults"), (Lamb, "pytorch_optimizer"),
                                                          (Lamb, "deepspeed"), (Lars, "defaults"),
-                                                         (Lars, "nesterov_split")], ids=str)
+                                                         (Lars, "nesterov_split"), (Lars, "dampening"),
+                                                         (Lars, "mlperf")], ids=str)
 def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype, monkeypatch):
     # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
     params, grads = odd_problem(dtype)
