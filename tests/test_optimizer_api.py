@@ -261,9 +261,8 @@ def test_lars_options_with_a_tensor_lr_never_read_device_values_on_the_host(path
     # reads the step counts: all on the device. "triton": its kernels in Triton's interpreter on CPU tensors.
     calls = []
     if path == "triton":
-        from torchlamb import kernels
-
         from switches import set_triton_on_cpu
+        from torchlamb import kernels
 
         module = kernels.triton_module()
         if module is None:
