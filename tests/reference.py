@@ -154,7 +154,7 @@ class RefLarsGroup:
     trust_eps: float = 0.0
     lr_inside_momentum: bool = False
     dampening: float = 0.0
-    larc_clip: bool = False
+    larc_clip: bool | str = False
     zero_fallback: str = "denominator"
     max_grad_norm: float | None = None
     adapt: bool | str = True
@@ -175,7 +175,8 @@ class ReferenceLars(_Reference):
         trust = eta * clamp(||theta||, weight_norm_clip) / (denom + trust_eps)   if both > 0 else 1
             denom = ||u|| ("combined") or ||g|| + wd * ||theta|| ("split"); "both": ||theta|| and denom, or
             ||theta|| and ||g|| with zero_fallback="grad"
-        trust = clamp(trust, trust_clip);  min(trust / lr, 1) with larc_clip (1 at lr = 0);  1 if not adapting
+        trust = clamp(trust, trust_clip);  min(trust / lr, 1) with larc_clip (1 at lr = 0; with "computed" only
+            where both norms were > 0);  1 if not adapting
         s = lr * trust with lr_inside_momentum, else trust
         c = 1 at the tensor's first step, else 1 - dampening
         b = momentum * b + c * s * u
@@ -198,7 +199,12 @@ class ReferenceLars(_Reference):
         if group.zero_fallback == "grad" and grad_norm == 0:
             denominator = 0.0  # trust() falls back to 1 on a zero denominator
         ratio = trust(group, theta, denominator, group.trust_coefficient)
-        if group.larc_clip and adapts(group.adapt, group.weight_decay):
+        w_norm = float(np.sqrt(np.sum(theta * theta)))
+        if group.weight_norm_clip is not None:
+            w_norm = min(max(w_norm, group.weight_norm_clip[0]), group.weight_norm_clip[1])
+        computed = w_norm > 0 and denominator > 0
+        clips = group.larc_clip is True or (group.larc_clip == "computed" and computed)
+        if clips and adapts(group.adapt, group.weight_decay):
             ratio = ratio / group.lr if ratio < group.lr else 1.0
         scale = group.lr * ratio if group.lr_inside_momentum else ratio
         dampened = 1.0 if group.steps[i] == 1 else 1.0 - group.dampening

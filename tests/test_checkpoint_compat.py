@@ -84,9 +84,15 @@ def resume(case, state_dict=None):
     return model, optimizer
 
 
-def assert_close_state_dicts(actual, expected, precision=torch.float32):
-    assert [{k: v for k, v in g.items() if k != "params"} for g in actual["param_groups"]] == \
-        [{k: v for k, v in g.items() if k != "params"} for g in expected["param_groups"]]
+def assert_close_state_dicts(actual, expected, precision=torch.float32, defaults=None):
+    """Groups and state alike. ``defaults``: the optimizer's; options added after ``expected`` was written may be in
+    ``actual`` only, and must hold their defaults there (a checkpoint that lacks them loads with those)."""
+    for actual_group, expected_group in zip(actual["param_groups"], expected["param_groups"], strict=True):
+        added = set(actual_group) - set(expected_group)
+        assert all(defaults is not None and key in defaults for key in added), added
+        assert {k: v for k, v in actual_group.items() if k != "params" and k not in added} == \
+            {k: v for k, v in expected_group.items() if k != "params"}
+        assert {k: actual_group[k] for k in added} == {k: defaults[k] for k in added}
     assert_close(actual["state"], expected["state"], precision)
 
 
@@ -99,7 +105,7 @@ def test_a_saved_checkpoint_loads_and_resumes_as_if_it_never_stopped(case):
     train(model, optimizer, case["batches"][case["steps_before"]:])
     # What the version that wrote the checkpoint computed after resuming.
     assert_close(model.state_dict(), case["expected_model"], precision(case))
-    assert_close_state_dicts(optimizer.state_dict(), case["expected_optimizer"], precision(case))
+    assert_close_state_dicts(optimizer.state_dict(), case["expected_optimizer"], precision(case), optimizer.defaults)
     # What this version computes without stopping (the steps before the checkpoint, too, computed here).
     uninterrupted = make_model(case["dtype"])
     uninterrupted.load_state_dict(case["initial_model"])

@@ -8,7 +8,7 @@ adds the fused kernels (torchlamb.kernels) for each implementation and storage.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +25,8 @@ from .trust import LARS_DECAYED_GRAD, LARS_GRAD, WEIGHT, ClipRange, PendingUpdat
 Denominator = Literal["combined", "split"]
 # Which norm being 0 makes the ratio fall back to 1 (besides φ(‖θ‖)): the ratio's denominator, or the gradient's.
 ZeroFallback = Literal["denominator", "grad"]
+# LARC's lr-relative clip: off, on every adapting tensor's ratio (timm), or on the ratios computed from norms (apex).
+LarcClip = Union[bool, Literal["computed"]]
 # The momentum buffer under state_dtype="8bit", in signed codes (see torchlamb.quantized).
 BUFFER_8BIT = QuantizedKey("momentum_buffer", "momentum_buffer")
 
@@ -77,9 +79,11 @@ class Lars(LayerwiseOptimizer):
             holds lr-scaled steps; it is saved and resumed as it is.
         dampening: torch.optim.SGD's dampening: the buffer adds (1 − dampening)·s·u, except at a tensor's first
             step, which adds s·u undampened (as torch and timm do). In [0, 1]; Nesterov needs 0.
-        larc_clip: NVIDIA apex LARC's clip mode (timm's ``trust_clip``): r ← min(r / lr, 1) with the group's current
-            lr, so the step lr·r becomes min(lr, r), "the local lr never exceeds the global one". Stays on the device
-            with a tensor lr. Adapting groups only.
+        larc_clip: the lr-relative clip of NVIDIA apex LARC's clip mode: r ← min(r / lr, 1) with the group's current
+            lr, so the local rate lr·r never exceeds the global one; stays on the device with a tensor lr, and applies
+            to adapting groups only. ``True`` clips every ratio, the fallback r = 1 included (timm's
+            ``trust_clip``); ``"computed"`` only ratios computed from nonzero norms, as apex LARC does (a tensor that
+            falls back keeps r = 1: with lr > 1 a zero-initialised tensor moves by lr·u, not by u).
         zero_fallback: which norm being 0 makes r = 1 (besides φ(‖θ‖)): ``"denominator"`` (default) or ``"grad"``,
             ‖g‖ (MLPerf, timm, apex LARC): with the split denominator, a tensor with an all-zero gradient then
             moves by its decay λθ at r = 1 rather than at r = η/λ.
@@ -121,7 +125,7 @@ class Lars(LayerwiseOptimizer):
         trust_eps: float = 0.0,
         lr_inside_momentum: bool = False,
         dampening: float = 0.0,
-        larc_clip: bool = False,
+        larc_clip: LarcClip = False,
         zero_fallback: ZeroFallback = "denominator",
         max_grad_norm: float | None = None,
         adapt: Adapt = True,
@@ -156,7 +160,9 @@ class Lars(LayerwiseOptimizer):
         if group["nesterov"] and group["dampening"] != 0:
             raise ValueError(f"nesterov=True requires dampening=0 (as torch.optim.SGD), got dampening="
                              f"{group['dampening']}{where(group_index)}")
-        check_bool("larc_clip", group["larc_clip"], group_index=group_index)
+        if not (isinstance(group["larc_clip"], bool) or group["larc_clip"] == "computed"):
+            raise TypeError(f"larc_clip must be True, False or 'computed' (the ratios computed from norms only, as "
+                            f"apex LARC), got {group['larc_clip']!r}{where(group_index)}")
         if group["zero_fallback"] not in ("denominator", "grad"):
             raise ValueError(f"zero_fallback must be 'denominator' (r = 1 when the ratio's denominator is 0) or "
                              f"'grad' (when ‖g‖ is 0), got {group['zero_fallback']!r}{where(group_index)}")
@@ -167,7 +173,8 @@ class Lars(LayerwiseOptimizer):
 
     def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"],
-                "larc_lr": group["lr"] if group["larc_clip"] else None}
+                "larc_lr": group["lr"] if group["larc_clip"] else None,
+                "larc_clips_fallback": group["larc_clip"] is True}
 
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         if group["denominator"] == "split":
@@ -222,9 +229,8 @@ def _buffer_scales(ratio: Tensor, steps: list[Tensor], lr: float | Tensor, lr_in
         scale = scale * (lr.to(scale.device) if isinstance(lr, Tensor) else lr)
     if dampening != 0:
         first = torch.stack([step.to(scale.device) for step in steps]) == 1  # counted already: 1 at the first step
-        # In scale's dtype from the start: torch.where(first, 1.0, 1.0 - dampening) would round 1 − dampening to
-        # float32 (the default dtype), off by ~1e-8 for float64 tensors.
-        scale = scale * torch.full_like(scale, 1.0 - dampening).masked_fill_(first, 1.0)
+        # Full tensors of the scale's dtype: torch.where of two Python floats would round 1 − dampening to float32.
+        scale = scale * torch.where(first, torch.ones_like(scale), torch.full_like(scale, 1.0 - dampening))
     if step_weight is not None:
         scale = scale * step_weight.to(scale.device)
     return scale

@@ -66,8 +66,9 @@ LARS_PRESETS: dict[str, dict[str, Any]] = {
     # `epsilon or backend.epsilon()` turns the default 0 into 1e-7); r = 1 when ‖θ‖ or ‖g‖ is 0.
     "mlperf": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, denominator="split", trust_eps=1e-7,
                    lr_inside_momentum=True, zero_fallback="grad"),
-    # NVIDIA apex LARC (clip mode, its default) around torch.optim.SGD (momentum 0 by default): r ← min(r/lr, 1).
-    "larc": {**_LARC, "larc_clip": True},
+    # NVIDIA apex LARC (clip mode, its default) around torch.optim.SGD (momentum 0 by default): r ← min(r/lr, 1) for
+    # the ratios it computes (a tensor with ‖θ‖ or ‖g‖ = 0 is left as it is).
+    "larc": {**_LARC, "larc_clip": "computed"},
     # apex LARC in scale mode (clip=False), as SwAV uses it (with trust_coefficient=0.001).
     "larc_scale": _LARC,
     # timm.optim.Lars (1.0.31): ‖g‖ + λ‖θ‖ + 1e-8; the ratio (and decay) only in groups with weight decay.

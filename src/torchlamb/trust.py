@@ -115,12 +115,14 @@ def trust_ratio(
     trust_coefficient: float = 1.0,
     trust_eps: float = 0.0,
     larc_lr: float | Tensor | None = None,
+    larc_clips_fallback: bool = True,
 ) -> Tensor:
     """Return the trust ratio ``r`` for tensors whose norms are ``weight_norm`` (‖θ‖) and ``update_norm`` (‖u‖).
 
     Works element-wise on any shape (one element per parameter tensor). See the module docstring for the math;
     the zero-norm fallback keeps ``r = 1`` for a zero-initialised tensor or an all-zero update, never NaN.
-    ``larc_lr``: the learning rate of apex LARC's clip, r ← min(r / lr, 1) (1 where lr is 0), read on the device.
+    ``larc_lr``: the learning rate of apex LARC's clip, r ← min(r / lr, 1) (1 where lr is 0), read on the device;
+    applied to the fallback r = 1 too unless ``larc_clips_fallback`` is False (as apex, unlike timm).
     """
     if not adapt:
         return torch.ones_like(weight_norm)
@@ -134,7 +136,8 @@ def trust_ratio(
         ratio = ratio.clamp(*trust_clip)
     if larc_lr is not None:
         lr = larc_lr.to(ratio.device, ratio.dtype) if isinstance(larc_lr, Tensor) else larc_lr
-        ratio = torch.where(ratio < lr, ratio / lr, torch.ones_like(ratio))  # min(r/lr, 1), and 1 at lr = 0
+        clipped = torch.where(ratio < lr, ratio / lr, torch.ones_like(ratio))  # min(r/lr, 1), and 1 at lr = 0
+        ratio = clipped if larc_clips_fallback else torch.where(both_positive, clipped, ratio)
     return ratio
 
 
