@@ -232,10 +232,11 @@ def test_loaded_state_takes_its_parameters_layout():
 
 
 # -- Lars's lr_inside_momentum, dampening, larc_clip and zero_fallback ------------------------------------------------
-# larc_clip with η = 0.3: r above the lr for some tensors and steps, below it for others.
+# larc_clip with η = 0.3: r above the lr for some tensors and steps, below it for others; an lr of 1.5 at the first
+# step, where the zero tensor's fallback r = 1 is 1/1.5 with larc_clip=True and stays 1 with "computed".
 LARS_NEW_OPTIONS = dict(weight_decay=0.01, trust_coefficient=0.3, denominator="split", lr_inside_momentum=True,
                         dampening=0.3, larc_clip=True, zero_fallback="grad")
-LARS_LRS = (0.5, 0.15, 0.05, 0.3, 1.0)
+LARS_LRS = (1.5, 0.15, 0.05, 0.3, 1.0)
 
 
 def lars_problem():
@@ -260,15 +261,16 @@ def run_lars_lrs(params, grads, lrs, optimizer=None, tensors=None, **options):
     return tensors, optimizer
 
 
+@pytest.mark.parametrize("larc_clip", [True, "computed"])
 @pytest.mark.parametrize("state_dtype", [None, "8bit"], ids=["float", "8bit"])
-def test_lars_options_in_the_sharded_phases_equal_the_whole_step_and_foreach(state_dtype, monkeypatch):
+def test_lars_options_in_the_sharded_phases_equal_the_whole_step_and_foreach(state_dtype, larc_clip, monkeypatch):
     """The phases of a sharded step (kNorms, the Python trust stage, kApply; here a single process whose tensors
     the step takes as sharded), the whole step (kWhole: the trust stage in C++, larc_clip and the zero fallback
     included) and foreach agree with the new Lars options and a changing lr."""
     import torchlamb.distributed
 
     params, grads = lars_problem()
-    options = dict(LARS_NEW_OPTIONS, state_dtype=state_dtype, max_grad_norm=5.0)
+    options = dict(LARS_NEW_OPTIONS, state_dtype=state_dtype, max_grad_norm=5.0, larc_clip=larc_clip)
     whole, whole_opt = run_lars_lrs(params, grads, LARS_LRS, fused=True, **options)
     multi, multi_opt = run_lars_lrs(params, grads, LARS_LRS, foreach=True, **options)
     name = "lars_first_pass" + ("_8bit" if state_dtype else "")
@@ -279,7 +281,15 @@ def test_lars_options_in_the_sharded_phases_equal_the_whole_step_and_foreach(sta
     assert len(calls) == len(LARS_LRS)
     if state_dtype:
         assert "momentum_buffer_codes" in phases_opt.state[phases[-1]]
-    for a, b, c in zip(phases, whole, multi):
+    for a, b, c, start in zip(phases, whole, multi, params):
+        if state_dtype and start.numel() >= 4096:
+            # 8-bit: a ratio some float32 ulps apart (ratios in float32 in Python, float64 in kWhole), or the torch
+            # operations' order, may round a buffer value to the next code; the movements agree to the bound
+            # test_quantized_state holds each path to against the reference storing 8 bits.
+            moved = c.detach().double() - start.double()
+            for other in (a, b):
+                assert float((other.detach().double() - start.double() - moved).norm() / moved.norm()) < 1e-3
+            continue
         scale = max(1.0, c.abs().max().item())
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * scale)
         torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6 * scale)

@@ -39,6 +39,8 @@ LARS_OPTIONS = {
     "dampening": dict(dampening=0.3),
     # η = 0.3: r is above the lr for some tensors and steps (clipped to 1), below it for others (r/lr).
     "larc_clip": dict(larc_clip=True, trust_coefficient=0.3),
+    # lr up to 3: a fallback r = 1 (the zero-initialised bias) stays 1 here where larc_clip=True gives 1/lr.
+    "larc_computed": dict(larc_clip="computed", trust_coefficient=0.3, lr=1.5),
     "mlperf": dict(denominator="split", trust_eps=1e-7, zero_fallback="grad", lr_inside_momentum=True),
 }
 # test_lars_matrix's second group: no decay, no ratio; with zero_fallback="grad" the second group decays and adapts,

@@ -50,7 +50,7 @@ def lars_options(draw) -> dict:
         denominator=draw(st.sampled_from(["combined", "split"])),
         lr_inside_momentum=draw(st.booleans()),
         dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
-        larc_clip=draw(st.booleans()),
+        larc_clip=draw(st.sampled_from([False, True, "computed"])),
         zero_fallback=draw(st.sampled_from(["denominator", "grad"])),
         # The lr of each step (run_optimizer and run_reference set it): where the lr enters (inside the momentum or
         # outside) only shows when it changes.

@@ -164,10 +164,13 @@ def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_
     return [adapt, *numbers, *coefficient, float(trust_eps)]
 
 
-def _lars_trust_arguments(larc_lr: float | Tensor | None = None, **trust_options: Any) -> list[Any]:
-    """Lars's trust options as its kernels take them: trust_ratio's, then larc_clip (on when ``larc_lr`` is given)
-    and the lr it divides by. Reading a CPU tensor lr's value is not a device synchronisation."""
-    return [*_trust_arguments(**trust_options), larc_lr is not None, 0.0 if larc_lr is None else float(larc_lr)]
+def _lars_trust_arguments(larc_lr: float | Tensor | None = None, larc_clips_fallback: bool = True,
+                          **trust_options: Any) -> list[Any]:
+    """Lars's trust options as its kernels take them: trust_ratio's, then larc_clip (on when ``larc_lr`` is given),
+    the lr it divides by and whether it clips the fallback ratio too. Reading a CPU tensor lr's value is not a device
+    synchronisation."""
+    return [*_trust_arguments(**trust_options), larc_lr is not None, 0.0 if larc_lr is None else float(larc_lr),
+            bool(larc_clips_fallback)]
 
 
 def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

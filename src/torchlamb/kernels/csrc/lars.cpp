@@ -161,19 +161,20 @@ struct LarsStep {
 
 // One LARS step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` (r, after every
 // clip) is read in the apply phase only. kNorms returns ‖θ‖², ‖g‖², ‖g + λθ‖² (LarsNorm); kWhole returns ‖θ‖, the
-// denominator and r. lr is the group's current lr; larc_lr the one larc_clip divides by (the same, in kWhole).
+// denominator and r. lr is the group's current lr; larc_lr the one larc_clip divides by (the same, in kWhole);
+// larc_clips_fallback: whether larc_clip applies to the fallback ratio too (True) or to computed ratios only.
 torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                         std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
                         double momentum, double weight_decay, bool nesterov, bool split_denominator,
                         bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
                         bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                        double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr, int64_t phase,
-                        torch::Tensor ratios) {
+                        double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
+                        bool larc_clips_fallback, int64_t phase, torch::Tensor ratios) {
   check_state(params, momentum_buffers, "momentum_buffers");
   const LarsStep lars(params, grads, steps, phase, ratios, grad_factor, weight_decay, split_denominator,
                       fallback_on_grad, lr, lr_inside_momentum, dampening,
                       Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps, larc_clip,
-                            larc_lr});
+                            larc_lr, larc_clips_fallback});
   return lars.walk([&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
     dispatch_with_state(params[i], momentum_buffers[i], [&](auto t, auto state) {
       using T = decltype(t);
@@ -193,14 +194,15 @@ torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torc
                              bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
                              bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
                              double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
-                             int64_t phase, torch::Tensor ratios, std::vector<int64_t> rows) {
+                             bool larc_clips_fallback, int64_t phase, torch::Tensor ratios,
+                             std::vector<int64_t> rows) {
   check_quantized(params, b_codes, b_absmax, rows, "momentum_buffer");
   TORCH_CHECK(tables.size() == 2, "torchlamb fused: lars_step_8bit takes one code map");
   const CodeMap map = code_map(tables, 0);
   const LarsStep lars(params, grads, steps, phase, ratios, grad_factor, weight_decay, split_denominator,
                       fallback_on_grad, lr, lr_inside_momentum, dampening,
                       Trust{adapt, weight_lo, weight_hi, ratio_lo, ratio_hi, trust_coefficient, trust_eps, larc_clip,
-                            larc_lr});
+                            larc_lr, larc_clips_fallback});
   return lars.walk(
       [&](int64_t i, int64_t begin, int64_t end, const Stats& s) {
         TORCHLAMB_DISPATCH(params[i], "lars8_pass2", [&] {
