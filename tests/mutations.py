@@ -25,18 +25,29 @@ MUTATIONS = [
      "return 1 - beta1**t, 1 - beta2**t", "return 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)",
      ["tests/test_reference.py", "-k", "lamb or Lamb"]),
     ("decay outside the ratio", "lamb.py",
-     "update = m_hat / (v_hat.sqrt() + eps)\n        if weight_decay != 0 and not decay_outside_ratio:\n"
-     "            update = update.add(param, alpha=weight_decay)",
-     "update = m_hat / (v_hat.sqrt() + eps)\n        if weight_decay != 0 and not decay_outside_ratio:\n"
-     "            param.mul_(1 - lr * weight_decay)",
+     "            update = update * masks[-1]\n        elif decay_inside:\n"
+     "            update = update.add(param, alpha=weight_decay)\n        updates.append(update)\n"
+     "    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight,\n"
+     "                            _after_step(decay_after_step, decay_lr, weight_decay, step_weight),\n"
+     "                            masks if caution else None, weight_decay if decay_inside else 0.0)\n\n\n"
+     "def _after_step(",
+     "            update = update * masks[-1]\n        elif decay_inside:\n"
+     "            param.mul_(1 - lr * weight_decay)\n        updates.append(update)\n"
+     "    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight,\n"
+     "                            _after_step(decay_after_step, decay_lr, weight_decay, step_weight),\n"
+     "                            masks if caution else None, weight_decay if decay_inside else 0.0)\n\n\n"
+     "def _after_step(",
      ["tests/test_reference.py"]),
+    ("caution's mask mean per shard, not per tensor", "trust.py",
+     "        held[:] = [scale]", "        held[:] = [cautious_squares(squares, decay)[1]]",
+     ["tests/test_lamb_options.py", "-k", "sharded and fused"]),
     ("LARS reads the wrong norm column", "lars.py",
      "            denominator = norms[:, LARS_DECAYED_GRAD]", "            denominator = norms[:, LARS_GRAD]",
      ["tests/test_reference.py", "-k", "lars or Lars"]),
     ("the foreach path ignores the step weight", "lamb.py",
      "        if step_weight is not None:\n            scale = scale * step_weight.to(scale.device)\n"
-     "        torch._foreach_mul_(updates",
-     "        torch._foreach_mul_(updates",
+     "        if caution_scales is not None:",
+     "        if caution_scales is not None:",
      ["tests/test_amp.py"]),
     ("masters not written back", "_storage.py",
      "            if master is not None and id(param) not in self.written_in_kernel:",

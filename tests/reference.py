@@ -16,7 +16,13 @@ own. It is written for clarity, one tensor at a time, with no attempt at speed.
 
 and the variants other libraries use (torchlamb's presets): an eps added to g_norm in the ratio; bias correction
 through the step size (lr * sqrt(1 - b2**t) / (1 - b1**t), or lr / (1 - b1**t)) instead of inside r_t; weight
-decay applied as theta * (1 - lr * wd) before the norms instead of inside r_t; the ratio only where wd != 0.
+decay applied as theta * (1 - lr * wd) before the norms instead of inside r_t (timm's decoupled_decay; its
+corrected_weight_decay: theta * (1 - wd * lr**2 / max_lr)), or after the step as bitsandbytes' 32-bit kernel:
+theta = (theta - lr * trust * r_t) * (1 - lr * wd), r_t without wd * theta, ||theta|| before the decay; a trust
+coefficient eta in the ratio's numerator (bitsandbytes' max_unorm); the ratio only where wd != 0; and caution
+(timm, arXiv 2411.16085), before the decay:
+
+        a = m_hat / (sqrt(v_hat) + eps);  mask = (a * g > 0);  a = a * mask / max(mean(mask), 1e-3)
 """
 
 
@@ -92,6 +98,11 @@ class RefGroup:
     trust_clip: tuple[float, float] | None = None
     trust_eps: float = 0.0
     decay_outside_ratio: bool = False
+    corrected_weight_decay: bool = False
+    max_lr: float | None = None  # None: lr
+    decay_after_step: bool = False
+    caution: bool = False
+    trust_coefficient: float = 1.0
     max_grad_norm: float | None = None
     adapt: bool | str = True
     maximize: bool = False
@@ -116,7 +127,9 @@ class ReferenceLamb(_Reference):
         t = state[0]
         b1, b2 = group.betas
         if group.decay_outside_ratio:
-            theta = theta * (1 - group.lr * group.weight_decay)
+            max_lr = group.lr if group.max_lr is None else group.max_lr
+            decay_lr = group.lr**2 / max_lr if group.corrected_weight_decay else group.lr
+            theta = theta * (1 - decay_lr * group.weight_decay)
         state[1] = b1 * state[1] + (1 - b1) * g
         state[2] = b2 * state[2] + (1 - b2) * g * g
         m_hat, v_hat = state[1], state[2]
@@ -128,16 +141,22 @@ class ReferenceLamb(_Reference):
             m_hat = m_hat / (1 - b1**t)
             v_hat = v_hat / (1 - b2**t)
         r = m_hat / (np.sqrt(v_hat) + group.eps)
-        if not group.decay_outside_ratio:
+        if group.caution:
+            mask = (r * g > 0).astype(np.float64)
+            r = r * mask / max(float(np.mean(mask)) if mask.size else 1.0, 1e-3)
+        if not group.decay_outside_ratio and not group.decay_after_step:
             r = r + group.weight_decay * theta
-        ratio = trust(group, theta, float(np.sqrt(np.sum(r * r))))
+        ratio = trust(group, theta, float(np.sqrt(np.sum(r * r))), group.trust_coefficient)
         step_size = group.lr
         if group.bias_correction == "step_size":
             step_size = group.lr * np.sqrt(1 - b2**t) / (1 - b1**t)
         elif group.bias_correction == "step_size_first_moment":
             step_size = group.lr / (1 - b1**t)
         move = step_size * ratio * r
-        return theta - move, ratio, [move]
+        theta_new = theta - move
+        if group.decay_after_step:
+            theta_new = theta_new * (1 - group.lr * group.weight_decay)
+        return theta_new, ratio, [move, theta_new - theta]
 
 
 @dataclass

@@ -108,6 +108,31 @@ def pytorch_optimizer_lamb(groups, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-6, c
     return _run(groups, grads, update)
 
 
+def bitsandbytes_lamb(groups, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, max_unorm=1.0):
+    """bitsandbytes LAMB / LAMB32bit (32-bit state) as its CUDA kernels compute it, from the source of repository
+    bitsandbytes-foundation/bitsandbytes at tag 0.50.1 (commit 37d2a9387f7146ccb85517ff45c665d345bfda79):
+    bitsandbytes/optim/lamb.py (LAMB, lines 8-64: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0,
+    max_unorm 1.0; bias_correction accepted and ignored), bitsandbytes/functional.py optimizer_update_32bit
+    (lines 1080-1166; ‖θ‖ of the parameter before the update, 1142-1144), csrc/kernels.cu
+    kPreconditionOptimizer32bit2State (ADAM case 576-583: the sum of a² with a = m̂/(√v̂ + ε), no λθ) and
+    kOptimizer32bit2State (update_scale lines 633-642: s = max_unorm·‖θ‖/‖a‖ if ‖a‖ > max_unorm·‖θ‖ else 1 — no
+    zero guard, s = 0 where ‖θ‖ = 0 and ‖a‖ > 0; ADAM case 700-711: θ ← θ + s·(−lr·√(1−β2^t)/(1−β1^t))·
+    m/(√v + ε·√(1−β2^t)), then θ ← θ·(1 − lr·λ) if λ > 0)."""
+    def update(theta, g, m, v, t, wd):
+        param_norm = _norm(theta)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        correction1, correction2 = 1 - b1**t, np.sqrt(1 - b2**t)
+        unorm = _norm((m / correction1) / (np.sqrt(v / (1 - b2**t)) + eps))
+        scale = max_unorm * param_norm / unorm if unorm > max_unorm * param_norm else 1.0
+        step_size = -lr * correction2 / correction1
+        theta = theta + scale * step_size * (m / (np.sqrt(v) + eps * correction2))
+        if wd > 0:
+            theta = theta * (1 - lr * wd)
+        return theta, m, v
+    return _run(groups, grads, update)
+
+
 # preset name → the re-derivation it must match
 RULES = {
     "paper": optax_lamb,
@@ -117,4 +142,5 @@ RULES = {
     "cybertronai": torch_optimizer_lamb,
     "deepspeed": deepspeed_fused_lamb,
     "pytorch_optimizer": pytorch_optimizer_lamb,
+    "bitsandbytes": bitsandbytes_lamb,
 }

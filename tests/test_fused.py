@@ -51,6 +51,10 @@ def test_fused_equals_foreach_for_every_preset(preset, dtype):
 
 @pytest.mark.parametrize("options", [dict(maximize=True), dict(adapt=False), dict(weight_decay=0.0),
                                      dict(decay_outside_ratio=True, weight_decay=0.1),
+                                     dict(caution=True, weight_decay=0.1, maximize=True, trust_coefficient=0.5),
+                                     dict(caution=True, decay_outside_ratio=True, corrected_weight_decay=True,
+                                          weight_decay=0.1),
+                                     dict(decay_after_step=True, weight_decay=0.1, trust_clip=(0.0, 1.0)),
                                      dict(bias_correction=False, trust_clip=(0.0, 10.0))])
 def test_fused_equals_foreach_with_options(options):
     params, grads = problem()

@@ -28,6 +28,13 @@ LAMB_OPTIONS = {
     "apex": dict(adapt="if_decayed", max_grad_norm=1.0, betas=(0.9, 0.999), eps=1e-6),
     "deepspeed": dict(bias_correction="step_size", eps=1e-8, trust_clip=(0.01, 10.0)),
     "pytorch_optimizer": dict(bias_correction="step_size_first_moment", decay_outside_ratio=True, trust_eps=1e-6),
+    # timm's cautious LAMB (clamb), coupled decay: k·(a⊙M) + λθ, ‖u‖² assembled from the whole tensor's sums.
+    "caution": dict(caution=True, maximize=True, max_grad_norm=0.3, trust_coefficient=0.7),
+    # clambw with corrected decay: θ(1 − λ·lr²/max_lr) first; caution on the uncorrected a of "step_size".
+    "caution_decoupled_corrected": dict(caution=True, decay_outside_ratio=True, corrected_weight_decay=True,
+                                        max_lr=0.05, weight_decay=0.2, bias_correction="step_size"),
+    # bitsandbytes' 32-bit LAMB kernel: decay after the step, ratio clipped at 1 with max_unorm as η.
+    "bnb": dict(decay_after_step=True, weight_decay=0.1, trust_clip=(0.0, 1.0), trust_coefficient=2.0, eps=1e-8),
 }
 LARS_OPTIONS = {
     "defaults": {},
@@ -48,6 +55,17 @@ LARS_OPTIONS = {
 LARS_SECOND_GROUP = {"default": {"weight_decay": 0.0, "adapt": False}, "mlperf": {}}
 # The lr of each Lars step, as factors of each group's lr.
 LARS_LR_FACTORS = (1.0, 0.3, 2.0, 0.6)
+# Options a group sets itself (not constructor arguments): Lamb's max_lr (the constructor's lr by default).
+GROUP_ONLY = ("max_lr",)
+
+
+def split_group_only(options, group_options):
+    """(constructor options, each group's options with the group-only ones of ``options`` added)."""
+    own = {k: v for k, v in options.items() if k in GROUP_ONLY}
+    return ({k: v for k, v in options.items() if k not in GROUP_ONLY},
+            [{**own, **extra} for extra in group_options])
+
+
 # (rtol, atol scaled by the largest |θ|) for what is compared in float32 precision, or in float64.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 3e-5, torch.float16: 3e-5}
 
@@ -63,6 +81,7 @@ def problem(dtype):
 
 
 def run_case(optimizer_class, dtype, path, options, group_options, device="cpu"):
+    options, group_options = split_group_only(options, group_options)
     params, grads = problem(dtype)
     tensors = [[p.to(device, copy=True).requires_grad_() for p in group] for group in params]
     master = dtype in (torch.bfloat16, torch.float16)

@@ -63,7 +63,8 @@ def test_every_preset_has_a_rule_and_builds():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_preset_matches_its_float64_rederivation(name, seed, foreach):
-    groups, grads = make_problem(seed, steps=6)
+    # bitsandbytes has no zero-norm guard (a zero tensor gets s = 0 there, r = 1 here): compare without one.
+    groups, grads = make_problem(seed, steps=6, zero_tensor=name != "bitsandbytes")
     tensors = torch_groups(groups)
     optimizer = Lamb.from_preset(name, tensors, lr=LR, foreach=foreach)
     assert_same_params(run(optimizer, tensors, grads), RULES[name](groups, grads, lr=LR), rtol=1e-10)
@@ -73,7 +74,7 @@ def test_presets_really_differ():
     """Each preset's rule gives a different trajectory from every other rule on the same problem."""
     groups, grads = make_problem(0, steps=6)
     results = {name: rule(groups, grads, lr=LR) for name, rule in RULES.items() if name in {
-        "paper", "nvlamb", "torch_optimizer", "deepspeed", "pytorch_optimizer"}}
+        "paper", "nvlamb", "torch_optimizer", "deepspeed", "pytorch_optimizer", "bitsandbytes"}}
     names = sorted(results)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -137,3 +138,51 @@ def test_preset_matches_the_library_itself(name, seed):
     for group, gs in zip(theirs, grads[-1]):
         for p, g in zip(group["params"], gs):
             np.testing.assert_array_equal(p.grad.numpy(), g)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
+def test_bitsandbytes_with_weight_decay_and_its_zero_tensor(weight_decay, foreach):
+    """Decay after the step with the norm before it (λ > 0 on both groups too); and the one thing not reproduced:
+    bitsandbytes leaves a zero-initialised tensor at zero (s = 0), torchlamb moves it (r = 1)."""
+    groups, grads = make_problem(4, steps=8, zero_tensor=False)
+    groups = [(ps, weight_decay or wd) for ps, wd in groups]
+    tensors = torch_groups(groups)
+    optimizer = Lamb.from_preset("bitsandbytes", tensors, lr=LR, foreach=foreach)
+    assert_same_params(run(optimizer, tensors, grads), RULES["bitsandbytes"](groups, grads, lr=LR), rtol=1e-10)
+    zero_groups, zero_grads = make_problem(4, steps=3)
+    expected = RULES["bitsandbytes"](zero_groups, zero_grads, lr=LR)
+    tensors = torch_groups(zero_groups)
+    actual = run(Lamb.from_preset("bitsandbytes", tensors, lr=LR, foreach=foreach), tensors, zero_grads)
+    assert not expected[1][1].any() and actual[1][1].any()
+
+
+TIMM_OPTIONS = {  # timm's Lamb arguments -> ours, beside the "timm" preset
+    "clamb": (dict(caution=True), dict(caution=True)),
+    "lambcd": (dict(decoupled_decay=True, corrected_weight_decay=True),
+               dict(decay_outside_ratio=True, corrected_weight_decay=True)),
+    "clambw_corrected": (dict(caution=True, decoupled_decay=True, corrected_weight_decay=True, always_adapt=True),
+                         dict(caution=True, decay_outside_ratio=True, corrected_weight_decay=True, adapt=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_OPTIONS))
+def test_timm_caution_and_corrected_decay_match_timm_itself(name):
+    """timm's Lamb with caution / decoupled corrected decay, 24 steps with a new lr every step (some above the
+    constructor's, which both keep as max_lr), float64."""
+    library_class = load_timm_lamb()
+    theirs_options, ours_options = TIMM_OPTIONS[name]
+    groups, grads = make_problem(5, steps=24)
+    theirs, ours = torch_groups(groups), torch_groups(groups)
+    library = library_class(theirs, lr=LR, **theirs_options)
+    optimizer = Lamb.from_preset("timm", ours, lr=LR, **ours_options)
+    rates = LR * (0.3 + 1.4 * np.random.default_rng(5).random(len(grads)))
+    for step_grads, lr in zip(grads, rates):
+        for each in (library, optimizer):
+            for group in each.param_groups:
+                group["lr"] = float(lr)
+        run(library, theirs, [step_grads])
+        run(optimizer, ours, [step_grads])
+    expected = [[p.detach().numpy() for p in group["params"]] for group in theirs]
+    actual = [[p.detach().numpy() for p in group["params"]] for group in ours]
+    assert_same_params(actual, expected, rtol=1e-9)

@@ -78,7 +78,8 @@ def eight_bit_buffer(b: np.ndarray) -> np.ndarray:
 
 def run_torch(optimizer_class, params, grads, **options):
     tensors = [p.clone().requires_grad_() for p in params]
-    optimizer = optimizer_class(tensors, **options)
+    own = {k: options.pop(k) for k in ("max_lr",) if k in options}  # a group's own option, not the constructor's
+    optimizer = optimizer_class([{"params": tensors, **own}], **options)
     ratios = []
     for step_grads in grads:
         for tensor, grad in zip(tensors, step_grads):
@@ -117,6 +118,9 @@ LAMB_OPTIONS = [
     dict(lr=5e-3, weight_decay=0.0, bias_correction=False, betas=(0.8, 0.99)),
     dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, trust_clip=(0.0, 10.0), bias_correction="step_size"),
     dict(lr=1e-2, weight_decay=0.05, decay_outside_ratio=True, weight_norm_clip=(0.0, 5.0)),
+    dict(lr=1e-2, weight_decay=0.05, caution=True, maximize=True, trust_coefficient=0.8),
+    dict(lr=1e-2, weight_decay=0.1, caution=True, decay_outside_ratio=True, corrected_weight_decay=True, max_lr=0.05),
+    dict(lr=1e-2, weight_decay=0.1, decay_after_step=True, trust_clip=(0.0, 1.0), trust_coefficient=2.0),
 ]
 
 

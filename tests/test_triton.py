@@ -84,9 +84,9 @@ def test_triton_path_follows_the_float64_reference(triton_on_cpu, optimizer_clas
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("optimizer_class", "option"), [(Lamb, "defaults"), (Lamb, "pytorch_optimizer"),
-                                                         (Lamb, "deepspeed"), (Lars, "defaults"),
-                                                         (Lars, "nesterov_split"), (Lars, "dampening"),
-                                                         (Lars, "mlperf")], ids=str)
+                                                         (Lamb, "deepspeed"), (Lamb, "caution"), (Lamb, "bnb"),
+                                                         (Lars, "defaults"), (Lars, "nesterov_split"),
+                                                         (Lars, "dampening"), (Lars, "mlperf")], ids=str)
 def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype, monkeypatch):
     # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
     params, grads = odd_problem(dtype)
@@ -101,9 +101,12 @@ def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class
     for a, b in zip(triton, cpu):
         tolerance = (2e-6 if dtype == torch.float32 else 0) + ulps * torch.finfo(dtype).eps * b.detach().abs().float()
         assert ((a.detach().float() - b.detach().float()).abs() <= tolerance + 1e-7).all()
+    # Caution's ‖u‖² is assembled from sums (k²‖a⊙M‖² + 2kλΣ(a⊙M)·θ + λ²‖θ‖²) whose float32 partials may partly
+    # cancel: their order's rounding shows a little more there.
+    rtol = 1e-5 if optimizer_class is Lamb and options.get("caution") else 2e-6
     for field in ("weight_norm", "update_norm", "trust_ratio"):
         torch.testing.assert_close(getattr(triton_optimizer.trust_stats[0], field).cpu(),
-                                   getattr(cpu_optimizer.trust_stats[0], field), rtol=2e-6, atol=0)
+                                   getattr(cpu_optimizer.trust_stats[0], field), rtol=rtol, atol=0)
 
 
 def test_a_non_contiguous_gradient_is_read_in_its_parameters_order(triton_on_cpu):

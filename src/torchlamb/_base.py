@@ -272,11 +272,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if pending:
             squares = [update.squares for _, _, update in pending]
             if sharded:
-                devices = [s.device for s in squares]
+                devices, widths = [s.device for s in squares], [s.shape[1] for s in squares]
+                width = max(widths)  # groups' columns may differ (Lamb's caution): zeros pad them for the sum
                 packed = distributed.sum_over_shards_(
-                    torch.cat([s.to(devices[0]) for s in squares]),
+                    torch.cat([torch.nn.functional.pad(s.to(devices[0]), (0, width - s.shape[1])) for s in squares]),
                     [p for _, params, _ in pending for p in params])
-                squares = [part.to(device) for part, device in zip(packed.split([len(s) for s in squares]), devices)]
+                squares = [part[:, :w].to(device)
+                           for part, device, w in zip(packed.split([len(s) for s in squares]), devices, widths)]
             for (index, params, update), group_squares in zip(pending, squares):
                 group = self.param_groups[index]
                 stats[index] = trust_stage(update, group_squares, params,

@@ -197,7 +197,16 @@ def merged(n: int, parts: list[tuple[list[int], PendingUpdate]]) -> PendingUpdat
         for index, (_, part) in zip(indices, parts):
             part.apply(ratio[index.to(ratio.device)])
 
-    return PendingUpdate(squares, apply)
+    complete = None
+    if parts[0][1].complete is not None:  # the parts of one group share its options: all complete, or none
+        def complete(whole: Tensor) -> Tensor:
+            done = [(index, part.complete(whole[index.to(whole.device)])) for index, (_, part) in zip(indices, parts)]
+            result = whole.new_zeros(n, done[0][1].shape[1])
+            for index, part_squares in done:
+                result[index.to(whole.device)] = part_squares
+            return result
+
+    return PendingUpdate(squares, apply, complete)
 
 
 def merged_stats(n: int, parts: list[tuple[list[int], tuple[Tensor, Tensor, Tensor]]]) -> tuple[Tensor, Tensor, Tensor]:

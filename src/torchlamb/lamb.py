@@ -16,11 +16,11 @@ from torch import Tensor
 from ._base import Adapt, LayerwiseOptimizer, NonFinite
 from ._dispatch import path_table
 from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
-from ._validation import check_bool, check_number
+from ._validation import check_bool, check_number, where
 from .bias_correction import STEP_SIZE_MODES, BiasCorrection, moment_corrections, step_count, step_size_factor
 from .presets import PRESETS
 from .quantized import QuantizedKey, sqrt_rn
-from .trust import LAMB_UPDATE, ClipRange, PendingUpdate, squares_of
+from .trust import LAMB_UPDATE, ClipRange, PendingUpdate, cautious_update, squares_of
 
 # The moments under state_dtype="8bit": m as signed codes, v as √v in unsigned codes (see torchlamb.quantized).
 MOMENTS_8BIT = (QuantizedKey("exp_avg", "exp_avg"), QuantizedKey("exp_avg_sq", "exp_avg_sqrt", sqrt=True))
@@ -38,16 +38,24 @@ class Lamb(LayerwiseOptimizer):
         m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
         \hat m &= m / (1 - \beta_1^t), \qquad \hat v = v / (1 - \beta_2^t)
              \quad \text{(only with bias\_correction)} \\
-        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda \theta \\
+        a &= \hat m / (\sqrt{\hat v} + \epsilon) \\
+        a &\leftarrow a \odot M / \max(\overline{M}, 10^{-3}), \quad M = \mathbb{1}[a \odot g > 0]
+             \quad \text{(only with caution; } \overline{M} \text{ the mean over the whole tensor)} \\
+        u &= a + \lambda \theta \\
         w &= \phi(\lVert\theta\rVert) = \text{clamp}(\lVert\theta\rVert, \text{weight\_norm\_clip}) \\
-        r &= w / (\lVert u \rVert + \text{trust\_eps}) \text{ if } w > 0 \text{ and } \lVert u \rVert > 0
+        r &= \eta_r \, w / (\lVert u \rVert + \text{trust\_eps}) \text{ if } w > 0 \text{ and } \lVert u \rVert > 0
              \text{ else } 1,
              \text{ then clamped to trust\_clip}; \; r = 1 \text{ if the group has adapt=False} \\
         \theta &\leftarrow \theta - \eta \, r \, u
 
     Weight decay :math:`\lambda` is decoupled (AdamW-style, not folded into :math:`g`) and sits inside
     :math:`u`, so the trust ratio divides by :math:`\lVert \hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta \rVert`
-    as in the paper. Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters from both
+    as in the paper. :math:`\eta` is the learning rate, :math:`\eta_r` the ``trust_coefficient`` (1 by default).
+    Two other places for the decay: ``decay_outside_ratio`` (before the norms:
+    :math:`\theta \leftarrow \theta(1 - \eta_d\lambda)`, :math:`u = a`, with :math:`\eta_d = \eta`, or
+    :math:`\eta^2/\eta_{\max}` with ``corrected_weight_decay``) and ``decay_after_step`` (after it:
+    :math:`u = a`, the norms of :math:`\theta` before any decay, then
+    :math:`\theta \leftarrow (\theta - \eta\, r\, u)(1 - \eta\lambda)`). Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters from both
     weight decay and the trust ratio.
 
     Args:
@@ -66,7 +74,22 @@ class Lamb(LayerwiseOptimizer):
         trust_clip: ``(min, max)`` range for the ratio :math:`r` (Ben Mann's LAMB clips at 10: ``(0, 10)``), or None.
         trust_eps: added to :math:`\lVert u\rVert` in the ratio's denominator (pytorch_optimizer), default 0.
         decay_outside_ratio: apply weight decay as :math:`\theta \leftarrow \theta(1 - \eta\lambda)` before the
-            norms instead of adding :math:`\lambda\theta` to :math:`u` (pytorch_optimizer's default).
+            norms instead of adding :math:`\lambda\theta` to :math:`u` (pytorch_optimizer's default; timm's
+            ``decoupled_decay``).
+        corrected_weight_decay: with ``decay_outside_ratio`` only (else ValueError): the decay factor is
+            :math:`1 - \lambda\,\eta^2/\eta_{\max}` (timm's ``corrected_weight_decay``, arXiv 2506.02285), where
+            :math:`\eta_{\max}` is the group's ``max_lr``: the constructor's ``lr`` as a float, kept in every group
+            (and in ``state_dict``); a group may set its own. It must be > 0. A tensor lr is never read on the host.
+        decay_after_step: weight decay after the step, as bitsandbytes' 32-bit LAMB kernel: :math:`u = a` (no
+            :math:`\lambda\theta`), :math:`\lVert\theta\rVert` before any decay, then
+            :math:`\theta \leftarrow (\theta - \eta\, r\, u)(1 - \eta\lambda)`. Not with ``decay_outside_ratio``.
+        caution: cautious LAMB (timm's ``caution``; Liang et al., "Cautious Optimizers", arXiv 2411.16085): before
+            the weight decay, :math:`a` (uncorrected, :math:`m/(\sqrt v+\epsilon)`, in the ``"step_size"`` modes) is
+            masked by :math:`M = \mathbb{1}[a \odot g > 0]` (strict; :math:`g` the effective gradient the moments
+            saw: clipped, unscaled, negated under ``maximize``) and divided by :math:`\max(\overline{M}, 10^{-3})`,
+            the mask's mean over the whole tensor, also when it is sharded over processes.
+        trust_coefficient: :math:`\eta_r > 0`, the ratio's numerator factor (bitsandbytes' ``max_unorm``; 1 as in
+            the paper).
         max_grad_norm: if set, gradients are scaled by :math:`\min(1, \text{max\_grad\_norm}/\lVert g\rVert)`,
             :math:`\lVert g\rVert` the L2 norm of all the optimizer's gradients together, before the moments.
             ``p.grad`` is left untouched.
@@ -106,6 +129,10 @@ class Lamb(LayerwiseOptimizer):
     After each step, :attr:`~torchlamb._base.LayerwiseOptimizer.trust_stats` holds the per-tensor ‖θ‖, ‖u‖ and ratio
     as device tensors.
     :meth:`from_preset` reproduces the default update of other LAMB libraries (``torchlamb.PRESETS``).
+
+    8-bit state here keeps a true trust ratio, computed from the moments as stored. bitsandbytes' ``LAMB8bit``
+    (0.50.x) applies none on tensors of 4096 or more elements: its block-wise 8-bit kernel has no trust ratio or
+    update-norm clip at all (it runs 8-bit AdamW on the CPU backends; see docs/preset-sources).
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -124,6 +151,10 @@ class Lamb(LayerwiseOptimizer):
         trust_clip: ClipRange | None = None,
         trust_eps: float = 0.0,
         decay_outside_ratio: bool = False,
+        corrected_weight_decay: bool = False,
+        decay_after_step: bool = False,
+        caution: bool = False,
+        trust_coefficient: float = 1.0,
         max_grad_norm: float | None = None,
         adapt: Adapt = True,
         maximize: bool = False,
@@ -136,7 +167,9 @@ class Lamb(LayerwiseOptimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_clip=weight_norm_clip, trust_clip=trust_clip, trust_eps=trust_eps,
-                        decay_outside_ratio=decay_outside_ratio, max_grad_norm=max_grad_norm, adapt=adapt,
+                        decay_outside_ratio=decay_outside_ratio, corrected_weight_decay=corrected_weight_decay,
+                        max_lr=_max_lr_snapshot(lr), decay_after_step=decay_after_step, caution=caution,
+                        trust_coefficient=trust_coefficient, max_grad_norm=max_grad_norm, adapt=adapt,
                         maximize=maximize, foreach=foreach, fused=fused,
                         master_weights=master_weights, state_dtype=state_dtype)
         super().__init__(params, defaults, partition_group, nonfinite)
@@ -163,6 +196,21 @@ class Lamb(LayerwiseOptimizer):
             raise TypeError(f"bias_correction must be True, False, 'step_size' or 'step_size_first_moment', "
                             f"got {group['bias_correction']!r}")
         check_bool("decay_outside_ratio", group["decay_outside_ratio"], group_index=group_index)
+        for name in ("corrected_weight_decay", "decay_after_step", "caution"):
+            check_bool(name, group[name], group_index=group_index)
+        check_number("trust_coefficient", group["trust_coefficient"], low=0.0, low_open=True,
+                     group_index=group_index)
+        corrected = group["corrected_weight_decay"]
+        if isinstance(group["max_lr"], Tensor):
+            raise TypeError(f"max_lr must be a float (the peak lr corrected_weight_decay divides by), got a Tensor"
+                            f"{where(group_index)}")
+        check_number("max_lr", group["max_lr"], low=0.0, low_open=corrected, group_index=group_index)
+        if corrected and not group["decay_outside_ratio"]:
+            raise ValueError(f"corrected_weight_decay=True needs decay_outside_ratio=True (timm: only with "
+                             f"decoupled_decay){where(group_index)}")
+        if group["decay_after_step"] and group["decay_outside_ratio"]:
+            raise ValueError(f"decay_after_step and decay_outside_ratio cannot both be True: the decay goes before "
+                             f"the norms or after the step{where(group_index)}")
 
     def _new_state(self, param: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         return {
@@ -173,12 +221,29 @@ class Lamb(LayerwiseOptimizer):
     def _update_norm(self, group: dict[str, Any], norms: Tensor) -> Tensor:
         return norms[:, LAMB_UPDATE]  # ‖u‖
 
+    def _trust_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._trust_options(group), "trust_coefficient": group["trust_coefficient"]}
+
     @staticmethod
     def _options(group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        lr = group["lr"]
+        # The lr of the weight decay: lr, or lr²/max_lr (corrected; a tensor lr stays a device tensor).
+        decay_lr = lr * lr / group["max_lr"] if group["corrected_weight_decay"] else lr
+        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     bias_correction=group["bias_correction"], decay_outside_ratio=group["decay_outside_ratio"],
-                    maximize=group["maximize"])
+                    maximize=group["maximize"], caution=group["caution"], decay_after_step=group["decay_after_step"],
+                    decay_lr=decay_lr)
+
+
+def _max_lr_snapshot(lr: Any) -> Any:
+    """The constructor's lr as a float (timm's max_lr_snapshot: a tensor lr changed in place later does not change
+    it); anything that is not one number is left for the lr check to refuse."""
+    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex():
+        return float(lr.detach().cpu())
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    return 0.0
 
 
 def _per_tensor(values: Tensor, tensors: list[Tensor]) -> list[Tensor]:
@@ -192,12 +257,15 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                         beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
                         decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                        step_weight: Tensor | None = None) -> PendingUpdate:
+                        step_weight: Tensor | None = None, caution: bool = False, decay_after_step: bool = False,
+                        decay_lr: float | Tensor | None = None) -> PendingUpdate:
     """LAMB one tensor at a time, written as the math reads; the updates u wait for their ratios in a list.
     With a ``step_weight`` (see torchlamb._gradients), every change is weighted by it."""
     weight1, weight2 = weighted(step_weight, 1 - beta1, 0.0), weighted(step_weight, 1 - beta2, 0.0)
-    decay_factor = weighted(step_weight, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
-    updates = []
+    decay_lr = lr if decay_lr is None else decay_lr
+    decay_factor = weighted(step_weight, 1 - decay_lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
+    decay_inside = weight_decay != 0 and not decay_outside_ratio and not decay_after_step
+    updates, masks = [], []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         grad = zeroed_if_skipped([effective_grad(grad, maximize, grad_factor)], step_weight)[0]
         step += 1 if step_weight is None else step_weight
@@ -215,41 +283,78 @@ def _single_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             m_hat = exp_avg / correction1.to(param.dtype)
             v_hat = exp_avg_sq / correction2.to(param.dtype)
         update = m_hat / (v_hat.sqrt() + eps)
-        if weight_decay != 0 and not decay_outside_ratio:
+        if caution:  # a⊙M; its factor k and λθ wait for the whole tensor's mask count (see _awaiting_ratios)
+            masks.append(update * grad > 0)
+            update = update * masks[-1]
+        elif decay_inside:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
-    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight)
+    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight,
+                            _after_step(decay_after_step, decay_lr, weight_decay, step_weight),
+                            masks if caution else None, weight_decay if decay_inside else 0.0)
+
+
+def _after_step(decay_after_step: bool, decay_lr: float | Tensor, weight_decay: float,
+                step_weight: Tensor | None) -> float | Tensor | None:
+    """The factor 1 − lr·λ θ is multiplied by after the step (decay_after_step), or None."""
+    if not decay_after_step or weight_decay == 0:
+        return None
+    return weighted(step_weight, 1 - decay_lr * weight_decay, 1.0)
 
 
 def _awaiting_ratios(params: list[Tensor], updates: list[Tensor], steps: list[Tensor], lr: float | Tensor,
-                     beta1: float, beta2: float, bias_correction: BiasCorrection,
-                     step_weight: Tensor | None) -> PendingUpdate:
-    """The PendingUpdate of updates u computed one tensor at a time: ‖θ‖², ‖u‖², and θ ← θ − lr·r·u to apply."""
-    def apply(ratio: Tensor) -> None:
-        for param, update, step, r in zip(params, updates, steps, ratio.unbind(0)):
+                     beta1: float, beta2: float, bias_correction: BiasCorrection, step_weight: Tensor | None,
+                     after: float | Tensor | None = None, masks: list[Tensor] | None = None,
+                     decay: float = 0.0) -> PendingUpdate:
+    """The PendingUpdate of updates u computed one tensor at a time: ‖θ‖², ‖u‖², and θ ← θ − lr·r·u to apply (then
+    θ ← θ·after, decay after the step). With caution's ``masks``, ``updates`` hold a⊙M: u = k·(a⊙M) + decay·θ is
+    completed in apply, k from the whole tensor's mask count (torchlamb.trust.cautious_update)."""
+    def apply(ratio: Tensor, caution_scales: Tensor | None = None) -> None:
+        for i, (param, update, step, r) in enumerate(zip(params, updates, steps, ratio.unbind(0))):
             scale = r.to(param.device) * -lr
             factor = step_size_factor(bias_correction, beta1, beta2, step)
             if factor is not None:
                 scale = scale * factor
             if step_weight is not None:
                 scale = scale * step_weight.to(param.device)
+            if caution_scales is not None:
+                update = update * caution_scales[i].to(param.device, update.dtype)
+                if decay != 0:
+                    update = update.add(param, alpha=decay)
             param.add_(update * scale)
+            if after is not None:
+                param.mul_(after)
 
-    return PendingUpdate(squares_of(params, updates), apply)
+    if masks is None:
+        return PendingUpdate(squares_of(params, updates), apply)
+    return cautious_update(_caution_columns(params, updates, masks), apply, decay)
+
+
+def _caution_columns(params: list[Tensor], masked: list[Tensor], masks: list[Tensor]) -> Tensor:
+    """This process's float64 sums of a cautious update (torchlamb.trust's LAMB_MASK_COUNT etc.): ‖θ‖², ‖a⊙M‖²,
+    Σ M, Σ (a⊙M)·θ and the number of elements, per tensor."""
+    device = params[0].device
+    counts = torch.stack([m.sum(dtype=torch.float64).to(device) for m in masks])
+    cross = torch.stack([(a.double() * p.double()).sum().to(device) for a, p in zip(masked, params)])
+    numels = torch.stack([torch.full((), float(p.numel()), dtype=torch.float64, device=device) for p in params])
+    return torch.cat([squares_of(params, masked), torch.stack([counts, cross, numels], 1)], 1)
 
 
 def _quantized_lamb(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                     steps: list[Tensor], *, moments: tuple[QuantizedKey, QuantizedKey], lr: float | Tensor,
                     beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
                     decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                    step_weight: Tensor | None = None) -> PendingUpdate:
+                    step_weight: Tensor | None = None, caution: bool = False, decay_after_step: bool = False,
+                    decay_lr: float | Tensor | None = None) -> PendingUpdate:
     """LAMB with 8-bit moments, one tensor at a time: m and s = √v are dequantized, updated in float32
     (v = s², then s = √v) and stored; u is then computed from the moments *as stored*, dequantized again, so that
     ‖u‖ — hence the trust ratio — is that of the update the parameter receives. A skipped step stores nothing."""
     first, second = moments
     weight1, weight2 = weighted(step_weight, 1 - beta1, 0.0), weighted(step_weight, 1 - beta2, 0.0)
-    decay_factor = weighted(step_weight, 1 - lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
-    updates = []
+    decay_lr = lr if decay_lr is None else decay_lr
+    decay_factor = weighted(step_weight, 1 - decay_lr * weight_decay, 1.0) if decay_outside_ratio else 1.0
+    decay_inside = weight_decay != 0 and not decay_outside_ratio and not decay_after_step
+    updates, masks = [], []
     for param, grad, state, step in zip(params, grads, states, steps):
         grad = zeroed_if_skipped([effective_grad(grad, maximize, grad_factor)], step_weight)[0].float()
         step += 1 if step_weight is None else step_weight
@@ -265,23 +370,31 @@ def _quantized_lamb(params: list[Tensor], grads: list[Tensor], states: list[dict
             exp_avg = exp_avg / correction1.float()
             root = root / correction2.sqrt().float()
         update = exp_avg / (root + eps)
-        if weight_decay != 0 and not decay_outside_ratio:
+        if caution:
+            masks.append(update * grad > 0)
+            update = update * masks[-1]
+        elif decay_inside:
             update = update.add(param, alpha=weight_decay)
         updates.append(update)
-    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight)
+    return _awaiting_ratios(params, updates, steps, lr, beta1, beta2, bias_correction, step_weight,
+                            _after_step(decay_after_step, decay_lr, weight_decay, step_weight),
+                            masks if caution else None, weight_decay if decay_inside else 0.0)
 
 
 def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
                        beta2: float, eps: float, weight_decay: float, bias_correction: BiasCorrection,
                        decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-                       step_weight: Tensor | None = None) -> PendingUpdate:
+                       step_weight: Tensor | None = None, caution: bool = False, decay_after_step: bool = False,
+                       decay_lr: float | Tensor | None = None) -> PendingUpdate:
     """The same update with ``torch._foreach_*`` ops: a few kernels for all tensors instead of a Python loop."""
     grads = zeroed_if_skipped(effective_grads(grads, maximize, grad_factor), step_weight)
+    decay_lr = lr if decay_lr is None else decay_lr
+    decay_inside = weight_decay != 0 and not decay_outside_ratio and not decay_after_step
     if step_weight is None:
         torch._foreach_add_(steps, 1)
         if decay_outside_ratio and weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_mul_(params, 1 - decay_lr * weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -291,7 +404,7 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         n = len(params)
         torch._foreach_add_(steps, [step_weight] * n)
         if decay_outside_ratio and weight_decay != 0:
-            torch._foreach_mul_(params, [weighted(step_weight, 1 - lr * weight_decay, 1.0)] * n)
+            torch._foreach_mul_(params, [weighted(step_weight, 1 - decay_lr * weight_decay, 1.0)] * n)
         torch._foreach_lerp_(exp_avgs, grads, [weighted(step_weight, 1 - beta1, 0.0)] * n)
         # v + (1−β2)·(g² − v): v itself when the weight is 0
         torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads),
@@ -310,20 +423,34 @@ def _multi_tensor_lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_add_(denom, eps)
         updates = torch._foreach_div(exp_avgs, denom)
     del denom
-    if weight_decay != 0 and not decay_outside_ratio:
+    masks = None
+    if caution:  # a⊙M; its factor k and λθ wait for the whole tensor's mask count
+        masks = [update * grad > 0 for update, grad in zip(updates, grads)]
+        torch._foreach_mul_(updates, [mask.to(update.dtype) for mask, update in zip(masks, updates)])
+    elif decay_inside:
         torch._foreach_add_(updates, params, alpha=weight_decay)
+    after = _after_step(decay_after_step, decay_lr, weight_decay, step_weight)
+    decay = weight_decay if decay_inside else 0.0
 
-    def apply(ratio: Tensor) -> None:
+    def apply(ratio: Tensor, caution_scales: Tensor | None = None) -> None:
         scale = ratio.to(params[0].device) * -lr
         factor = step_size_factor(bias_correction, beta1, beta2, torch.stack(steps))
         if factor is not None:
             scale = scale * factor
         if step_weight is not None:
             scale = scale * step_weight.to(scale.device)
+        if caution_scales is not None:
+            torch._foreach_mul_(updates, _per_tensor(caution_scales.to(params[0].device), params))
+            if decay != 0:
+                torch._foreach_add_(updates, params, alpha=decay)
         torch._foreach_mul_(updates, list(scale.unbind(0)))
         torch._foreach_add_(params, updates)
+        if after is not None:
+            torch._foreach_mul_(params, [after] * len(params) if isinstance(after, Tensor) else after)
 
-    return PendingUpdate(squares_of(params, updates), apply)
+    if masks is None:
+        return PendingUpdate(squares_of(params, updates), apply)
+    return cautious_update(_caution_columns(params, updates, masks), apply, decay)
 
 
 # (implementation, 8-bit state) -> the functions that compute a group's update (see torchlamb._dispatch).

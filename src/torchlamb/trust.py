@@ -4,7 +4,7 @@ An optimizer computes a *direction* ``u`` for each parameter tensor ``θ`` (Adam
 for LARS). The trust stage turns the two per-tensor norms into a scale for that direction::
 
     w = φ(‖θ‖)           φ = identity, clamped to ``weight_norm_clip = (φ_min, φ_max)`` when given
-    r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 for LAMB;
+    r = η · w / (‖u‖ + ε_r)   if w > 0 and ‖u‖ > 0, else 1    (η = ``trust_coefficient``, 1 by default for LAMB;
                                                               ε_r = ``trust_eps``, 0 unless a preset needs it)
     r ← clamp(r, *trust_clip)                                  when ``trust_clip = (r_min, r_max)`` is given
     r ← min(r / lr, 1)                                         LARS with ``larc_clip`` (apex LARC's clip mode)
@@ -161,6 +161,10 @@ class TrustStats:
 WEIGHT = 0
 LAMB_UPDATE = 1  # LAMB: ‖u‖², u = m̂/(√v̂ + ε) + λθ
 LARS_GRAD, LARS_DECAYED_GRAD = 1, 2  # LARS: ‖g‖² (the split denominator ‖g‖ + λ‖θ‖) and ‖g + λθ‖² (the combined)
+# LAMB with caution (see cautious_update): LAMB_UPDATE holds ‖a⊙M‖² instead, and three more columns follow, all of
+# them sums over the tensor's elements, so that sharded tensors' are summed by the same all-reduce: Σ M (the mask's
+# count), Σ (a⊙M)·θ, and the number of elements.
+LAMB_MASK_COUNT, LAMB_MASKED_CROSS, LAMB_NUMEL = 2, 3, 4
 
 
 @dataclass
@@ -173,6 +177,10 @@ class PendingUpdate:
 
     squares: Tensor
     apply: Callable[[Tensor], None]
+    # For an update whose norm needs the whole tensor's sums themselves (LAMB's caution): called by the trust stage
+    # with them (after the all-reduce), returns the [n, 2] ‖θ‖², ‖u‖² the ratio is computed from. None: the squares
+    # are those already.
+    complete: Callable[[Tensor], Tensor] | None = None
 
 
 def squares_of(*columns: Sequence[Tensor]) -> Tensor:
@@ -185,8 +193,46 @@ def trust_stage(pending: PendingUpdate, squares: Tensor, params: list[Tensor],
     """Turn a group's whole-tensor sums of squares (``squares``: its pending update's, summed over the processes a
     tensor is sharded over) into trust ratios, apply the update, and return what the stage saw. ``update_norm``
     reads the ratio's denominator from the norms (the square roots of the columns)."""
+    if pending.complete is not None:
+        squares = pending.complete(squares)
     norms = squares.sqrt().to(norm_dtype(params))
     weight_norm, denominator = norms[:, WEIGHT], update_norm(norms)
     ratio = trust_ratio(weight_norm, denominator, **trust_options)
     pending.apply(ratio)
     return TrustStats(params, weight_norm, denominator, ratio)
+
+
+# The least mean of a caution mask that the update is divided by (timm's clamp, arXiv 2411.16085).
+CAUTION_FLOOR = 1e-3
+
+
+def caution_scale(count: Tensor, numel: Tensor) -> Tensor:
+    """``1 / max(count / numel, 1e-3)``: the factor a cautious direction a⊙M is multiplied by, per tensor, from the
+    whole tensor's mask count and size (float64); 1 for an empty tensor."""
+    mean = torch.where(numel > 0, count / numel.clamp(min=1), torch.ones_like(count))
+    return 1 / mean.clamp(min=CAUTION_FLOOR)
+
+
+def cautious_squares(squares: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """From the whole-tensor columns of a cautious LAMB update (``LAMB_MASK_COUNT`` etc. above): ([n, 2] ‖θ‖², ‖u‖²,
+    the factor k per tensor) for u = k·(a⊙M) + decay·θ, ‖u‖² = k²‖a⊙M‖² + 2k·decay·Σ(a⊙M)·θ + decay²‖θ‖² (float64,
+    each sum exact to float64 rounding; never below 0)."""
+    scale = caution_scale(squares[:, LAMB_MASK_COUNT], squares[:, LAMB_NUMEL])
+    update = scale.square() * squares[:, LAMB_UPDATE]
+    if decay != 0:
+        update = update + 2 * decay * scale * squares[:, LAMB_MASKED_CROSS] + decay**2 * squares[:, WEIGHT]
+    return torch.stack([squares[:, WEIGHT], update.clamp(min=0)], 1), scale
+
+
+def cautious_update(squares: Tensor, apply: Callable[[Tensor, Tensor], None], decay: float) -> PendingUpdate:
+    """The PendingUpdate of a cautious LAMB update: ``squares`` in the columns above (this process's sums),
+    ``apply(ratio, scale)`` completes it with the ratios and the factors k of :func:`cautious_squares`, which the trust
+    stage finds from the whole-tensor sums first."""
+    held: list[Tensor] = []
+
+    def complete(whole: Tensor) -> Tensor:
+        assembled, scale = cautious_squares(whole, decay)
+        held[:] = [scale]
+        return assembled
+
+    return PendingUpdate(squares, lambda ratio: apply(ratio, held[0]), complete)

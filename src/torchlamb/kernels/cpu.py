@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..bias_correction import CODES as BIAS_CORRECTION_CODES
 from ..quantized import BLOCK, QuantizedKey, row_length
-from ..trust import LAMB_UPDATE, PendingUpdate, norm_dtype
+from ..trust import LAMB_MASKED_CROSS, LAMB_UPDATE, PendingUpdate, cautious_update, norm_dtype
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v15_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v16_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
@@ -175,26 +175,30 @@ def _lars_trust_arguments(larc_lr: float | Tensor | None = None, larc_clips_fall
 
 def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The kernels' float64 [n, 3] result as ‖θ‖, denominator and r, in the dtype the other paths give them."""
-    weight_norm, update_norm, ratio = result.to(norm_dtype(params)).unbind(1)
+    weight_norm, update_norm, ratio = result[:, :3].to(norm_dtype(params)).unbind(1)
     return weight_norm, update_norm, ratio
 
 
 # The kernels' phases (enum Phase in the C++ source): a whole step, or pass 1 and pass 2 of a sharded one.
 _WHOLE, _NORMS, _APPLY = 0, 1, 2
 _NO_RATIOS = torch.empty(0, dtype=torch.float64)
-# Pass 1 of LAMB fills the first two of the result's three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE.
+# Pass 1 of LAMB fills the first two of the result's three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE; with
+# caution four: those, LAMB_MASK_COUNT and LAMB_MASKED_CROSS (the number of elements, LAMB_NUMEL, is added here).
 _LAMB_COLUMNS = LAMB_UPDATE + 1
+_CAUTIOUS_COLUMNS = LAMB_MASKED_CROSS + 1
 _NO_TRUST = dict(adapt=True, weight_norm_clip=None, trust_clip=None, trust_eps=0.0)  # unused outside _WHOLE
 
 
 def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
           exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
           eps: float, weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
-          grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+          grad_factor: Tensor | None, trust_options: dict[str, Any], caution: bool = False,
+          decay_after_step: bool = False, decay_lr: float | Tensor | None = None) -> Tensor:
     return load().lamb_step(
         params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps, weight_decay,
         BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _gradient_multiplier(maximize, grad_factor),
-        *_trust_arguments(**trust_options), phase, ratios)
+        *_trust_arguments(**{"trust_coefficient": 1.0, **trust_options}), phase, ratios, caution, decay_after_step,
+        float(lr if decay_lr is None else decay_lr))
 
 
 def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
@@ -233,11 +237,25 @@ def lars_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Ten
     return _stats(_lars(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
 
 
+def _lamb_two_passes(run: Callable[..., Tensor], params: list[Tensor], grads: list[Tensor], *arguments: Any,
+                     step_weight: Tensor | None, **options: Any) -> PendingUpdate:
+    """Lamb's pass 1 now and pass 2 as ``apply``; with caution, the columns of torchlamb.trust.cautious_update
+    (the number of elements added to the kernels' four) and pass 2 given the factors k after the ratios."""
+    if not options.get("caution"):
+        return _two_passes(run, _LAMB_COLUMNS, params, grads, *arguments, step_weight=step_weight,
+                           trust_options=_NO_TRUST, **options)
+    kernel = _two_passes(run, _CAUTIOUS_COLUMNS, params, grads, *arguments, step_weight=step_weight,
+                         trust_options=_NO_TRUST, **options)
+    numels = torch.tensor([[float(p.numel())] for p in params], dtype=torch.float64)
+    decay = 0.0 if options["decay_outside_ratio"] or options.get("decay_after_step") else options["weight_decay"]
+    return cautious_update(torch.cat([kernel.squares, numels], 1),
+                           lambda ratio, scale: kernel.apply(torch.cat([ratio.double(), scale.double()])), decay)
+
+
 def lamb_first_pass(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     step_weight: Tensor | None = None, **options: Any) -> PendingUpdate:
     """Lamb's pass 1 (moments, local ‖θ‖², ‖u‖²), with pass 2 as ``apply``, for sharded tensors."""
-    return _two_passes(_lamb, _LAMB_COLUMNS, params, grads, *states, step_weight=step_weight,
-                       trust_options=_NO_TRUST, **options)
+    return _lamb_two_passes(_lamb, params, grads, *states, step_weight=step_weight, **options)
 
 
 def lars_first_pass(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
@@ -271,13 +289,14 @@ def _lamb_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
                states: list[dict[str, Tensor]], steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey], *,
                lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: Any,
                decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
-               trust_options: dict[str, Any]) -> Tensor:
+               trust_options: dict[str, Any], caution: bool = False, decay_after_step: bool = False,
+               decay_lr: float | Tensor | None = None) -> Tensor:
     first, second = moments
     return load().lamb_step_8bit(
         params, grads, *_codes(states, first), *_codes(states, second), steps, _tables(first, second), float(lr),
         beta1, beta2, eps, weight_decay, BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio,
-        _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios,
-        _row_lengths(params))
+        _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**{"trust_coefficient": 1.0, **trust_options}),
+        phase, ratios, _row_lengths(params), caution, decay_after_step, float(lr if decay_lr is None else decay_lr))
 
 
 def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
@@ -311,8 +330,7 @@ def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
                          steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey],
                          step_weight: Tensor | None = None, **options: Any) -> PendingUpdate:
     """Lamb's pass 1 on 8-bit moments (local ‖θ‖², ‖u‖²), with pass 2 as ``apply``, for sharded tensors."""
-    return _two_passes(_lamb_8bit, _LAMB_COLUMNS, params, grads, states, steps, moments, step_weight=step_weight,
-                       trust_options=_NO_TRUST, **options)
+    return _lamb_two_passes(_lamb_8bit, params, grads, states, steps, moments, step_weight=step_weight, **options)
 
 
 def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],

@@ -24,11 +24,14 @@ BLOCK = 1024
 GRAD_FACTOR = tl.constexpr(0)  # ±1 (maximize) × the global clip factor × GradScaler's inverse scale
 STEP_WEIGHT = tl.constexpr(1)  # 1, or 0 on a skipped step: every change is weighted by it
 LR = tl.constexpr(2)
+DECAY_LR = tl.constexpr(3)  # the lr of LAMB's decay outside the ratio or after the step: lr, or lr²/max_lr
 # The columns of the partial sums of squares (torchlamb.trust's).
 WEIGHT = tl.constexpr(trust.WEIGHT)
 LAMB_UPDATE = tl.constexpr(trust.LAMB_UPDATE)
 LARS_GRAD = tl.constexpr(trust.LARS_GRAD)
 LARS_DECAYED_GRAD = tl.constexpr(trust.LARS_DECAYED_GRAD)
+LAMB_MASK_COUNT = tl.constexpr(trust.LAMB_MASK_COUNT)
+LAMB_MASKED_CROSS = tl.constexpr(trust.LAMB_MASKED_CROSS)
 
 
 @triton.jit
@@ -84,10 +87,28 @@ def _lamb_direction(m, v, theta, c1, c2, eps, decay):
 
 
 @triton.jit
+def _lamb_adam(m, v, c1, c2, eps):
+    """Adam's a = (m·c1) / (√v·c2 + ε), before caution's mask and the decay: one function for both passes."""
+    return tl.div_rn(m * c1, tl.sqrt_rn(v) * c2 + eps)
+
+
+@triton.jit
+def _cautious_partials(partials, theta, a, grad, mask):
+    """Caution's four partial sums of a program (torchlamb.trust's columns): ‖θ‖², ‖a⊙M‖², Σ M, Σ (a⊙M)·θ."""
+    keep = (a * grad > 0) & mask
+    masked = tl.where(keep, a, 0.0)
+    row = partials + 4 * tl.program_id(0)
+    tl.store(row + WEIGHT, tl.sum(theta * theta, axis=0))
+    tl.store(row + LAMB_UPDATE, tl.sum(masked * masked, axis=0))
+    tl.store(row + LAMB_MASK_COUNT, tl.sum(keep.to(tl.float32), axis=0))
+    tl.store(row + LAMB_MASKED_CROSS, tl.sum(masked * theta, axis=0))
+
+
+@triton.jit
 def _lamb_pass1(param_pointers, grad_pointers, m_pointers, v_pointers, numels, chunk_tensors, chunk_starts,
                 corrections, scalars, partials, one_minus_beta1, one_minus_beta2, eps, decay, outside_decay,
                 PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, DECAY_OUTSIDE: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, CAUTION: tl.constexpr = False):
     tensor, offsets, mask = _this_chunk(numels, chunk_tensors, chunk_starts, BLOCK)
     step_weight = tl.load(scalars + STEP_WEIGHT)  # 0 on a skipped step: nothing changes
     c1 = tl.load(corrections + 2 * tensor)
@@ -95,7 +116,7 @@ def _lamb_pass1(param_pointers, grad_pointers, m_pointers, v_pointers, numels, c
 
     theta = _load(param_pointers, tensor, offsets, mask, PARAM)
     if DECAY_OUTSIDE:  # θ ← θ·(1 − lr·λ) before the update (decay outside the ratio)
-        lr = tl.load(scalars + LR)
+        lr = tl.load(scalars + DECAY_LR)
         theta = _store(param_pointers, tensor, offsets, mask, theta * (1.0 - lr * outside_decay * step_weight),
                        PARAM)
     grad = _scaled_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
@@ -104,15 +125,32 @@ def _lamb_pass1(param_pointers, grad_pointers, m_pointers, v_pointers, numels, c
     m = _store(m_pointers, tensor, offsets, mask, m + one_minus_beta1 * step_weight * (grad - m), STATE)
     v = _store(v_pointers, tensor, offsets, mask, v + one_minus_beta2 * step_weight * (grad * grad - v), STATE)
 
-    update = tl.where(mask, _lamb_direction(m, v, theta, c1, c2, eps, decay), 0.0)
-    tl.store(partials + 2 * tl.program_id(0) + WEIGHT, tl.sum(theta * theta, axis=0))
-    tl.store(partials + 2 * tl.program_id(0) + LAMB_UPDATE, tl.sum(update * update, axis=0))
+    if CAUTION:
+        _cautious_partials(partials, theta, _lamb_adam(m, v, c1, c2, eps), grad, mask)
+    else:
+        update = tl.where(mask, _lamb_direction(m, v, theta, c1, c2, eps, decay), 0.0)
+        tl.store(partials + 2 * tl.program_id(0) + WEIGHT, tl.sum(theta * theta, axis=0))
+        tl.store(partials + 2 * tl.program_id(0) + LAMB_UPDATE, tl.sum(update * update, axis=0))
+
+
+@triton.jit
+def _lamb_stepped(theta, scale, update, scalars, after_decay, PARAM: tl.constexpr, DECAY_AFTER: tl.constexpr):
+    """θ + scale·u; with the decay after the step, rounded to PARAM, then × (1 − lr·λ) (1 on a skipped step)."""
+    stepped = theta + scale * update
+    if DECAY_AFTER:
+        weight = tl.load(scalars + STEP_WEIGHT)
+        stepped = _rounded(stepped, PARAM).to(tl.float32) * (1.0 - tl.load(scalars + DECAY_LR) * after_decay * weight)
+    return stepped
 
 
 @triton.jit
 def _lamb_pass2(param_pointers, m_pointers, v_pointers, copy_pointers, numels, chunk_tensors, chunk_starts,
                 corrections, scales, eps, decay, PARAM: tl.constexpr, STATE: tl.constexpr, COPY: tl.constexpr,
-                HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_COPY: tl.constexpr, BLOCK: tl.constexpr, grad_pointers=None, scalars=None, caution_scales=None,
+                after_decay=0.0, GRAD: tl.constexpr = tl.float32, CAUTION: tl.constexpr = False,
+                DECAY_AFTER: tl.constexpr = False):
+    """θ ← θ + scale·u, u as in pass 1; with caution u = k·(a⊙M) + decay·θ (M from g as in pass 1, k per tensor in
+    ``caution_scales``); with DECAY_AFTER θ ← (θ + scale·u)·(1 − lr·λ)."""
     tensor, offsets, mask = _this_chunk(numels, chunk_tensors, chunk_starts, BLOCK)
     c1 = tl.load(corrections + 2 * tensor)
     c2 = tl.load(corrections + 2 * tensor + 1)
@@ -121,8 +159,17 @@ def _lamb_pass2(param_pointers, m_pointers, v_pointers, copy_pointers, numels, c
     theta = _load(param_pointers, tensor, offsets, mask, PARAM)
     m = _load(m_pointers, tensor, offsets, mask, STATE)
     v = _load(v_pointers, tensor, offsets, mask, STATE)
-    update = _lamb_direction(m, v, theta, c1, c2, eps, decay)
-    theta = _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
+    if CAUTION:
+        grad = _scaled_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
+        a = _lamb_adam(m, v, c1, c2, eps)
+        update = tl.where(a * grad > 0, a * tl.load(caution_scales + tensor), 0.0) + decay * theta
+    else:
+        update = _lamb_direction(m, v, theta, c1, c2, eps, decay)
+    if CAUTION or DECAY_AFTER:
+        theta = _store(param_pointers, tensor, offsets, mask,
+                       _lamb_stepped(theta, scale, update, scalars, after_decay, PARAM, DECAY_AFTER), PARAM)
+    else:
+        theta = _store(param_pointers, tensor, offsets, mask, theta + scale * update, PARAM)
     if HAS_COPY:  # master weights: the low-precision parameter, written from the float32 master
         _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 
@@ -239,7 +286,7 @@ def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_ab
                  block_lengths, block_indices, corrections, scalars, partials, m_values, m_entries, s_values,
                  s_entries, one_minus_beta1, one_minus_beta2, eps, decay, outside_decay, PARAM: tl.constexpr,
                  GRAD: tl.constexpr, M_ZERO: tl.constexpr, S_ZERO: tl.constexpr, DECAY_OUTSIDE: tl.constexpr,
-                 QBLOCK: tl.constexpr):
+                 QBLOCK: tl.constexpr, CAUTION: tl.constexpr = False):
     tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     step_weight = tl.load(scalars + STEP_WEIGHT)
     c1 = tl.load(corrections + 2 * tensor)
@@ -247,7 +294,7 @@ def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_ab
 
     theta = _load(param_pointers, tensor, offsets, mask, PARAM)
     if DECAY_OUTSIDE:
-        lr = tl.load(scalars + LR)
+        lr = tl.load(scalars + DECAY_LR)
         theta = _store(param_pointers, tensor, offsets, mask, theta * (1.0 - lr * outside_decay * step_weight),
                        PARAM)
     grad = _scaled_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
@@ -260,15 +307,20 @@ def _lamb8_pass1(param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_ab
                       False)
     s = _encode_store(s, s_codes, s_absmax, tensor, offsets, mask, block, step_weight, s_values, s_entries, S_ZERO,
                       True)
-    update = tl.where(mask, _lamb8_direction(m, s, theta, c1, c2, eps, decay), 0.0)
-    tl.store(partials + 2 * tl.program_id(0) + WEIGHT, tl.sum(theta * theta, axis=0))
-    tl.store(partials + 2 * tl.program_id(0) + LAMB_UPDATE, tl.sum(update * update, axis=0))
+    if CAUTION:
+        _cautious_partials(partials, theta, tl.div_rn(m * c1, s * c2 + eps), grad, mask)
+    else:
+        update = tl.where(mask, _lamb8_direction(m, s, theta, c1, c2, eps, decay), 0.0)
+        tl.store(partials + 2 * tl.program_id(0) + WEIGHT, tl.sum(theta * theta, axis=0))
+        tl.store(partials + 2 * tl.program_id(0) + LAMB_UPDATE, tl.sum(update * update, axis=0))
 
 
 @triton.jit
 def _lamb8_pass2(param_pointers, m_codes, m_absmax, s_codes, s_absmax, copy_pointers, block_tensors, block_starts,
                  block_lengths, block_indices, corrections, scales, m_values, s_values, eps, decay,
-                 PARAM: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
+                 PARAM: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr,
+                 grad_pointers=None, scalars=None, caution_scales=None, after_decay=0.0,
+                 GRAD: tl.constexpr = tl.float32, CAUTION: tl.constexpr = False, DECAY_AFTER: tl.constexpr = False):
     tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     c1 = tl.load(corrections + 2 * tensor)
     c2 = tl.load(corrections + 2 * tensor + 1)
@@ -277,8 +329,18 @@ def _lamb8_pass2(param_pointers, m_codes, m_absmax, s_codes, s_absmax, copy_poin
     theta = _load(param_pointers, tensor, offsets, mask, PARAM)
     m = _decode(m_codes, m_absmax, tensor, offsets, mask, block, m_values)
     s = _decode(s_codes, s_absmax, tensor, offsets, mask, block, s_values)
-    theta = _store(param_pointers, tensor, offsets, mask,
-                   theta + scale * _lamb8_direction(m, s, theta, c1, c2, eps, decay), PARAM)
+    if CAUTION or DECAY_AFTER:
+        if CAUTION:
+            grad = _scaled_grad(grad_pointers, tensor, offsets, mask, scalars, GRAD)
+            a = tl.div_rn(m * c1, s * c2 + eps)
+            update = tl.where(a * grad > 0, a * tl.load(caution_scales + tensor), 0.0) + decay * theta
+        else:
+            update = _lamb8_direction(m, s, theta, c1, c2, eps, decay)
+        theta = _store(param_pointers, tensor, offsets, mask,
+                       _lamb_stepped(theta, scale, update, scalars, after_decay, PARAM, DECAY_AFTER), PARAM)
+    else:
+        theta = _store(param_pointers, tensor, offsets, mask,
+                       theta + scale * _lamb8_direction(m, s, theta, c1, c2, eps, decay), PARAM)
     if HAS_COPY:
         _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 

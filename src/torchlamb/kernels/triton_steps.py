@@ -33,6 +33,7 @@ tests prove them without a GPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from .. import quantized
 from ..bias_correction import BiasCorrection, moment_corrections, step_count, step_size_factor
-from ..trust import PendingUpdate
+from ..trust import PendingUpdate, cautious_update
 from .triton_kernels import (
     BLOCK,
     QBLOCK,
@@ -61,9 +62,10 @@ def supports(tensors: list[Tensor]) -> bool:
 
 
 def _step_scalars(params: list[Tensor], grads: list[Tensor], steps: list[Tensor], lr: float | Tensor,
-                  maximize: bool, grad_factor: Tensor | None,
-                  step_weight: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """What the kernels read from the device each step: [gradient factor, step weight, lr] as float32 (the factor
+                  maximize: bool, grad_factor: Tensor | None, step_weight: Tensor | None,
+                  decay_lr: float | Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """What the kernels read from the device each step: [gradient factor, step weight, lr, the lr of LAMB's decay
+    (``decay_lr``, lr when None)] as float32 (the factor
     is ±1 for maximize times the global clip factor and GradScaler's inverse scale; the weight is 0 on a skipped
     step), the step weight alone, and the contiguous gradients; counts the steps (by the weight)."""
     device = params[0].device
@@ -74,8 +76,28 @@ def _step_scalars(params: list[Tensor], grads: list[Tensor], steps: list[Tensor]
         factor = -factor
     weight = one if step_weight is None else step_weight.to(device, torch.float32).reshape(())
     lr_value = lr.to(device, torch.float32).reshape(()) if isinstance(lr, Tensor) else one * lr
+    if decay_lr is None or decay_lr is lr:
+        decay_value = lr_value
+    else:
+        decay_value = decay_lr.to(device, torch.float32).reshape(()) if isinstance(decay_lr, Tensor) else one * decay_lr
     torch._foreach_add_(steps, 1 if step_weight is None else [step_weight.to(device)] * len(steps))
-    return torch.stack([factor, weight, lr_value]), weight, grads
+    return torch.stack([factor, weight, lr_value, decay_value]), weight, grads
+
+
+@functools.lru_cache(maxsize=16)
+def _numels(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    """The tensors' numbers of elements as a float64 [n, 1] device tensor (caution's LAMB_NUMEL column), copied once."""
+    return torch.tensor(numels, dtype=torch.float64).reshape(-1, 1).to(device)
+
+
+def _lamb_pending(squares: Tensor, apply: Callable[..., None], params: list[Tensor], caution: bool,
+                  decay: float) -> PendingUpdate:
+    """The PendingUpdate of LAMB's pass 1 (with caution: its columns and the number of elements, completed by
+    torchlamb.trust.cautious_update, which hands apply the factors k)."""
+    if not caution:
+        return PendingUpdate(squares, apply)
+    numels = _numels(tuple(p.numel() for p in params), squares.device)
+    return cautious_update(torch.cat([squares, numels], 1), apply, decay)
 
 
 def _lamb_corrections(steps: list[Tensor], beta1: float, beta2: float,
@@ -138,16 +160,18 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                     steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
                     weight_decay: float, bias_correction: BiasCorrection, decay_outside_ratio: bool, maximize: bool,
                     grad_factor: Tensor | None, step_weight: Tensor | None = None,
-                    copies: list[Tensor | None] | None = None) -> PendingUpdate:
+                    copies: list[Tensor | None] | None = None, caution: bool = False, decay_after_step: bool = False,
+                    decay_lr: float | Tensor | None = None) -> PendingUpdate:
     """LAMB's pass 1 in Triton for tensors on one device (the arguments of ``lamb._multi_tensor_lamb``), one launch
     per combination of dtypes; the PendingUpdate's ``apply(ratio)`` runs pass 2, which also writes ``copies[i]`` (a
     bfloat16/float16 parameter whose float32 master is ``params[i]``) from the updated master, rounded to nearest
     even."""
     device = params[0].device
-    scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
+    scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight, decay_lr)
     t, corrections = _lamb_corrections(steps, beta1, beta2, bias_correction)
-    decay_inside = 0.0 if decay_outside_ratio else weight_decay
+    decay_inside = 0.0 if decay_outside_ratio or decay_after_step else weight_decay
     decay_outside = bool(decay_outside_ratio and weight_decay != 0)
+    decay_after = bool(decay_after_step and weight_decay != 0)
     groups = launches(params, grads, [exp_avgs, exp_avg_sqs], device, copies)
     launch_corrections = {id(each): corrections[each.index].contiguous() for each in groups}
 
@@ -155,20 +179,24 @@ def lamb_first_pass(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         _lamb_pass1[each.grid](
             *each.pointers, each.chunks.numels, each.chunks.tensors, each.chunks.starts, launch_corrections[id(each)],
             scalars, partials, 1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay, PARAM=each.kind[0],
-            GRAD=each.kind[1], STATE=each.kind[2], DECAY_OUTSIDE=decay_outside, BLOCK=BLOCK)
+            GRAD=each.kind[1], STATE=each.kind[2], DECAY_OUTSIDE=decay_outside, BLOCK=BLOCK, CAUTION=caution)
 
-    def apply(ratio: Tensor) -> None:
+    def apply(ratio: Tensor, caution_scales: Tensor | None = None) -> None:
         scale = _lamb_scale(ratio, lr, weight, t, beta1, beta2, bias_correction)
+        factors = scale if caution_scales is None else caution_scales.to(device, torch.float32)
         for each in groups:
             if each.chunks.count:
-                param_pointers, _, m_pointers, v_pointers = each.pointers
+                param_pointers, grad_pointers, m_pointers, v_pointers = each.pointers
                 _lamb_pass2[each.grid](
                     param_pointers, m_pointers, v_pointers, each.copy["copy_pointers"], each.chunks.numels,
                     each.chunks.tensors, each.chunks.starts, launch_corrections[id(each)],
                     scale[each.index].contiguous(), eps, decay_inside, PARAM=each.kind[0], STATE=each.kind[2],
-                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], BLOCK=BLOCK)
+                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], BLOCK=BLOCK,
+                    grad_pointers=grad_pointers, scalars=scalars, caution_scales=factors[each.index].contiguous(),
+                    after_decay=weight_decay, GRAD=each.kind[1], CAUTION=caution, DECAY_AFTER=decay_after)
 
-    return PendingUpdate(_pass1(groups, len(params), 2, device, pass1), apply)
+    return _lamb_pending(_pass1(groups, len(params), 4 if caution else 2, device, pass1), apply, params, caution,
+                         decay_inside)
 
 
 def _lars_pass1_launcher(scalars: Tensor, weight_decay: float) -> Callable[[Launch, Tensor], None]:
@@ -214,14 +242,16 @@ def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
                          lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
                          bias_correction: BiasCorrection, decay_outside_ratio: bool, maximize: bool,
                          grad_factor: Tensor | None, step_weight: Tensor | None = None,
-                         copies: list[Tensor | None] | None = None) -> PendingUpdate:
+                         copies: list[Tensor | None] | None = None, caution: bool = False,
+                         decay_after_step: bool = False, decay_lr: float | Tensor | None = None) -> PendingUpdate:
     """LAMB's pass 1 in Triton on 8-bit moments (``states``: each tensor's state, with the codes and scales
     ``moments`` name), one program per block: m and √v are decoded, updated, stored as codes and scales, and ‖u‖²
     summed from the values as stored; the PendingUpdate's ``apply(ratio)`` runs pass 2, which decodes them again."""
     device = params[0].device
-    scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
+    scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight, decay_lr)
     t, corrections = _lamb_corrections(steps, beta1, beta2, bias_correction)
-    decay_inside = 0.0 if decay_outside_ratio else weight_decay
+    decay_inside = 0.0 if decay_outside_ratio or decay_after_step else weight_decay
+    decay_after = bool(decay_after_step and weight_decay != 0)
     first, second = moments
     (m_values, m_entries), (s_values, s_entries) = code_tables(first, device), code_tables(second, device)
     groups = launches(params, grads, [*_codes(states, first), *_codes(states, second)], device, copies,
@@ -233,20 +263,24 @@ def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
             *each.pointers, *each.chunks.table, launch_corrections[id(each)], scalars, partials, m_values, m_entries,
             s_values, s_entries, 1.0 - beta1, 1.0 - beta2, eps, decay_inside, weight_decay, PARAM=each.kind[0],
             GRAD=each.kind[1], M_ZERO=first.code.zero, S_ZERO=second.code.zero,
-            DECAY_OUTSIDE=bool(decay_outside_ratio and weight_decay != 0), QBLOCK=QBLOCK)
+            DECAY_OUTSIDE=bool(decay_outside_ratio and weight_decay != 0), QBLOCK=QBLOCK, CAUTION=caution)
 
-    def apply(ratio: Tensor) -> None:
+    def apply(ratio: Tensor, caution_scales: Tensor | None = None) -> None:
         scale = _lamb_scale(ratio, lr, weight, t, beta1, beta2, bias_correction)
+        factors = scale if caution_scales is None else caution_scales.to(device, torch.float32)
         for each in groups:
             if each.chunks.count:
-                param_pointers, _, m_codes, m_absmax, s_codes, s_absmax = each.pointers
+                param_pointers, grad_pointers, m_codes, m_absmax, s_codes, s_absmax = each.pointers
                 _lamb8_pass2[each.grid](
                     param_pointers, m_codes, m_absmax, s_codes, s_absmax, each.copy["copy_pointers"],
                     *each.chunks.table, launch_corrections[id(each)], scale[each.index].contiguous(), m_values,
                     s_values, eps, decay_inside, PARAM=each.kind[0], COPY=each.copy["COPY"],
-                    HAS_COPY=each.copy["HAS_COPY"], QBLOCK=QBLOCK)
+                    HAS_COPY=each.copy["HAS_COPY"], QBLOCK=QBLOCK, grad_pointers=grad_pointers, scalars=scalars,
+                    caution_scales=factors[each.index].contiguous(), after_decay=weight_decay, GRAD=each.kind[1],
+                    CAUTION=caution, DECAY_AFTER=decay_after)
 
-    return PendingUpdate(_pass1(groups, len(params), 2, device, pass1), apply)
+    return _lamb_pending(_pass1(groups, len(params), 4 if caution else 2, device, pass1), apply, params, caution,
+                         decay_inside)
 
 
 def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],

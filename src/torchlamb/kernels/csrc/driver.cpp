@@ -32,10 +32,11 @@ constexpr int64_t kBlock = 1024;
 // touched last, which are still in cache.
 constexpr int64_t kChunk = 16384;
 
-// The sums of squares pass 1 returns for a range of a tensor; lamb.cpp and lars.cpp name their columns.
-using Sums = std::array<double, 3>;
+// The sums of squares pass 1 returns for a range of a tensor; lamb.cpp and lars.cpp name their columns (the fourth
+// is used by LAMB's caution only).
+using Sums = std::array<double, 4>;
 
-Sums add(const Sums& a, const Sums& b) { return {a[0] + b[0], a[1] + b[1], a[2] + b[2]}; }
+Sums add(const Sums& a, const Sums& b) { return {a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]}; }
 
 // The trust stage of torchlamb.trust.trust_ratio, for one tensor (the tests hold the two to the same values).
 struct Trust {
@@ -62,6 +63,7 @@ struct Trust {
 // What pass 2 of tensor i needs: its norms, its ratio and the numbers of its update.
 struct Stats {
   double weight_norm = 0, update_norm = 0, ratio = 1, c1 = 1, c2 = 1, scale = 0;
+  double caution = 1;  // LAMB's caution: the factor k of a⊙M
 };
 
 // A step runs in one call (kWhole) where every tensor is whole on this process. Where tensors are sharded across
@@ -71,8 +73,8 @@ enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 
 // The driver. For every tensor i: pass 1 (sums = Σ pass1(i, begin, end) over its elements), then
 // finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (pass2(i, begin, end, stats) over its elements).
-// kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the sums of
-// pass 1; kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
+// kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the first
+// `columns` sums of pass 1 ([n, columns]); kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
 // Ranges begin at multiples of `align` elements, or with `rows` (8-bit state: each tensor's row length) at the
 // starts of blocks of `align` elements laid out within rows: each block is quantized whole by one thread.
 //
@@ -81,9 +83,10 @@ enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 template <typename Pass1, typename Finish, typename Pass2>
 torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Pass1& pass1,
                           const Finish& finish, const Pass2& pass2, int64_t align = 1,
-                          const std::vector<int64_t>* rows = nullptr) {
+                          const std::vector<int64_t>* rows = nullptr, int64_t columns = 3) {
   const int64_t n = static_cast<int64_t>(params.size());
-  auto result = torch::zeros({phase == kApply ? 0 : n, 3}, torch::kFloat64);
+  const int64_t width = phase == kNorms ? columns : 3;
+  auto result = torch::zeros({phase == kApply ? 0 : n, width}, torch::kFloat64);
   double* out = result.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, kGrain / align), chunk = std::max<int64_t>(1, kChunk / align);
   // One tensor, or a range of it split among threads by `split` (parallel_reduce and parallel_for split alike),
@@ -95,10 +98,10 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
     auto element = [&](int64_t unit) {
       return rows ? unit / per_row * row + std::min(row, unit % per_row * align) : std::min(numel, unit * align);
     };
-    Sums sums{0, 0, 0};
+    Sums sums{0, 0, 0, 0};
     if (phase != kApply) {
       sums = split ? at::parallel_reduce(
-                         0, units, grain, Sums{0, 0, 0},
+                         0, units, grain, Sums{0, 0, 0, 0},
                          [&](int64_t begin, int64_t end, Sums acc) {
                            return add(acc, pass1(i, element(begin), element(end)));
                          },
@@ -106,7 +109,7 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
                    : pass1(i, 0, numel);
     }
     if (phase == kNorms) {
-      std::copy(sums.begin(), sums.end(), out + 3 * i);
+      std::copy(sums.begin(), sums.begin() + width, out + width * i);
       return;
     }
     const Stats stats = finish(i, sums);
