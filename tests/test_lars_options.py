@@ -13,7 +13,8 @@ from torch import nn
 import torchlamb
 from torchlamb import LARS_PRESETS, Lars
 
-PATHS = [{"foreach": False}, {"foreach": True}]
+# The fused C++ kernels (fused=True on CPU tensors) take every option too.
+PATHS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
 
 
 def one_tensor(grad_values, **options):
@@ -29,7 +30,7 @@ def one_tensor(grad_values, **options):
     return seen, optimizer
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_lr_inside_the_momentum_keeps_each_steps_lr(path):
     # g = (0.6, 0.8): ‖g‖ = 1, η = 1, λ = 0: r = ‖θ‖/‖g‖ = 5, r·u = (3, 4). Two steps at lr 0.1 then 0.01, μ = 0.5.
     steps = [([0.6, 0.8], 0.1), ([0.6, 0.8], 0.01)]
@@ -50,7 +51,7 @@ def test_lr_inside_the_momentum_keeps_each_steps_lr(path):
     assert (inside[1] - outside[1]).abs().max() > 1e-3  # and different once the lr moved
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_dampening_leaves_the_first_step_undampened(path):
     steps = [([0.6, 0.8], 0.1)] * 3
     dampened, optimizer = one_tensor(steps, momentum=0.9, dampening=0.5, trust_coefficient=1.0, **path)
@@ -64,7 +65,7 @@ def test_dampening_leaves_the_first_step_undampened(path):
         torch.testing.assert_close(expected, sgd_theta.detach(), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_larc_clip_caps_the_local_rate_at_the_global_one(path):
     # r = 5 with η = 1: at lr 0.1 < r the clip gives r/lr → 1, so the step is lr·u; at lr 10 > r it keeps r/lr = 0.5.
     for larc_clip in (True, "computed"):
@@ -74,7 +75,7 @@ def test_larc_clip_caps_the_local_rate_at_the_global_one(path):
             assert optimizer.trust_stats[0].trust_ratio.item() == pytest.approx(expected_ratio, rel=1e-14)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_larc_clip_of_the_fallback_ratio_is_timms_not_apexs(path):
     # A zero-initialised tensor falls back to r = 1; at lr 4 timm's clip still divides (r = 1/4), apex's does not.
     for larc_clip, expected_ratio in [(True, 0.25), ("computed", 1.0)]:
@@ -86,14 +87,14 @@ def test_larc_clip_of_the_fallback_ratio_is_timms_not_apexs(path):
         torch.testing.assert_close(theta.detach(), -4.0 * expected_ratio * theta.grad, rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_larc_clip_with_a_tensor_lr_stays_on_the_device(path):
     _, optimizer = one_tensor([([0.6, 0.8], torch.tensor(10.0, dtype=torch.float64))], momentum=0.0,
                               trust_coefficient=1.0, larc_clip=True, **path)
     assert optimizer.trust_stats[0].trust_ratio.item() == pytest.approx(0.5, rel=1e-14)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_zero_fallback_on_the_gradient(path):
     # g = 0, λ = 0.1: the split denominator λ‖θ‖ = 0.5 is not 0, so "denominator" gives r = η‖θ‖/0.5 = 10, "grad"
     # falls back to r = 1 (MLPerf, timm, LARC).
@@ -157,7 +158,7 @@ def test_bad_preset_input_is_named():
         Lars.from_preset("optax", params, lr=torch.tensor([0.1, 0.2]))
 
 
-@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach"])
+@pytest.mark.parametrize("path", PATHS, ids=["single_tensor", "foreach", "fused"])
 def test_resuming_with_the_lr_inside_the_momentum_is_exact(path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 1))

@@ -4,6 +4,9 @@ against the float64 reference (tests/reference.py) on one fixed problem of two g
 bfloat16 and float16 run with master weights: their float32 masters must follow the reference as float32 does, and
 the parameters must be the masters rounded. (test_reference.py covers random problems, including bfloat16 without
 master weights.)
+
+Lars runs change the lr at every step (LARS_LR_FACTORS): whether the lr is inside the momentum buffer or multiplies it
+only shows when the lr changes.
 """
 
 from __future__ import annotations
@@ -39,7 +42,19 @@ LARS_OPTIONS = {
     "clipping": dict(max_grad_norm=0.3, trust_clip=(0.0, 2.0)),
     "no_adapt": dict(adapt=False),
     "nesterov_split": dict(nesterov=True, denominator="split"),
+    "lr_inside_nesterov": dict(lr_inside_momentum=True, nesterov=True),
+    "dampening": dict(dampening=0.3),
+    # η = 0.3: r is above the lr for some tensors and steps (clipped to 1), below it for others (r/lr).
+    "larc_clip": dict(larc_clip=True, trust_coefficient=0.3),
+    # lr up to 3: a fallback r = 1 (the zero-initialised bias) stays 1 here where larc_clip=True gives 1/lr.
+    "larc_computed": dict(larc_clip="computed", trust_coefficient=0.3, lr=1.5),
+    "mlperf": dict(denominator="split", trust_eps=1e-7, zero_fallback="grad", lr_inside_momentum=True),
 }
+# test_lars_matrix's second group: no decay, no ratio; with zero_fallback="grad" the second group decays and adapts,
+# so that its all-zero gradient (problem()) takes r = 1 where the split denominator λ‖θ‖ would give η/λ.
+LARS_SECOND_GROUP = {"default": {"weight_decay": 0.0, "adapt": False}, "mlperf": {}}
+# The lr of each Lars step, as factors of each group's lr.
+LARS_LR_FACTORS = (1.0, 0.3, 2.0, 0.6)
 # Options a group sets itself (not constructor arguments): Lamb's max_lr (the constructor's lr by default).
 GROUP_ONLY = ("max_lr",)
 
@@ -72,10 +87,16 @@ def run_case(optimizer_class, dtype, path, options, group_options, device="cpu")
     master = dtype in (torch.bfloat16, torch.float16)
     groups = [{"params": ts, **extra} for ts, extra in zip(tensors, group_options)]
     optimizer = optimizer_class(groups, **options, master_weights=master, **PATHS[path])
-    for step_grads in grads:
+    # Each step's lr per group: Lars's changes (LARS_LR_FACTORS), Lamb's stays.
+    factors = LARS_LR_FACTORS if optimizer_class is Lars else (1.0,) * len(grads)
+    lrs = [[group["lr"] * factor for group in optimizer.param_groups] for factor in factors]
+    for step_grads, step_lrs in zip(grads, lrs):
         for ts, gs in zip(tensors, step_grads):
             for t, g in zip(ts, gs):
                 t.grad = g.to(device, copy=True)
+        if optimizer_class is Lars:
+            for group, lr in zip(optimizer.param_groups, step_lrs):
+                group["lr"] = lr
         optimizer.step()
 
     reference_class, group_class = (ReferenceLamb, RefGroup) if optimizer_class is Lamb else \
@@ -83,7 +104,9 @@ def run_case(optimizer_class, dtype, path, options, group_options, device="cpu")
     as_array = lambda t: t.double().numpy()  # noqa: E731 - the reference starts from the same rounded values
     reference = reference_class([group_class(params=[as_array(p) for p in group], **{**options, **extra})
                                  for group, extra in zip(params, group_options)])
-    for step_grads in grads:
+    for step_grads, step_lrs in zip(grads, lrs):
+        for group, lr in zip(reference.groups, step_lrs):
+            group.lr = lr
         reference.step([[as_array(g) for g in gs] for gs in step_grads])
     for ts, expected_group in zip(tensors, reference.groups):
         for t, expected in zip(ts, expected_group.params):
@@ -109,4 +132,4 @@ def test_lamb_matrix(dtype, path, option):
 @pytest.mark.parametrize("option", list(LARS_OPTIONS))
 def test_lars_matrix(dtype, path, option):
     options = {"lr": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.02, **LARS_OPTIONS[option]}
-    run_case(Lars, dtype, path, options, [{}, {"weight_decay": 0.0, "adapt": False}])
+    run_case(Lars, dtype, path, options, [{}, LARS_SECOND_GROUP.get(option, LARS_SECOND_GROUP["default"])])

@@ -255,6 +255,36 @@ def test_step_never_reads_device_values_on_the_host(optimizer_class, foreach):
     assert detector.syncs
 
 
+@pytest.mark.parametrize("path", ["single_tensor", "foreach", "triton"])
+def test_lars_options_with_a_tensor_lr_never_read_device_values_on_the_host(path, monkeypatch):
+    # larc_clip divides by the tensor lr, the lr inside the momentum multiplies the buffer's increment and dampening
+    # reads the step counts: all on the device. "triton": its kernels in Triton's interpreter on CPU tensors.
+    calls = []
+    if path == "triton":
+        from switches import set_triton_on_cpu
+        from torchlamb import kernels
+
+        module = kernels.triton_module()
+        if module is None:
+            pytest.skip("triton is not installed")
+        set_triton_on_cpu(monkeypatch)
+        first_pass = module.lars_first_pass
+        monkeypatch.setattr(module, "lars_first_pass", lambda *args, **kw: calls.append(1) or first_pass(*args, **kw))
+    model = make_model()
+    lr = torch.tensor(0.5)
+    optimizer = Lars(param_groups(model), lr=lr, weight_decay=0.01, trust_coefficient=0.3, denominator="split",
+                     lr_inside_momentum=True, dampening=0.2, larc_clip=True, zero_fallback="grad",
+                     max_grad_norm=0.5, **({"foreach": path == "foreach"} if path != "triton" else {"fused": True}))
+    train(model, optimizer, 1)
+    lr.fill_(0.2)
+    model(torch.randn(8, 6)).sum().backward()
+    with _HostSyncDetector() as detector:
+        optimizer.step()
+    assert detector.syncs == []
+    assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
+    assert len(calls) == (4 if path == "triton" else 0)  # two groups (param_groups), two steps
+
+
 @OPTIMIZERS
 def test_amp_grad_scaler_default_unscale_path_skips_overflow(optimizer_class):
     model = make_model()

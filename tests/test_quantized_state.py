@@ -258,6 +258,38 @@ def test_lars_8bit_equals_the_reference_storing_an_8bit_buffer(options, path, op
     assert_moved_like(tensors, expected, params, 1e-3)
 
 
+@PATHS
+def test_lars_8bit_options_with_a_changing_lr_equal_the_reference(path, options_of):
+    """The lr inside the momentum, dampening, larc_clip and zero_fallback="grad" on the 8-bit buffer, with the lr
+    changing at every step (where it enters shows only then), against the reference storing an 8-bit buffer."""
+    params, grads = problem(seed=4, steps=3, shapes=TRITON_SHAPES) if path == "triton" else problem(seed=4, steps=6)
+    grads[1][0].zero_()  # zero_fallback="grad": r = 1 (then 1 after larc_clip), where λ‖θ‖ would give η/λ = 0.1
+    lrs = [1.0, 0.3, 2.0, 0.5, 0.05, 1.5][:len(grads)]
+    options = dict(momentum=0.9, trust_coefficient=0.001, weight_decay=0.01, denominator="split",
+                   lr_inside_momentum=True, dampening=0.2, larc_clip=True, zero_fallback="grad")
+    path_options, calls = options_of(path, Lars)
+    tensors = [p.clone().requires_grad_() for p in params]
+    optimizer = Lars(tensors, lr=lrs[0], state_dtype="8bit", **options, **path_options)
+    reference = ref.ReferenceLars([ref.RefLarsGroup(params=[p.double().numpy() for p in params], **options)])
+    group = reference.groups[0]
+    group.store = eight_bit_buffer
+    ratios, expected_ratios = [], []
+    for lr, step_grads in zip(lrs, grads):
+        optimizer.param_groups[0]["lr"] = group.lr = lr
+        for tensor, grad in zip(tensors, step_grads):
+            tensor.grad = grad.clone()
+        optimizer.step()
+        reference.step([[g.double().numpy() for g in step_grads]])
+        ratios.append(optimizer.trust_stats[0].trust_ratio.clone())
+        expected_ratios.append(reference.trust_ratios[0])
+    assert len(calls) == (len(grads) if path == "triton" else 0)
+    assert "momentum_buffer_codes" in optimizer.state[tensors[0]]
+    assert expected_ratios[1][0] == 1.0
+    torch.testing.assert_close(torch.stack(ratios).double(), torch.tensor(expected_ratios, dtype=torch.float64),
+                               rtol=5e-5, atol=0)
+    assert_moved_like(tensors, [torch.from_numpy(p) for p in group.params], params, 1e-3)
+
+
 @pytest.mark.skipif(kernels.triton_module() is None, reason="triton is not installed")
 def test_on_the_triton_path_float_and_8bit_tensors_take_their_own_kernels(monkeypatch):
     """On CUDA (here: Triton's interpreter on CPU tensors) a group's float-state tensors run in the float Triton

@@ -39,13 +39,22 @@ def lamb_options(draw) -> dict:
 def lars_options(draw) -> dict:
     # lr·η, the relative step of an adapted tensor, stays <= 0.5 as Lamb's lr does.
     trust_coefficient = draw(st.sampled_from([0.001, 0.02, 1.0]))
+    lr = draw(st.floats(1e-3, 0.5)) / max(trust_coefficient, 0.25)
+    nesterov = draw(st.booleans())
     return dict(
-        lr=draw(st.floats(1e-3, 0.5)) / max(trust_coefficient, 0.25),
+        lr=lr,
         momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
         weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.01, 0.1])),
         trust_coefficient=trust_coefficient,
-        nesterov=draw(st.booleans()),
+        nesterov=nesterov,
         denominator=draw(st.sampled_from(["combined", "split"])),
+        lr_inside_momentum=draw(st.booleans()),
+        dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
+        larc_clip=draw(st.sampled_from([False, True, "computed"])),
+        zero_fallback=draw(st.sampled_from(["denominator", "grad"])),
+        # The lr of each step (run_optimizer and run_reference set it): where the lr enters (inside the momentum or
+        # outside) only shows when it changes.
+        lrs=[lr * draw(st.sampled_from([1.0, 0.5, 2.0, 0.1])) for _ in range(4)],
     )
 
 
@@ -110,17 +119,25 @@ def run_optimizer(name, dtype, groups, grads, foreach=None, path=None, discard_r
     """Run the optimizer on the problem; return the final parameters and the optimizer. ``discard_rounded``: inside
     a hypothesis test, discard the examples described by assume_no_rounding_to_zero."""
     tensors = [[to_torch(p, dtype).requires_grad_() for p in g["params"]] for g in groups]
-    torch_groups = [{**g, "params": ts} for g, ts in zip(groups, tensors)]
+    torch_groups = [{**without_lrs(g), "params": ts} for g, ts in zip(groups, tensors)]
     options = PATHS[path] if path is not None else {"foreach": foreach}
     optimizer = CASES[name][0](torch_groups, **options)
-    for step_grads in grads:
+    for step, step_grads in enumerate(grads):
         for ts, gs in zip(tensors, step_grads):
             for t, g in zip(ts, gs):
                 t.grad = None if g is None else to_torch(g, dtype)
+        for group, drawn in zip(optimizer.param_groups, groups):
+            if "lrs" in drawn:
+                group["lr"] = drawn["lrs"][step]
         optimizer.step()
         if discard_rounded:
             assume_no_rounding_to_zero(optimizer)
     return tensors, optimizer
+
+
+def without_lrs(group: dict) -> dict:
+    """A drawn group's options without ``lrs``, the lr of each step where it changes (Lars)."""
+    return {key: value for key, value in group.items() if key != "lrs"}
 
 
 def assume_no_rounding_to_zero(optimizer):
@@ -142,8 +159,12 @@ def run_reference(name, dtype, groups, grads):
     # The reference starts from the same (possibly rounded) values the optimizer sees.
     rounded = lambda a: None if a is None else to_torch(a, dtype).double().numpy()  # noqa: E731
     _, reference_class, group_class, _ = CASES[name]
-    reference = reference_class([group_class(**{**g, "params": [rounded(p) for p in g["params"]]}) for g in groups])
-    for step_grads in grads:
+    reference = reference_class([group_class(**{**without_lrs(g), "params": [rounded(p) for p in g["params"]]})
+                                 for g in groups])
+    for step, step_grads in enumerate(grads):
+        for group, drawn in zip(reference.groups, groups):
+            if "lrs" in drawn:
+                group.lr = drawn["lrs"][step]
         reference.step([[rounded(g) for g in gs] for gs in step_grads])
     return reference
 

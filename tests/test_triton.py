@@ -85,8 +85,8 @@ def test_triton_path_follows_the_float64_reference(triton_on_cpu, optimizer_clas
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("optimizer_class", "option"), [(Lamb, "defaults"), (Lamb, "pytorch_optimizer"),
                                                          (Lamb, "deepspeed"), (Lamb, "caution"), (Lamb, "bnb"),
-                                                         (Lars, "defaults"),
-                                                         (Lars, "nesterov_split")], ids=str)
+                                                         (Lars, "defaults"), (Lars, "nesterov_split"),
+                                                         (Lars, "dampening"), (Lars, "mlperf")], ids=str)
 def test_triton_path_equals_the_fused_cpu_kernels(triton_on_cpu, optimizer_class, option, dtype, monkeypatch):
     # Both compute in float32 and round each stored value once; only sums' order differs (norms, hence ratios).
     params, grads = odd_problem(dtype)
@@ -294,3 +294,31 @@ def test_lars_pass_2_reads_gradients_that_are_still_alive(state_dtype, monkeypat
     set_triton_on_cpu(monkeypatch, False)
     for a, b in zip(triton, run(foreach=True)):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_lars_lr_inside_and_dampening_resume_bitwise_with_a_changing_lr(triton_on_cpu):
+    # The buffer holds lr-scaled steps and the dampening factor comes from the step counts on the device: a
+    # state_dict round trip after 2 steps resumes bitwise identical to not stopping.
+    params, grads = odd_problem()
+    options = dict(lr_inside_momentum=True, dampening=0.3, larc_clip=True, zero_fallback="grad",
+                   trust_coefficient=0.3)
+    lrs = (0.5, 0.1, 1.0)
+
+    def steps(tensors, optimizer, lrs, step_grads):
+        for lr, gs in zip(lrs, step_grads):
+            optimizer.param_groups[0]["lr"] = lr
+            for tensor, grad in zip(tensors, gs):
+                tensor.grad = grad.clone()
+            optimizer.step()
+
+    straight = [p.clone().requires_grad_() for p in params]
+    steps(straight, make(Lars, straight, **options), lrs, grads)
+    first = [p.clone().requires_grad_() for p in params]
+    first_optimizer = make(Lars, first, **options)
+    steps(first, first_optimizer, lrs[:2], grads[:2])
+    resumed = [t.detach().clone().requires_grad_() for t in first]
+    optimizer = make(Lars, resumed, **options)
+    optimizer.load_state_dict(first_optimizer.state_dict())
+    steps(resumed, optimizer, lrs[2:], grads[2:])
+    assert len(triton_on_cpu) == 6
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))

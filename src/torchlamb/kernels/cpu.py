@@ -93,7 +93,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v15_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v16_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
@@ -154,16 +154,23 @@ def _gradient_multiplier(maximize: bool, grad_factor: Tensor | None) -> float:
 
 
 def _trust_arguments(adapt: bool, weight_norm_clip: Any, trust_clip: Any, trust_eps: float,
-                     trust_coefficient: float | None = None, larc_lr: float | Tensor | None = None) -> list[Any]:
+                     trust_coefficient: float | None = None) -> list[Any]:
     """:func:`torchlamb.trust.trust_ratio`'s options as the kernels take them: no clip is the range (−∞, ∞)."""
     unbounded = (-math.inf, math.inf)
     weight_lo, weight_hi = weight_norm_clip or unbounded
     ratio_lo, ratio_hi = trust_clip or unbounded
     numbers = [float(x) for x in (weight_lo, weight_hi, ratio_lo, ratio_hi)]
     coefficient = [] if trust_coefficient is None else [float(trust_coefficient)]
-    if larc_lr is not None:
-        raise NotImplementedError("larc_clip in the fused CPU kernels")  # interim: the kernels follow
     return [adapt, *numbers, *coefficient, float(trust_eps)]
+
+
+def _lars_trust_arguments(larc_lr: float | Tensor | None = None, larc_clips_fallback: bool = True,
+                          **trust_options: Any) -> list[Any]:
+    """Lars's trust options as its kernels take them: trust_ratio's, then larc_clip (on when ``larc_lr`` is given),
+    the lr it divides by and whether it clips the fallback ratio too. Reading a CPU tensor lr's value is not a device
+    synchronisation."""
+    return [*_trust_arguments(**trust_options), larc_lr is not None, 0.0 if larc_lr is None else float(larc_lr),
+            bool(larc_clips_fallback)]
 
 
 def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -198,11 +205,10 @@ def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
           steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
           split_denominator: bool, lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool,
           maximize: bool, grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
-    if lr_inside_momentum or dampening != 0 or fallback_on_grad:
-        raise NotImplementedError("these Lars options in the fused CPU kernels")  # interim: the kernels follow
     return load().lars_step(
         params, grads, momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov, split_denominator,
-        _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase, ratios)
+        lr_inside_momentum, float(dampening), fallback_on_grad, _gradient_multiplier(maximize, grad_factor),
+        *_lars_trust_arguments(**trust_options), phase, ratios)
 
 
 def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Tensor], grads: list[Tensor],
@@ -298,12 +304,11 @@ def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
                momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool,
                lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool, maximize: bool,
                grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
-    if lr_inside_momentum or dampening != 0 or fallback_on_grad:
-        raise NotImplementedError("these Lars options in the fused CPU kernels")  # interim: the kernels follow
     return load().lars_step_8bit(
         params, grads, *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum, weight_decay, nesterov,
-        split_denominator, _gradient_multiplier(maximize, grad_factor), *_trust_arguments(**trust_options), phase,
-        ratios, _row_lengths(params))
+        split_denominator, lr_inside_momentum, float(dampening), fallback_on_grad,
+        _gradient_multiplier(maximize, grad_factor), *_lars_trust_arguments(**trust_options), phase, ratios,
+        _row_lengths(params))
 
 
 def lamb_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],

@@ -190,9 +190,11 @@ def _lars_pass1(param_pointers, grad_pointers, numels, chunk_tensors, chunk_star
 def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, copy_pointers, numels, chunk_tensors, chunk_starts,
                 scalars, ratios, weight_decay, momentum, NESTEROV: tl.constexpr, PARAM: tl.constexpr,
                 GRAD: tl.constexpr, STATE: tl.constexpr, COPY: tl.constexpr, HAS_COPY: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, LR_INSIDE: tl.constexpr):
     """b ← μb + r·u, θ ← θ − lr·(b, or r·u + μb with Nesterov); u = g + λθ recomputed as in pass 1. On a skipped
-    step (step weight 0, so r = 0 here) b ← b and θ ← θ."""
+    step (step weight 0, so r = 0 here) b ← b and θ ← θ. The per-tensor ``ratios`` are what multiplies u on its way
+    into the buffer (r, or c·lr·r with the lr inside the momentum and dampening; × the step weight); LR_INSIDE: θ moves
+    by the direction itself, θ ← θ − d."""
     tensor, offsets, mask = _this_chunk(numels, chunk_tensors, chunk_starts, BLOCK)
     step_weight = tl.load(scalars + STEP_WEIGHT)
     lr = tl.load(scalars + LR)
@@ -207,7 +209,10 @@ def _lars_pass2(param_pointers, grad_pointers, buffer_pointers, copy_pointers, n
         direction = scaled + momentum * buffer
     else:
         direction = buffer
-    theta = _store(param_pointers, tensor, offsets, mask, theta - (lr * step_weight) * direction, PARAM)
+    if LR_INSIDE:
+        theta = _store(param_pointers, tensor, offsets, mask, theta - step_weight * direction, PARAM)
+    else:
+        theta = _store(param_pointers, tensor, offsets, mask, theta - (lr * step_weight) * direction, PARAM)
     if HAS_COPY:  # master weights: the low-precision parameter, written from the float32 master
         _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 
@@ -344,7 +349,8 @@ def _lamb8_pass2(param_pointers, m_codes, m_absmax, s_codes, s_absmax, copy_poin
 def _lars8_pass2(param_pointers, grad_pointers, b_codes, b_absmax, copy_pointers, block_tensors, block_starts,
                  block_lengths, block_indices, scalars, ratios, values, entries, weight_decay, momentum,
                  NESTEROV: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, ZERO: tl.constexpr,
-                 COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr):
+                 COPY: tl.constexpr, HAS_COPY: tl.constexpr, QBLOCK: tl.constexpr, LR_INSIDE: tl.constexpr):
+    """_lars_pass2 on an 8-bit buffer: θ moves by the buffer as stored (``ratios`` and LR_INSIDE as there)."""
     tensor, block, offsets, mask = _this_block(block_tensors, block_starts, block_lengths, block_indices, QBLOCK)
     step_weight = tl.load(scalars + STEP_WEIGHT)
     lr = tl.load(scalars + LR)
@@ -357,7 +363,10 @@ def _lars8_pass2(param_pointers, grad_pointers, b_codes, b_absmax, copy_pointers
     b = _encode_store(momentum * b + scaled, b_codes, b_absmax, tensor, offsets, mask, block, step_weight, values,
                       entries, ZERO, False)
     direction = scaled + momentum * b if NESTEROV else b
-    theta = _store(param_pointers, tensor, offsets, mask, theta - lr * step_weight * direction, PARAM)
+    if LR_INSIDE:
+        theta = _store(param_pointers, tensor, offsets, mask, theta - step_weight * direction, PARAM)
+    else:
+        theta = _store(param_pointers, tensor, offsets, mask, theta - lr * step_weight * direction, PARAM)
     if HAS_COPY:
         _store(copy_pointers, tensor, offsets, mask, theta, COPY)
 

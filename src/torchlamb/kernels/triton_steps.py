@@ -9,7 +9,9 @@ in between, as on the other paths. Pass 2 (one launch) recomputes u from θ, m a
 values, and applies θ ← θ − lr·r·u.
 
 LARS: pass 1 reads θ and g for ‖θ‖², ‖g‖² and ‖g + λθ‖²; pass 2 reads θ, g and the momentum buffer b and writes
-b ← μb + r·(g + λθ) and θ ← θ − lr·b (Nesterov: θ − lr·(r·(g + λθ) + μb)).
+b ← μb + r·(g + λθ) and θ ← θ − lr·b (Nesterov: θ − lr·(r·(g + λθ) + μb)). With the lr inside the momentum,
+b ← μb + lr·r·(g + λθ) and θ ← θ − b; with dampening, the buffer's increment is times 1 − dampening after a tensor's
+first step: the per-tensor factors are computed on the device from the step counts (_lars_ratios).
 
 The kernels are in ``triton_kernels``; the tables through which they reach the tensors of a launch (pointers, chunks,
 blocks; built once and cached) in ``triton_tables``; this module launches them for a step. Everything
@@ -122,9 +124,19 @@ def _lamb_scale(ratio: Tensor, lr: float | Tensor, weight: Tensor, t: Tensor, be
     return (scale * weight.double()).to(torch.float32)
 
 
-def _weighted_ratios(ratio: Tensor, weight: Tensor) -> Tensor:
-    """LARS's pass 2 ratios r × the step weight, as float32."""
-    return (ratio.to(weight.device, torch.float64) * weight.double()).to(torch.float32)
+def _lars_ratios(ratio: Tensor, weight: Tensor, steps: list[Tensor], lr: float | Tensor, lr_inside_momentum: bool,
+                 dampening: float) -> Tensor:
+    """What LARS's pass 2 multiplies u by on its way into the buffer, per tensor, in float64 then as float32: the
+    ratio r (lr·r with the lr inside the momentum), times 1 − dampening after a tensor's first step (its count, this
+    step included, is 1 at the first: torch.optim.SGD adds the first step undampened), times the step weight. All on
+    the device: nothing is read on the host. By default r × the step weight, as before these options."""
+    scale = ratio.to(weight.device, torch.float64)
+    if lr_inside_momentum:
+        scale = scale * (lr.to(weight.device, torch.float64) if isinstance(lr, Tensor) else lr)
+    if dampening != 0:
+        first = torch.stack([step.to(weight.device) for step in steps]) == 1
+        scale = scale * torch.full_like(scale, 1.0 - dampening).masked_fill_(first, 1.0)
+    return (scale * weight.double()).to(torch.float32)
 
 
 def _pass1(launches_: list[Launch], n: int, columns: int, device: torch.device,
@@ -206,22 +218,21 @@ def lars_first_pass(params: list[Tensor], grads: list[Tensor], momentum_buffers:
     """LARS's pass 1 in Triton (the arguments of ``lars._multi_tensor_lars``; both denominators' columns are
     summed, ``split_denominator`` is the trust stage's to read): ‖θ‖², ‖g‖², ‖g + λθ‖² per tensor, reading θ and g
     only; the PendingUpdate's ``apply(ratio)`` runs pass 2 (momentum buffer and θ, and ``copies`` as for
-    :func:`lamb_first_pass`)."""
-    if lr_inside_momentum or dampening != 0:
-        raise NotImplementedError("these Lars options in the Triton kernels")  # interim: the kernels follow
+    :func:`lamb_first_pass`). ``fallback_on_grad`` is the trust stage's too (pass 1 sums ‖g‖² always)."""
     device = params[0].device
     scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
     groups = launches(params, grads, [momentum_buffers], device, copies)
 
     def apply(ratio: Tensor) -> None:
-        ratios = _weighted_ratios(ratio, weight)
+        ratios = _lars_ratios(ratio, weight, steps, lr, lr_inside_momentum, dampening)
         for each in groups:
             if each.chunks.count:
                 _lars_pass2[each.grid](
                     *each.pointers, each.copy["copy_pointers"], each.chunks.numels, each.chunks.tensors,
                     each.chunks.starts, scalars, ratios[each.index].contiguous(), weight_decay, momentum,
                     NESTEROV=bool(nesterov), PARAM=each.kind[0], GRAD=each.kind[1], STATE=each.kind[2],
-                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], BLOCK=BLOCK)
+                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], BLOCK=BLOCK,
+                    LR_INSIDE=bool(lr_inside_momentum))
 
     return PendingUpdate(_pass1(groups, len(params), 3, device, _lars_pass1_launcher(scalars, weight_decay)), apply)
 
@@ -280,9 +291,7 @@ def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
                          copies: list[Tensor | None] | None = None) -> PendingUpdate:
     """LARS's pass 1 in Triton (the norms; it does not read the buffer), then, in ``apply(ratio)``, pass 2 on the
     8-bit momentum buffer, one program per block: b decoded, b ← μb + r·u stored as codes and a scale, θ moved by
-    the buffer as stored."""
-    if lr_inside_momentum or dampening != 0:
-        raise NotImplementedError("these Lars options in the Triton kernels")  # interim: the kernels follow
+    the buffer as stored (the options as for :func:`lars_first_pass`)."""
     device = params[0].device
     scalars, weight, grads = _step_scalars(params, grads, steps, lr, maximize, grad_factor, step_weight)
     squares = _pass1(launches(params, grads, [], device), len(params), 3, device,
@@ -291,13 +300,14 @@ def lars_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list
     groups = launches(params, grads, _codes(states, buffer), device, copies, by_block=True)
 
     def apply(ratio: Tensor) -> None:
-        ratios = _weighted_ratios(ratio, weight)
+        ratios = _lars_ratios(ratio, weight, steps, lr, lr_inside_momentum, dampening)
         for each in groups:
             if each.chunks.count:
                 _lars8_pass2[each.grid](
                     *each.pointers, each.copy["copy_pointers"], *each.chunks.table, scalars,
                     ratios[each.index].contiguous(), values, entries, weight_decay, momentum,
                     NESTEROV=bool(nesterov), PARAM=each.kind[0], GRAD=each.kind[1], ZERO=buffer.code.zero,
-                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], QBLOCK=QBLOCK)
+                    COPY=each.copy["COPY"], HAS_COPY=each.copy["HAS_COPY"], QBLOCK=QBLOCK,
+                    LR_INSIDE=bool(lr_inside_momentum))
 
     return PendingUpdate(squares, apply)

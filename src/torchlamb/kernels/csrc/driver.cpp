@@ -42,12 +42,21 @@ Sums add(const Sums& a, const Sums& b) { return {a[0] + b[0], a[1] + b[1], a[2] 
 struct Trust {
   bool adapt;
   double weight_lo, weight_hi, ratio_lo, ratio_hi, coefficient, eps;
+  // LARS's larc_clip (apex LARC's clip mode, trust_ratio's larc_lr): after the clamp, r ← min(r / lr, 1), written as
+  // trust_ratio writes it (r < lr ? r / lr : 1), so 1 at lr = 0 and for a NaN r; the fallback ratio too unless
+  // larc_clips_fallback is false (larc_clip="computed", as apex). LAMB leaves it off.
+  bool larc_clip = false;
+  double larc_lr = 0;
+  bool larc_clips_fallback = true;
 
   double ratio(double weight_norm, double update_norm) const {
     if (!adapt) return 1.0;
     const double weight = std::min(std::max(weight_norm, weight_lo), weight_hi);
-    const double r = (weight > 0 && update_norm > 0) ? coefficient * weight / (update_norm + eps) : 1.0;
-    return std::min(std::max(r, ratio_lo), ratio_hi);
+    const bool computed = weight > 0 && update_norm > 0;
+    const double r = computed ? coefficient * weight / (update_norm + eps) : 1.0;
+    const double clipped = std::min(std::max(r, ratio_lo), ratio_hi);
+    if (!larc_clip || !(computed || larc_clips_fallback)) return clipped;
+    return clipped < larc_lr ? clipped / larc_lr : 1.0;
   }
 };
 
