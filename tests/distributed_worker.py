@@ -43,7 +43,10 @@ from torchlamb.distributed import clear_dtensor_caches
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 processes
 OPTIMIZERS = {
     "lamb": (torchlamb.Lamb, dict(lr=0.02, max_grad_norm=0.5)),
-    "lars": (torchlamb.Lars, dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, max_grad_norm=0.5)),
+    # With the options of other code bases' LARS whose numbers depend on whole-tensor norms or on each tensor's
+    # step count (the dampening's undampened first step), summed or kept per shard.
+    "lars": (torchlamb.Lars, dict(lr=1.0, momentum=0.9, trust_coefficient=0.02, max_grad_norm=0.5,
+                                  lr_inside_momentum=True, dampening=0.1, larc_clip=True, zero_fallback="grad")),
 }
 PATHS = {"single_tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 # 8-bit state (state_dtype="8bit"), run by its own tests: the mesh tests' tensor parallelism splits columns.

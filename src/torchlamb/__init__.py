@@ -10,6 +10,6 @@ from .schedules import BERT_LAMB_PHASES, WarmupPolyLR, scale_lr, warmup_poly
 from .telemetry import TrustMonitor
 from .trust import TrustStats
 
-__all__ = ["BERT_LAMB_PHASES", "LARS_PRESETS", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "NoiseScale", "TrustMonitor",
-           "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
+__all__ = ["BERT_LAMB_PHASES", "LARS_PRESETS", "PRESETS", "GradientAccumulation", "Lamb", "Lars", "NoiseScale",
+           "TrustMonitor", "TrustStats", "WarmupPolyLR", "param_groups", "scale_lr", "warmup_poly"]
 __version__ = "0.1.0"

@@ -55,8 +55,8 @@ class Lamb(LayerwiseOptimizer):
     :math:`\theta \leftarrow \theta(1 - \eta_d\lambda)`, :math:`u = a`, with :math:`\eta_d = \eta`, or
     :math:`\eta^2/\eta_{\max}` with ``corrected_weight_decay``) and ``decay_after_step`` (after it:
     :math:`u = a`, the norms of :math:`\theta` before any decay, then
-    :math:`\theta \leftarrow (\theta - \eta\, r\, u)(1 - \eta\lambda)`). Use :func:`torchlamb.param_groups` to exempt biases and normalisation parameters from both
-    weight decay and the trust ratio.
+    :math:`\theta \leftarrow (\theta - \eta\, r\, u)(1 - \eta\lambda)`). Use :func:`torchlamb.param_groups` to
+    exempt biases and normalisation parameters from both weight decay and the trust ratio.
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer. Groups accept every

@@ -17,9 +17,9 @@ from ._base import Adapt, LayerwiseOptimizer, NonFinite
 from ._dispatch import path_table
 from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
 from ._validation import check_bool, check_number, where
-from .quantized import QuantizedKey
 from .groups import split_exempt
 from .presets import LARS_PRESETS, preset_options
+from .quantized import QuantizedKey
 from .trust import LARS_DECAYED_GRAD, LARS_GRAD, WEIGHT, ClipRange, PendingUpdate, sums_of_squares
 
 Denominator = Literal["combined", "split"]
@@ -44,7 +44,8 @@ class Lars(LayerwiseOptimizer):
         r &= \eta \, \phi(\lVert\theta\rVert) / (D + \text{trust\_eps})
              \text{ if } \phi(\lVert\theta\rVert) > 0 \text{ and } Z > 0 \text{ else } 1,
              \text{ then clamped to trust\_clip}; \; Z = D \text{ or } \lVert g\rVert \text{ (zero\_fallback)} \\
-        r &\leftarrow \min(r / \text{lr}, 1) \text{ with larc\_clip}; \quad r = 1 \text{ if the group has adapt=False} \\
+        r &\leftarrow \min(r / \text{lr}, 1) \text{ with larc\_clip}; \quad
+             r = 1 \text{ if the group has adapt=False} \\
         s &= \text{lr} \cdot r \text{ (lr\_inside\_momentum) or } r, \qquad
              c = 1 \text{ at a tensor's first step, else } 1 - \text{dampening} \\
         b &\leftarrow \mu b + c \, s u, \qquad d = b \;\; (\text{nesterov: } d = s u + \mu b) \\
