@@ -18,7 +18,7 @@ from ._dispatch import path_table
 from ._gradients import effective_grad, effective_grads, weighted, zeroed_if_skipped
 from ._validation import check_bool, check_number, where
 from .bias_correction import STEP_SIZE_MODES, BiasCorrection, moment_corrections, step_count, step_size_factor
-from .presets import PRESETS
+from .presets import PRESETS, preset_options
 from .quantized import QuantizedKey, sqrt_rn
 from .trust import LAMB_UPDATE, ClipRange, PendingUpdate, cautious_update, squares_of
 
@@ -180,9 +180,8 @@ class Lamb(LayerwiseOptimizer):
 
         ``overrides`` replace single options (e.g. ``lr``, ``weight_decay``); see ``docs/presets.md``.
         """
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(params, **{**PRESETS[name], **overrides})
+        options, _ = preset_options(PRESETS, name)
+        return cls(params, **{**options, **overrides})
 
     def _validate_group(self, group: dict[str, Any], group_index: int | None) -> None:
         super()._validate_group(group, group_index)
