@@ -100,12 +100,12 @@ def full_parameters(model: nn.Module) -> list[torch.Tensor]:
             for p in model.parameters()]
 
 
-def one_process(name: str, path: str, steps: int) -> list[torch.Tensor]:
-    """The reference: the same training in one process, no torch.distributed."""
+def one_process(name: str, path: str, steps: int, extra: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    """The reference: the same training in one process, no torch.distributed (``extra``: more options)."""
     model = make_model()
     optimizer_class, options = OPTIMIZERS[name]
     with options_for(path) as path_options:
-        train(model, optimizer_class(groups(model), **options, **path_options), range(steps))
+        train(model, optimizer_class(groups(model), **options, **(extra or {}), **path_options), range(steps))
     return full_parameters(model)
 
 
@@ -148,9 +148,11 @@ def _gloo_threads() -> list[str]:
     return [name for name in names if "gloo" in name]
 
 
-def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int) -> list[torch.Tensor]:
+def _distributed_run(mode: str, name: str, path: str, rank: int, world: int, steps: int,
+                     extra: dict[str, Any] | None = None) -> list[torch.Tensor]:
     with options_for(path) as path_options:
-        return _distributed_training(mode, name, {**OPTIMIZERS[name][1], **path_options}, rank, world, steps)
+        return _distributed_training(mode, name, {**OPTIMIZERS[name][1], **(extra or {}), **path_options}, rank,
+                                     world, steps)
 
 
 def _distributed_training(mode: str, name: str, options: dict[str, Any], rank: int, world: int,
@@ -172,6 +174,7 @@ def _distributed_training(mode: str, name: str, options: dict[str, Any], rank: i
     return full_parameters(model)
 
 
+CAUTION = {"caution": True}  # with OPTIMIZERS["lamb"]'s options
 CHECKPOINTS = [("lamb", "fused"), ("lars", "foreach"), ("lamb", "8bit")]  # (optimizer, path) of the resharding runs
 
 
@@ -189,6 +192,9 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
                       for mode in ("zero", "fsdp2") for name in OPTIMIZERS},
             "fsdp1": {f"{name}/use_orig_params={use_orig_params}": _fsdp1_error(name, use_orig_params)
                       for use_orig_params in (False, True) for name in OPTIMIZERS},
+            # Lamb's caution divides by the mean of a mask over the whole tensor: its count travels with the norms.
+            "caution": {path: _distributed_run("fsdp2", "lamb", path, rank, world, steps, CAUTION)
+                        for path in PATH_OPTIONS},
             "noise_scale": _noise_scale_run(rank, world, steps),
             "eight_bit": _eight_bit_layout(rank, world),
         }

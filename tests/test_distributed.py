@@ -69,6 +69,15 @@ def test_two_processes_equal_one(runs, mode, name, path):
     assert_parameters_close(runs[f"{mode}/{name}/{path}"], reference, f"{mode} {name} {path}")
 
 
+@pytest.mark.parametrize("path", list(worker.PATH_OPTIONS))
+def test_fsdp2_cautious_lamb_equals_one_process(two_processes, path):
+    # The mask's mean is over the whole tensor, not over each process's shard: its count is summed with the norms.
+    reference = worker.one_process("lamb", path, STEPS, worker.CAUTION)
+    assert_parameters_close(two_processes["caution"][path], reference, f"fsdp2 lamb caution {path}")
+    plain = worker.one_process("lamb", path, STEPS)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(reference, plain))  # caution acted
+
+
 @pytest.mark.parametrize("name", list(worker.OPTIMIZERS))
 def test_fsdp2_on_the_triton_path_equals_one_process(two_processes, name):
     if "triton" not in two_processes:
