@@ -37,9 +37,13 @@ def lamb_options(draw) -> dict:
 
 
 def lars_options(draw) -> dict:
-    # lr·η, the relative step of an adapted tensor, stays <= 0.5 as Lamb's lr does.
-    trust_coefficient = draw(st.sampled_from([0.001, 0.02, 1.0]))
-    lr = draw(st.floats(1e-3, 0.5)) / max(trust_coefficient, 0.25)
+    # The relative step of an adapted tensor stays <= 0.5 as Lamb's lr does: lr·η (each step's lr is at most twice
+    # the drawn one), or with LARC's clip min(lr, r)·‖u‖/‖θ‖ <= η. A step as long as the tensor can take it to zero
+    # in one precision and not the other, and the zero-norm fallback then tells them apart (hypothesis found a
+    # 1-element tensor with η = 1 under the clip: θ − |θ|·sign(θ)).
+    larc_clip = draw(st.sampled_from([False, True, "computed"]))
+    trust_coefficient = draw(st.sampled_from([0.001, 0.02] if larc_clip else [0.001, 0.02, 1.0]))
+    lr = draw(st.floats(1e-3, 0.25)) / max(trust_coefficient, 0.25)
     nesterov = draw(st.booleans())
     return dict(
         lr=lr,
@@ -50,7 +54,7 @@ def lars_options(draw) -> dict:
         denominator=draw(st.sampled_from(["combined", "split"])),
         lr_inside_momentum=draw(st.booleans()),
         dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
-        larc_clip=draw(st.sampled_from([False, True, "computed"])),
+        larc_clip=larc_clip,
         zero_fallback=draw(st.sampled_from(["denominator", "grad"])),
         # The lr of each step (run_optimizer and run_reference set it): where the lr enters (inside the momentum or
         # outside) only shows when it changes.
