@@ -24,15 +24,25 @@ def clip_ranges():
 
 
 def lamb_options(draw) -> dict:
+    # Where the decay goes: inside u, before the norms (timm's corrected lr²/max_lr or not), or after the step. The
+    # relative step lr·η stays <= 0.5. (caution is not drawn: its mask 1[a·g > 0] flips where rounding changes the
+    # sign of a near-zero moment, a discontinuity of the rule; tests/test_matrix.py and test_lamb_options.py hold it.)
+    placement = draw(st.sampled_from(["inside", "before", "corrected", "after"]))
+    lr = draw(st.floats(1e-4, 0.5))
+    trust_coefficient = draw(st.sampled_from([1.0, 1.0, 0.5]))
     return dict(
-        lr=draw(st.floats(1e-4, 0.5)),
+        lr=lr,
+        trust_coefficient=trust_coefficient,
+        decay_outside_ratio=placement in ("before", "corrected"),
+        corrected_weight_decay=placement == "corrected",
+        max_lr=lr * draw(st.sampled_from([1.0, 2.0, 10.0])),
+        decay_after_step=placement == "after",
         # β1 is 0 or >= 0.5: the moment update m + (1−β1)(g−m) (lerp, as torch's Adam) cancels in float32
         # when 0 < β1 ≪ 1 and g = 0, a loss of digits that no real configuration meets.
         betas=(draw(st.just(0.0) | st.floats(0.5, 0.99)), draw(st.floats(0.5, 0.9999))),
         eps=draw(st.floats(1e-8, 1e-3)),
         weight_decay=draw(st.sampled_from([0.0, 0.01, 0.1])),
         bias_correction=draw(st.sampled_from([True, False, "step_size", "step_size_first_moment"])),
-        decay_outside_ratio=draw(st.booleans()),
     )
 
 
