@@ -56,6 +56,9 @@ MUTATIONS = [
     ("8-bit ties round up", "quantized.py",
      "codes = torch.bucketize(normalized, midpoints)", "codes = torch.bucketize(normalized, midpoints, right=True)",
      ["tests/test_quantized_state.py"]),
+    ("the accumulated loss divided by the micro-batches twice", "accumulate.py",
+     "loss = loss / self.micro_batches\n", "loss = loss / self.micro_batches / self.micro_batches\n",
+     ["tests/test_accumulate.py"]),
     # The C++ kernels (rebuilt in the copy: about 30 s each).
     ("C++: bias correction one step late", "kernels/csrc/lamb.cpp",
      "const double t = setup.counts[i];", "const double t = setup.counts[i] + 1;",

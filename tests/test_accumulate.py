@@ -19,6 +19,28 @@ def batches(steps, size):
             for _ in range(steps)]
 
 
+@pytest.mark.parametrize("optimizer_class", [torchlamb.Lamb, torch.optim.SGD, torch.optim.AdamW])
+def test_the_accumulated_gradient_is_the_large_batchs_gradient_in_scale(optimizer_class):
+    # p.grad as the optimizer's step sees it, against one backward pass over the whole batch. Lamb, Lars at zero decay
+    # and the ratio B_simple are blind to a constant factor of the gradient, so the parameters alone cannot show a
+    # loss divided by the number of micro-batches twice (issue 27); AdamW's ε and SGD's step are not, nor is this.
+    model = make_model()
+    optimizer = optimizer_class(model.parameters(), lr=0.01)
+    seen = []
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.clone() for p in model.parameters()]))
+    accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=4)
+    for x, y in batches(2, 32):
+        expected_model = make_model()
+        expected_model.load_state_dict(model.state_dict())
+        torch.nn.functional.mse_loss(expected_model(x), y).backward()
+        for part_x, part_y in zip(x.chunk(4), y.chunk(4)):
+            accumulation.backward(torch.nn.functional.mse_loss(model(part_x), part_y))
+        for got, expected in zip(seen[-1], expected_model.parameters()):
+            torch.testing.assert_close(got, expected.grad, rtol=1e-5, atol=1e-7)
+    assert len(seen) == 2
+
+
 @pytest.mark.parametrize("optimizer_class", [torchlamb.Lamb, torchlamb.Lars])
 def test_micro_batches_equal_one_large_batch(optimizer_class):
     large, small = make_model(), make_model()
