@@ -58,7 +58,7 @@ MUTATIONS = [
      ["tests/test_quantized_state.py"]),
     ("the accumulated loss divided by the micro-batches twice", "accumulate.py",
      "loss = loss / self.micro_batches\n", "loss = loss / self.micro_batches / self.micro_batches\n",
-     ["tests/test_accumulate.py"]),
+     ["tests/test_accumulate.py", "tests/test_noise_scale.py"]),
     # The C++ kernels (rebuilt in the copy: about 30 s each).
     ("C++: bias correction one step late", "kernels/csrc/lamb.cpp",
      "const double t = setup.counts[i];", "const double t = setup.counts[i] + 1;",

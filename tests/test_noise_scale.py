@@ -80,6 +80,11 @@ def test_b_simple_matches_the_closed_form_and_the_jensen_biased_variant_does_not
     assert noise.b_simple == pytest.approx(TRUE_B_SIMPLE, rel=0.10)
     assert abs(jensen - TRUE_B_SIMPLE) / TRUE_B_SIMPLE > 0.20, jensen
     assert jensen < noise.b_simple
+    # Not only their ratio: |G|² = |d|² = 1 and tr(Σ) = (D + 1)|d|² + Dσ² = 21 (0.3% and 0.2% off on this seed).
+    # A gradient off by a constant factor c (a loss divided by K twice: c = 1/K) leaves B_simple, scales both by c².
+    estimates = noise.estimates()
+    assert estimates["grad_sq"][-1].item() == pytest.approx(1.0, rel=0.05)
+    assert estimates["trace"][-1].item() == pytest.approx((D + 1) + D * SIGMA**2, rel=0.05)
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.6])
