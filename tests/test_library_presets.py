@@ -19,11 +19,9 @@ whose library is missing is skipped.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import reference_lars_sources as published
+import timm_optim
 from torchlamb import Lamb, Lars
 
 STEPS = 20
@@ -199,21 +198,7 @@ def lockstep(problem: Problem, ours, theirs, stop_above: float | None = None) ->
 # -- the libraries ----------------------------------------------------------------------------------------------------
 
 def load_timm_lars():
-    """timm.optim imports torchvision; load timm/optim/lars.py alone, with its helper module."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None:
-        pytest.skip("timm is not installed")
-    folder = spec.submodule_search_locations[0] + "/optim"
-    package = types.ModuleType("_timm_optim_standalone")
-    package.__path__ = [folder]
-    sys.modules.setdefault(package.__name__, package)
-    name = "_timm_optim_standalone.lars"
-    if name not in sys.modules:
-        module_spec = importlib.util.spec_from_file_location(name, folder + "/lars.py")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-    return sys.modules[name].Lars
+    return timm_optim.load("lars").Lars
 
 
 def load_optax():

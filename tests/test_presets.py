@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import timm_optim
 from reference_presets import RULES
 from torchlamb import PRESETS, Lamb
 
@@ -86,19 +87,7 @@ def test_presets_really_differ():
 
 
 def load_timm_lamb():
-    """timm.optim imports torchvision; load timm/optim/lamb.py alone, with its two helper modules."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None:
-        pytest.skip("timm is not installed")
-    folder = spec.submodule_search_locations[0] + "/optim"
-    package = types.ModuleType("_timm_optim_standalone")
-    package.__path__ = [folder]
-    sys.modules[package.__name__] = package
-    lamb_spec = importlib.util.spec_from_file_location("_timm_optim_standalone.lamb", folder + "/lamb.py")
-    module = importlib.util.module_from_spec(lamb_spec)
-    sys.modules[lamb_spec.name] = module
-    lamb_spec.loader.exec_module(module)
-    return module.Lamb
+    return timm_optim.load("lamb").Lamb
 
 
 def load_cybertronai_lamb():
