@@ -35,7 +35,19 @@ inline T lamb_adam(T m, T v, T c1, T c2, T eps) {
 // u = (m·c1) / (√v·c2 + ε) + decay·θ ; c1 = 1/(1−β1^t), c2 = 1/√(1−β2^t) (or 1, 1 without bias correction).
 template <typename T>
 inline T lamb_direction(T m, T v, T theta, T c1, T c2, T eps, T decay) {
-  return (m * c1) / (std::sqrt(v) * c2 + eps) + decay * theta;
+  return lamb_adam(m, v, c1, c2, eps) + decay * theta;
+}
+
+// Pass 1's moment update of one element: m ← m + (1−β1)(g − m), v ← β2·v + (1−β2)·g², stored in S (rounded to
+// their storage type before use, so that pass 2 recomputes the same u); returns them in T.
+template <typename T, typename S>
+inline std::pair<T, T> update_moments(S& m, S& v, T grad, T one_minus_b1, T b2, T one_minus_b2) {
+  const T m_old = static_cast<T>(m);
+  const S m_new = static_cast<S>(m_old + one_minus_b1 * (grad - m_old));
+  const S v_new = static_cast<S>(b2 * static_cast<T>(v) + one_minus_b2 * grad * grad);
+  m = m_new;
+  v = v_new;
+  return {static_cast<T>(m_new), static_cast<T>(v_new)};
 }
 
 // Pass 1 on elements [0, n): moments in place (θ ← θ·theta_factor first when decay is outside the ratio);
@@ -59,14 +71,8 @@ Sums lamb_pass1(T* __restrict__ theta, const T* __restrict__ g, S* __restrict__ 
     for (int64_t k = block; k < end; ++k) {
       const opmath_t t = static_cast<opmath_t>(theta[k]);
       const opmath_t grad = static_cast<opmath_t>(g[k]) * scale;
-      const opmath_t m_old = static_cast<opmath_t>(m[k]);
-      // The moments are rounded to their storage type before use, so that pass 2 recomputes the same u.
-      const S m_new = static_cast<S>(m_old + one_minus_b1 * (grad - m_old));
-      const S v_new = static_cast<S>(b2 * static_cast<opmath_t>(v[k]) + one_minus_b2 * grad * grad);
-      m[k] = m_new;
-      v[k] = v_new;
-      const opmath_t u = lamb_direction<opmath_t>(static_cast<opmath_t>(m_new), static_cast<opmath_t>(v_new), t, c1,
-                                                  c2, eps, decay);
+      const auto [m_new, v_new] = update_moments<opmath_t, S>(m[k], v[k], grad, one_minus_b1, b2, one_minus_b2);
+      const opmath_t u = lamb_direction<opmath_t>(m_new, v_new, t, c1, c2, eps, decay);
       theta_sq += t * t;
       u_sq += u * u;
     }
@@ -95,12 +101,8 @@ Sums lamb_pass1_cautious(T* __restrict__ theta, const T* __restrict__ g, S* __re
     for (int64_t k = block; k < end; ++k) {
       const opmath_t t = static_cast<opmath_t>(theta[k]);
       const opmath_t grad = static_cast<opmath_t>(g[k]) * scale;
-      const opmath_t m_old = static_cast<opmath_t>(m[k]);
-      const S m_new = static_cast<S>(m_old + one_minus_b1 * (grad - m_old));
-      const S v_new = static_cast<S>(b2 * static_cast<opmath_t>(v[k]) + one_minus_b2 * grad * grad);
-      m[k] = m_new;
-      v[k] = v_new;
-      const opmath_t a = lamb_adam<opmath_t>(static_cast<opmath_t>(m_new), static_cast<opmath_t>(v_new), c1, c2, eps);
+      const auto [m_new, v_new] = update_moments<opmath_t, S>(m[k], v[k], grad, one_minus_b1, b2, one_minus_b2);
+      const opmath_t a = lamb_adam<opmath_t>(m_new, v_new, c1, c2, eps);
       const bool keep = a * grad > 0;
       const opmath_t masked = keep ? a : opmath_t(0);
       theta_sq += t * t;
