@@ -196,6 +196,7 @@ def two_process_runs(rank: int, world: int, port: int, out: str, steps: int, dir
             "caution": {path: _distributed_run("fsdp2", "lamb", path, rank, world, steps, CAUTION)
                         for path in PATH_OPTIONS},
             "noise_scale": _noise_scale_run(rank, world, steps),
+            "batch_ramp": _batch_ramp_run(rank, world),
             "eight_bit": _eight_bit_layout(rank, world),
         }
         # The Triton kernels under FSDP2, in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 comes from the
@@ -240,6 +241,26 @@ def _noise_scale_run(rank: int, world: int, steps: int) -> dict[str, torch.Tenso
     train(DistributedDataParallel(model), optimizer, range(steps), rank, world)
     noise.remove()
     return {**noise.estimates(), "large_batch": torch.tensor(noise.large_batch)}
+
+
+def _batch_ramp_run(rank: int, world: int) -> dict[str, Any]:
+    """A measured BatchRamp under DDP whose processes would decide differently on their own: rank 0 targets 1000 ×
+    B_simple (it grows at every decision), rank 1 a thousandth of it (it would never grow). Returns every process's
+    change records and final micro-batch counts (all-gathered), and how many optimizer steps ran."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    accumulation = torchlamb.GradientAccumulation(optimizer, 1)
+    noise = torchlamb.NoiseScale(model, optimizer, batch_size=3, ema=0.5, every=1)  # b = 3, B = 3 · K · 2
+    ramp = torchlamb.BatchRamp(accumulation, noise, max_batch=48, interval=2, factor=1000.0 if rank == 0 else 1e-3)
+    ddp = DistributedDataParallel(model)
+    generator = torch.Generator().manual_seed(rank)
+    while accumulation.steps < 10:
+        x = torch.randn(3, 6, generator=generator)
+        accumulation.backward(nn.functional.mse_loss(ddp(x), x[:, :3].sin()))
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (ramp.records, accumulation.micro_batches, noise.large_batch))
+    noise.remove()
+    return {"per_rank": gathered, "steps": accumulation.steps}
 
 
 def _triton_fsdp2_run(name: str, rank: int, world: int, steps: int) -> tuple[list[torch.Tensor], int]:

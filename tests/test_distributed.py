@@ -177,6 +177,17 @@ def test_fsdp1_parameters_are_refused(two_processes):
         assert message is not None and "FSDP1" in message and "fully_shard" in message, key
 
 
+def test_batch_ramp_under_ddp_takes_the_same_decision_at_the_same_step_on_every_process(two_processes):
+    """Rank 0 alone would grow at every decision, rank 1 alone never (their factors differ 10⁶-fold): both follow
+    rank 0, so the accumulations stay in step (a process that grew alone would hang or mix batches)."""
+    run = two_processes["batch_ramp"]
+    (records_0, micro_0, large_0), (records_1, micro_1, large_1) = run["per_rank"]
+    assert [row["batch"] for row in records_0] == [6, 12, 24, 48]  # decisions at steps 2, 4, 6: 3 · K · 2 processes
+    assert [row["step"] for row in records_0] == [0, 2, 4, 6]
+    assert repr(records_0) == repr(records_1)  # every field, the B_simple that triggered each change included
+    assert micro_0 == micro_1 == 8 and large_0 == large_1 == 48
+
+
 def test_noise_scale_under_ddp_takes_each_process_gradient_against_the_averaged_one(two_processes):
     """The reference, in one process and float64: per step, each process's share of the batch gives the small-batch
     gradient (b = 6), their mean the large-batch one (B = 12); the estimators and their EMAs as in

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ._validation import check_number
+
+if TYPE_CHECKING:
+    from .batch_ramp import BatchRamp
 
 
 class GradientAccumulation:
@@ -49,6 +52,7 @@ class GradientAccumulation:
         self.max_grad_norm = max_grad_norm
         self.count = 0  # micro-batches accumulated since the last step
         self.steps = 0  # large batches completed: optimizer.step calls, any a GradScaler skipped included
+        self.ramp: BatchRamp | None = None  # set by a BatchRamp that grows micro_batches
 
     @property
     def will_step(self) -> bool:
@@ -71,6 +75,8 @@ class GradientAccumulation:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             clip = self.optimizer.register_step_pre_hook(self._clip)
+        # A BatchRamp's lr factor holds for this step only: the scheduler and the checkpoints never see it.
+        lrs = self.ramp.scale_lr() if self.ramp is not None else None
         try:
             if self.scaler is None:
                 self.optimizer.step()
@@ -80,12 +86,26 @@ class GradientAccumulation:
         finally:
             if clip is not None:
                 clip.remove()
+            if lrs is not None:
+                self.ramp.restore_lr(lrs)
+        self.count = 0
+        self.steps += 1
+        if self.ramp is not None:
+            self.ramp.after_step()  # may grow micro_batches; before the scheduler, which may count its examples
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad()
-        self.count = 0
-        self.steps += 1
         return True
+
+    def set_micro_batches(self, micro_batches: int) -> None:
+        """Accumulate ``micro_batches`` backward passes per step from now on (a :class:`~torchlamb.BatchRamp` grows
+        it). Call it between steps, when no micro-batch of the next large batch has been accumulated yet."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if self.count:
+            raise RuntimeError("GradientAccumulation.set_micro_batches must be called between optimizer steps: "
+                               f"{self.count} micro-batch(es) of the next step are already accumulated")
+        self.micro_batches = micro_batches
 
     def _clip(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -100,5 +120,6 @@ class GradientAccumulation:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("micro_batches") != self.micro_batches:
             raise ValueError(f"checkpoint accumulates {state.get('micro_batches')!r} micro-batches, "
-                             f"this GradientAccumulation {self.micro_batches}")
+                             f"this GradientAccumulation {self.micro_batches} (with a BatchRamp, load the ramp's "
+                             "state_dict first: it restores the count)")
         self.count, self.steps = int(state["count"]), int(state["steps"])

@@ -213,6 +213,48 @@ class NoiseScale(Recorder):
         self._ema_trace.copy_(torch.where(valid, beta * self._ema_trace + (1 - beta) * trace, self._ema_trace))
         self._updates += valid
 
+    # -- a batch that changes, and checkpoints ----------------------------------------------------------------------
+    @property
+    def micro_batches(self) -> int:
+        """Backward passes accumulated per optimizer step on each process."""
+        return round(self._gradient_factor)
+
+    def set_micro_batches(self, micro_batches: int) -> None:
+        """The accumulation now takes ``micro_batches`` backward passes per step (a :class:`~torchlamb.BatchRamp`
+        grew it): B and the factor each backward pass's gradient is multiplied by follow. Call it between steps.
+        The moving averages carry over: each step's estimates are unbiased for whatever b and B it had."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if any(self._small_count):
+            raise RuntimeError("NoiseScale.set_micro_batches must be called between optimizer steps: "
+                               f"{max(self._small_count)} backward pass(es) of this step were already measured")
+        large_batch = self.small_batch * micro_batches * self._world
+        if large_batch == self.small_batch:
+            raise ValueError("NoiseScale needs two batch sizes: micro_batches=1 on one process leaves one")
+        self.large_batch, self._gradient_factor = large_batch, float(micro_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resumes the estimates exactly: the moving averages, the step, the micro-batch count and the records.
+        Checkpoint between optimizer steps."""
+        return {"names": list(self.names), "small_batch": self.small_batch, "micro_batches": self.micro_batches,
+                "step": self.step, "ema_grad_sq": self._ema_grad_sq.clone(), "ema_trace": self._ema_trace.clone(),
+                "updates": self._updates.clone(), "records": [dict(row) for row in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the model's tensors, the micro-batch size and the micro-batch count
+        must match (with a :class:`~torchlamb.BatchRamp`, load the ramp's state first: it restores the count)."""
+        for key, mine in (("names", self.names), ("small_batch", self.small_batch),
+                          ("micro_batches", self.micro_batches)):
+            if state.get(key) != mine:
+                raise ValueError(f"NoiseScale checkpoint does not match: its {key} is {state.get(key)!r}, this "
+                                 f"NoiseScale's {mine!r}" + (" (with a BatchRamp, load the ramp's state_dict first)"
+                                                            if key == "micro_batches" else ""))
+        device = self._ema_grad_sq.device
+        for name in ("ema_grad_sq", "ema_trace", "updates"):
+            getattr(self, f"_{name}").copy_(state[name].to(device))
+        self.step = int(state["step"])
+        self.records = [NoiseRecord(**row) for row in state["records"]]
+
     # -- estimates -------------------------------------------------------------------------------------------------
     def estimates(self) -> dict[str, Tensor]:
         """The bias-corrected moving averages as device tensors (no sync): ``grad_sq`` (``|G|²``), ``trace``

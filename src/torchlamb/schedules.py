@@ -13,6 +13,7 @@ Learning: Training BERT in 76 minutes"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -44,10 +45,17 @@ class WarmupPolyLR(LRScheduler):
     so the first step runs at lr 0 when ``warmup_steps > 0`` (as in BERT's and NVIDIA's recipes), the peak is
     reached after ``warmup_steps`` steps, and the lr ends at ``end_factor · base_lr`` after ``total_steps``.
     ``power=1`` is linear decay (the BERT/LAMB recipe); NVIDIA's BERT recipe uses ``power=0.5``.
+
+    **Progress in examples.** When the batch size changes during training (:class:`~torchlamb.BatchRamp`), a step is
+    no longer a fixed amount of data, and the schedule should follow the data seen. With ``progress`` (a function
+    returning the progress so far, such as ``ramp.examples_seen``), :math:`t` is its value when ``scheduler.step()``
+    is called instead of the number of calls, and ``warmup_steps`` and ``total_steps`` are in its unit (examples).
+    The function is not part of ``state_dict()``: the object it reads saves its own state.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, power: float = 1.0,
-                 end_factor: float = 0.0, last_epoch: int = -1) -> None:
+                 end_factor: float = 0.0, last_epoch: int = -1,
+                 progress: Callable[[], int] | None = None) -> None:
         _check_steps("warmup_steps", warmup_steps, low=0)
         _check_steps("total_steps", total_steps, low=1)
         if warmup_steps > total_steps:
@@ -58,6 +66,7 @@ class WarmupPolyLR(LRScheduler):
         self.total_steps = total_steps
         self.power = power
         self.end_factor = end_factor
+        self.progress = progress
         super().__init__(optimizer, last_epoch)
 
     def factor(self, step: int) -> float:
@@ -70,20 +79,29 @@ class WarmupPolyLR(LRScheduler):
         return self.end_factor + (1.0 - self.end_factor) * remaining**self.power
 
     def get_lr(self) -> list[float | torch.Tensor]:
-        factor = self.factor(self.last_epoch)
+        factor = self.factor(self.last_epoch if self.progress is None else self.progress())
         return [base_lr * factor for base_lr in self.base_lrs]
 
     _get_closed_form_lr = get_lr
 
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().state_dict().items() if key != "progress"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        progress = self.progress  # a function of this run's objects, never taken from a checkpoint
+        super().load_state_dict(state_dict)
+        self.progress = progress
+
 
 def warmup_poly(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, power: float = 1.0,
-                end_factor: float = 0.0) -> WarmupPolyLR:
+                end_factor: float = 0.0, progress: Callable[[], int] | None = None) -> WarmupPolyLR:
     """Linear warmup over ``warmup_steps``, then polynomial decay to ``end_factor · lr`` at ``total_steps``.
+    With ``progress`` (e.g. ``ramp.examples_seen``) both are counted in its unit, examples, instead of steps.
 
     Returns a :class:`torch.optim.lr_scheduler.LRScheduler` (its ``state_dict`` round-trips); call
     ``scheduler.step()`` after each ``optimizer.step()``. See :class:`WarmupPolyLR` for the formula.
     """
-    return WarmupPolyLR(optimizer, warmup_steps, total_steps, power=power, end_factor=end_factor)
+    return WarmupPolyLR(optimizer, warmup_steps, total_steps, power=power, end_factor=end_factor, progress=progress)
 
 
 def scale_lr(base_lr: float, base_batch: int, batch: int, rule: Literal["sqrt", "linear"] = "sqrt") -> float:
