@@ -78,3 +78,21 @@ def test_tune_says_when_the_best_lr_is_still_at_the_edge(fake_training):
     cell = critical_batch.tune("lamb", 64, 0.01, 5000, None, 0.9, _Bar())
     assert cell.at_edge and cell.best_lr == max(cell.tried)
     assert len(cell.tried) == 3 + critical_batch.MAX_WIDENINGS
+
+
+def test_load_cells_reads_back_what_save_cells_wrote(tmp_path):
+    settings = critical_batch.Settings(batch_sizes=(32, 256), optimizers=("lamb", "muon"), target=0.9, seeds=(0, 1),
+                                       first_cap=100)
+    lr = 0.1 * 3  # 0.30000000000000004: the lr keys must come back exactly
+    cells = {"lamb": {32: Cell(tried={lr: Outcome(40, "target", b_simple=812.5), lr * 2: Outcome(None, "limit")},
+                               best_lr=lr, seed_steps=[40, None]),
+                      256: Cell(tried={lr / 2: Outcome(None, "diverged")})},
+             "muon": {32: Cell(tried={1e-3: Outcome(30, "target")}, best_lr=1e-3, at_edge=True, seed_steps=[30, 31]),
+                      256: Cell()}}
+    noise = {"lamb": 812.5, "muon": None}
+    path = tmp_path / "critical_batch.json"
+    critical_batch.save_cells(path, settings, cells, noise)
+    saved_settings, loaded, loaded_noise = critical_batch.load_cells(path)
+    assert loaded == cells and loaded_noise == noise
+    assert all(isinstance(batch, int) for by_batch in loaded.values() for batch in by_batch)
+    assert saved_settings["batch_sizes"] == [32, 256] and saved_settings["optimizers"] == ["lamb", "muon"]

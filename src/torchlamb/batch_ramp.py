@@ -23,7 +23,7 @@ one step of growth per ``interval``. ``interval`` also lets the moving averages 
 before the next decision.
 
 **Scheduled policy** (``schedule=``): from each ``(examples, batch)`` entry's examples seen on, the batch is that
-batch; :func:`~torchlamb.linear_schedule` builds GPT-3's and Megatron's linear ramp, taken in whole factors of ``growth``.
+batch; :func:`~torchlamb.linear_schedule` builds GPT-3's and Megatron's linear ramp, in whole factors of ``growth``.
 
 **The learning rate** is multiplied during each optimizer step by the rule's factor of the batch over the starting
 batch (``"sqrt"``: :math:`\sqrt{B/B_0}`, LAMB's rule; ``"linear"``: :math:`B/B_0`, Goyal et al.'s for SGD and LARS;

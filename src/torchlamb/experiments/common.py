@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data import MNIST_MEAN, MNIST_STD, load_mnist
 from ..groups import param_groups
@@ -22,7 +22,7 @@ from ..lars import Lars
 from ..schedules import warmup_poly
 from ..telemetry import TrustMonitor
 
-OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "sgd")
+OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "muon", "sgd")
 
 
 def mlp() -> nn.Module:
@@ -122,9 +122,103 @@ def load_fused_kernels() -> str:
             "exclude it.")
 
 
+def hidden_weights(model: nn.Module) -> list[Tensor]:
+    """The weights Muon takes: every ``nn.Linear``'s weight except the last module with parameters (the head), and
+    except a weight the head shares (tied). Convolution kernels are left out: ``torch.optim.Muon`` takes 2-D tensors
+    only."""
+    with_params = [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
+    head = {id(param) for param in with_params[-1].parameters()} if with_params else set()
+    weights: dict[int, Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in head:
+            weights.setdefault(id(module.weight), module.weight)
+    return list(weights.values())
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon in its usual hybrid form: ``torch.optim.Muon`` on the hidden weight matrices, ``torch.optim.AdamW`` on
+    every other tensor, stepped as one optimizer.
+
+    Which tensor takes which (Keller Jordan, "Muon: an optimizer for hidden layers in neural networks", 2024): Muon
+    orthogonalises a matrix's update, which suits the hidden layers' weights, which map one hidden space to another
+    (:func:`hidden_weights`: every Linear's weight but the head's). The output layer's weight, the biases and gains
+    (1-D) and any other tensor (convolution kernels: torch's Muon takes 2-D only) go to AdamW. In the MNIST MLP
+    784 → 256 → 128 → 10: Muon on the first two Linear weights, AdamW on the last Linear's weight and all biases.
+
+    One ``lr`` and one ``weight_decay`` serve both: Muon runs with ``adjust_lr_fn="match_rms_adamw"``, which scales
+    its lr by 0.2·√max(A, B) for an A×B matrix so that its update's RMS matches AdamW's (Liu et al. 2025, "Muon is
+    Scalable for LLM Training", Moonshot AI), so AdamW's lr and decoupled decay carry over. With ``exempt_norms``
+    the biases (and norm layers' tensors) are not decayed, as :func:`~torchlamb.param_groups` decides.
+
+    ``param_groups`` are the two inner optimizers' own group dicts (Muon's first), so a scheduler that sets
+    ``group["lr"]`` here sets it for the optimizer that uses it. Step hooks registered here fire once per
+    :meth:`step`; global hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for the inner
+    optimizers' steps too. The state lives in ``.muon.state`` and ``.adamw.state``; :meth:`state_dict` holds both.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.95, exempt_norms: bool = True
+                 ) -> None:
+        hidden = {id(weight) for weight in hidden_weights(model)}
+        if not hidden:
+            raise ValueError("MuonWithAdamW found no hidden Linear weight for Muon (the model's last Linear is the "
+                             "head, which AdamW takes)")
+        named = list(model.named_parameters())  # each shared tensor once
+        groups = (param_groups(model, weight_decay=weight_decay) if exempt_norms
+                  else [{"params": [p for _, p in named], "param_names": [n for n, _ in named],
+                         "weight_decay": weight_decay}])
+        muon_group: dict[str, Any] = {"params": [], "param_names": []}
+        adamw_groups = []
+        for group in groups:
+            rest = {**group, "params": [], "param_names": []}
+            for name, param in zip(group["param_names"], group["params"]):
+                target = muon_group if id(param) in hidden else rest
+                target["params"].append(param)
+                target["param_names"].append(name)
+            if rest["params"]:
+                adamw_groups.append(rest)
+        # Every group carries param_names: torch refuses to mix groups with and without them.
+        self.muon = torch.optim.Muon([muon_group], lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        # The very same dicts: add_param_group keeps each dict (it only fills in missing defaults, none here).
+        super().__init__(self.muon.param_groups + self.adamw.param_groups,
+                         dict(lr=lr, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group that neither inner optimizer holds would never be stepped.
+        if not any(param_group is group for group in self.muon.param_groups + self.adamw.param_groups):
+            raise NotImplementedError("MuonWithAdamW splits the model's tensors itself and cannot take a new group: "
+                                      "build a new MuonWithAdamW")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        # Loading replaces the inner optimizers' group dicts: share the new ones again.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle and deepcopy: the base keeps only defaults, state, groups
+        return {**super().__getstate__(), "muon": self.muon, "adamw": self.adamw}
+
+
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizers compared. Lamb/Lars get torchlamb's param_groups (biases exempt) unless exempt_norms=False;
-    AdamW's decay skips the same tensors, so the comparison differs only in the optimizer."""
+    AdamW's decay skips the same tensors, so the comparison differs only in the optimizer; so does the AdamW half of
+    Muon (:class:`MuonWithAdamW`)."""
     params: Any = (param_groups(model, weight_decay=config.weight_decay) if config.exempt_norms
                    else [{"params": list(model.parameters()), "weight_decay": config.weight_decay}])
     if config.optimizer == "adam":
@@ -136,6 +230,9 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
                     state_dtype=config.state_dtype)
     if config.optimizer == "lars":
         return Lars(params, lr=config.lr, momentum=0.9, state_dtype=config.state_dtype)
+    if config.optimizer == "muon":
+        return MuonWithAdamW(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+                             exempt_norms=config.exempt_norms)
     if config.optimizer == "sgd":  # the control: momentum SGD without a trust ratio (Nesterov)
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")

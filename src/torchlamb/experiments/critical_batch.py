@@ -7,7 +7,9 @@ is retuned on a factor-2 grid (widened until the best lr is inside it), constant
 once it reaches the target or passes the fewest steps found so far at that batch size; the best lr is rerun on more
 seeds. The fit gives each optimizer's B_crit with a bootstrap interval over seeds, and the gradient noise scale
 B_simple (McCandlish et al.'s prediction of B_crit, measured with :class:`~torchlamb.NoiseScale` during a run at the
-smallest batch) is drawn beside it.
+smallest batch) is drawn beside it. The optimizers: LAMB, AdamW, LARS, momentum SGD and Muon (``torch.optim.Muon`` on
+the hidden weight matrices, AdamW on the output layer and the biases, one lr for both:
+:class:`~torchlamb.experiments.common.MuonWithAdamW`).
 
     torchlamb run critical_batch [--full]
 """
@@ -43,16 +45,20 @@ class Settings:
 
 
 SETTINGS = {
-    "full": Settings(batch_sizes=tuple(32 * 2**i for i in range(9)), optimizers=("lamb", "adamw", "lars", "sgd"),
-                     target=0.96, seeds=(0, 1, 2), first_cap=6000),
-    "reduced": Settings(batch_sizes=(32, 256, 2048), optimizers=("lamb", "adamw", "lars", "sgd"), target=0.95,
-                        seeds=(0,), first_cap=4000),
+    "full": Settings(batch_sizes=tuple(32 * 2**i for i in range(9)),
+                     optimizers=("lamb", "adamw", "lars", "sgd", "muon"), target=0.96, seeds=(0, 1, 2), first_cap=6000),
+    "reduced": Settings(batch_sizes=(32, 256, 2048), optimizers=("lamb", "adamw", "lars", "sgd", "muon"),
+                        target=0.95, seeds=(0,), first_cap=4000),
 }
-# lr at the smallest batch (the first grid's centre; near the best of a first full run) and weight decay (AdamW and
-# LAMB decoupled, LARS and SGD coupled). When the batch doubles the centre moves to the last best lr × √2: the best
-# lrs of a first run grew by × 1.4 to × 2.8 per doubling for all four optimizers (SGD too, below linear scaling).
+# lr at the smallest batch (the first grid's centre; near the best of a first full run) and weight decay (AdamW,
+# LAMB and Muon decoupled, LARS and SGD coupled). When the batch doubles the centre moves to the last best lr × √2: the
+# best lrs of a first run grew by × 1.4 to × 2.8 per doubling for the first four optimizers (SGD too, below linear
+# scaling). Muon's centre is the best of steps_to_target at batch 32, seed 0, target 96%, at most 3000 steps: lr
+# 2.5e-4 → 1218 steps, 5e-4 → 609, 1e-3 → 558, 1.4e-3 → 512, 2e-3 → 558, 2.8e-3 → 1218, 4e-3 → not reached; its
+# decay is AdamW's, since match_rms_adamw lets Muon take AdamW's lr and decay.
 OPTIMIZERS = {"lamb": dict(lr=4e-3, weight_decay=0.01), "adamw": dict(lr=1e-3, weight_decay=0.01),
-              "lars": dict(lr=2.0, weight_decay=1e-4), "sgd": dict(lr=0.025, weight_decay=1e-4)}
+              "lars": dict(lr=2.0, weight_decay=1e-4), "sgd": dict(lr=0.025, weight_decay=1e-4),
+              "muon": dict(lr=1.4e-3, weight_decay=0.01)}
 CENTRE_GROWTH = math.sqrt(2)
 LR_FACTOR = 2.0  # the grid's spacing
 MAX_WIDENINGS = 4  # lrs added beyond the first three when the best is at an edge
@@ -206,43 +212,70 @@ def bootstrap(cells: dict[int, Cell], resamples: int = 1000, seed: int = 0) -> l
     return estimates
 
 
+def sweep(settings: Settings, data: Data, out: Path, bar: tqdm) -> tuple[dict[str, dict[int, Cell]],
+                                                                        dict[str, float | None]]:
+    """Every optimizer's :func:`tune` at every batch size, smallest first (each size's grid centred on the previous
+    best × √2), its best lr rerun on the other seeds, then B_simple measured in a rerun of the best lr at the smallest
+    batch. Returns the cells by optimizer and batch size, and B_simple by optimizer (None where not measured). The
+    LAMB rerun plots its noise scale beside its trust ratios in ``out``; ``bar`` advances once per cell."""
+    cells: dict[str, dict[int, Cell]] = {name: {} for name in settings.optimizers}
+    noise: dict[str, float | None] = {}
+    smallest = settings.batch_sizes[0]
+    for name in settings.optimizers:
+        centre, cap = OPTIMIZERS[name]["lr"], settings.first_cap
+        for batch in settings.batch_sizes:
+            cell = tune(name, batch, centre, cap, data, settings.target, bar)
+            cells[name][batch] = cell
+            if cell.best_lr is not None:
+                best = cell.tried[cell.best_lr].steps
+                cell.seed_steps = [best] + [
+                    steps_to_target(Trial(name, batch, cell.best_lr, seed), data, settings.target, 3 * best).steps
+                    for seed in settings.seeds[1:]]
+                centre, cap = cell.best_lr * CENTRE_GROWTH, 2 * best
+            else:  # nothing reached the target: move the centre as usual, allow twice the last cap
+                centre, cap = centre * CENTRE_GROWTH, 2 * cap
+            bar.update(1)
+        # B_simple at the smallest batch, on this optimizer's best lr there (with the trust ratios for LAMB).
+        first = cells[name][smallest]
+        if first.best_lr is not None:
+            bar.set_postfix_str(f"{name} noise scale at batch {smallest}")
+            outcome = steps_to_target(Trial(name, smallest, first.best_lr), data, settings.target,
+                                      2 * first.tried[first.best_lr].steps, measure_noise=True,
+                                      monitor_path=out / "noise_scale_lamb.png" if name == "lamb" else None)
+            noise[name] = outcome.b_simple
+    return cells, noise
+
+
+def save_cells(path: Path, settings: Settings, cells: dict[str, dict[int, Cell]],
+               noise: dict[str, float | None]) -> None:
+    """Every run's outcome as JSON, for anyone who wants to refit or plot differently (:func:`load_cells`)."""
+    saved = {name: {batch: asdict(cell) for batch, cell in by_batch.items()} for name, by_batch in cells.items()}
+    path.write_text(json.dumps({"settings": asdict(settings), "noise_scale": noise, "cells": saved}, indent=1))
+
+
+def load_cells(path: Path) -> tuple[dict, dict[str, dict[int, Cell]], dict[str, float | None]]:
+    """What :func:`save_cells` wrote: the settings (as a dict), the cells and B_simple. JSON keys are strings: the
+    batch sizes come back as ints, the lrs as floats (JSON writes a float's repr, so the round trip is exact)."""
+    saved = json.loads(path.read_text())
+    cells = {name: {int(batch): Cell(tried={float(lr): Outcome(**outcome) for lr, outcome in cell["tried"].items()},
+                                     best_lr=cell["best_lr"], at_edge=cell["at_edge"],
+                                     seed_steps=cell["seed_steps"])
+                    for batch, cell in by_batch.items()}
+             for name, by_batch in saved["cells"].items()}
+    return saved["settings"], cells, saved["noise_scale"]
+
+
 def run(out: Path, full: bool = False, settings: Settings | None = None) -> Summary:
     mode = "full" if full else "reduced"
     settings = settings or SETTINGS[mode]
     data = mnist_data()
-    cells: dict[str, dict[int, Cell]] = {name: {} for name in settings.optimizers}
-    noise: dict[str, float | None] = {}
     smallest = settings.batch_sizes[0]
     with tqdm(total=len(settings.optimizers) * len(settings.batch_sizes), desc="critical batch",
               unit="batch size") as bar:
-        for name in settings.optimizers:
-            centre, cap = OPTIMIZERS[name]["lr"], settings.first_cap
-            for batch in settings.batch_sizes:
-                cell = tune(name, batch, centre, cap, data, settings.target, bar)
-                cells[name][batch] = cell
-                if cell.best_lr is not None:
-                    best = cell.tried[cell.best_lr].steps
-                    cell.seed_steps = [best] + [
-                        steps_to_target(Trial(name, batch, cell.best_lr, seed), data, settings.target, 3 * best).steps
-                        for seed in settings.seeds[1:]]
-                    centre, cap = cell.best_lr * CENTRE_GROWTH, 2 * best
-                else:  # nothing reached the target: move the centre as usual, allow twice the last cap
-                    centre, cap = centre * CENTRE_GROWTH, 2 * cap
-                bar.update(1)
-            # B_simple at the smallest batch, on this optimizer's best lr there (with the trust ratios for LAMB).
-            first = cells[name][smallest]
-            if first.best_lr is not None:
-                bar.set_postfix_str(f"{name} noise scale at batch {smallest}")
-                outcome = steps_to_target(Trial(name, smallest, first.best_lr), data, settings.target,
-                                          2 * first.tried[first.best_lr].steps, measure_noise=True,
-                                          monitor_path=out / "noise_scale_lamb.png" if name == "lamb" else None)
-                noise[name] = outcome.b_simple
+        cells, noise = sweep(settings, data, out, bar)
 
-    # Every run's outcome, for anyone who wants to refit or plot differently.
     out.mkdir(parents=True, exist_ok=True)
-    saved = {name: {batch: asdict(cell) for batch, cell in by_batch.items()} for name, by_batch in cells.items()}
-    (out / "critical_batch.json").write_text(
-        json.dumps({"settings": asdict(settings), "noise_scale": noise, "cells": saved}, indent=1))
+    save_cells(out / "critical_batch.json", settings, cells, noise)
     fits = {name: fit([(b, s) for b, cell in by_batch.items() for s in cell.reached])
             for name, by_batch in cells.items()}
     # Each optimizer's resampling draws from its own generator, so the LAMB − AdamW differences pair independent draws.
@@ -274,7 +307,8 @@ def run(out: Path, full: bool = False, settings: Settings | None = None) -> Summ
     text = (f"Target: {settings.target:.1%} validation accuracy (10k held out of the training set), checked at steps "
             f"≈ 2^(k/{CHECKS_PER_DOUBLING}). lr: a ×{LR_FACTOR:g} grid at every batch size, centred on the previous "
             f"size's best × √2, widened up to {MAX_WIDENINGS} times while the best was at an edge; "
-            f"linear warmup over {WARMUP_STEPS} steps, then constant. {len(settings.seeds)} seed(s) at the best lr. "
+            f"linear warmup over {WARMUP_STEPS} steps, then constant. {_muon_text(settings)}"
+            f"{len(settings.seeds)} seed(s) at the best lr. "
             f"B_simple: a NoiseScale during a rerun of the best lr at batch {smallest}, each batch split into "
             f"{NOISE_MICRO_BATCHES} micro-batches (b = B/{NOISE_MICRO_BATCHES}); the mean tr(Σ) over the mean |G|² "
             "after the run's first tenth. "
@@ -282,6 +316,15 @@ def run(out: Path, full: bool = False, settings: Settings | None = None) -> Summ
             "edge after widening].\n\n**What it shows:** " + _findings(cells, fits, intervals, noise, settings))
     return Summary("4. Where large batches stop paying: steps to a target against batch size", text, headers, rows,
                    figures)
+
+
+def _muon_text(settings: Settings) -> str:
+    """How Muon was run, when it is in the study (an empty string otherwise)."""
+    if "muon" not in settings.optimizers:
+        return ""
+    return ("Muon: torch.optim.Muon (momentum 0.95, Nesterov, adjust_lr_fn=\"match_rms_adamw\") on the two hidden "
+            "weight matrices and AdamW on the output layer and the biases, one lr and one decoupled weight decay "
+            f"({OPTIMIZERS['muon']['weight_decay']:g}, biases not decayed) for both. ")
 
 
 def _findings(cells: dict[str, dict[int, Cell]], fits: dict, intervals: dict[str, list[float]],
