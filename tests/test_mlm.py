@@ -196,11 +196,19 @@ def test_one_configuration_from_the_command_line(capsys):
 def test_the_long_runs_script_at_tiny_size(tmp_path, monkeypatch, capsys):
     from torchlamb.experiments import mlm_long
 
-    results = mlm_long.main(["--out", str(tmp_path), "--size", "tiny", "--only", "adamw-64", "lamb-512"])
-    assert list(results) == ["adamw-64", "lamb-512"] and (tmp_path / "mlm_long.png").stat().st_size > 0
+    results = mlm_long.main(["--out", str(tmp_path), "--size", "tiny", "--only", "adamw-64", "lamb-512",
+                             "lamb-ramp"])
+    assert list(results) == ["adamw-64", "lamb-512", "lamb-ramp"] and (tmp_path / "mlm_long.png").stat().st_size > 0
     baseline = results["adamw-64"]
     assert baseline.config.micro_batch == 32 and baseline.noise_scale  # two micro-batches: measured
     assert results["lamb-512"].config.batch_size == mlm.LARGE_BATCH
+    # The ramped run starts at 64 with a BatchRamp, counts sequences (the budget, to the step), and evaluates as often.
+    ramped = results["lamb-ramp"]
+    assert ramped.batch_changes[0] == {"step": 0, "examples": 0, "batch": 64, "micro_batches": 2, "lr_factor": 1.0,
+                                       "b_simple": ramped.batch_changes[0]["b_simple"]}
+    assert ramped.sequences_seen[-1] == mlm.SEQUENCES["tiny"] and len(ramped.sequences_seen) == len(
+        baseline.sequences_seen) and ramped.noise_scale
+    assert ramped.sequences_seen == [ramped.sequences_at(step) for step in ramped.steps]
     # Kept results are read back as they were and not run again.
     monkeypatch.setattr(mlm_long, "train_mlm", lambda *args: pytest.fail("ran again"))
     again = mlm_long.main(["--out", str(tmp_path), "--size", "tiny", "--only", "adamw-64"])

@@ -46,6 +46,14 @@ RUNS: dict[str, tuple[str, dict]] = {
     "lamb-512-embedding-exempt": (
         f"LAMB, batch {LARGE_BATCH}, lr {LAMB_LR:g}; embedding exempt (Adam, lr {SQRT_LR:.2g})",
         dict(optimizer="lamb", lr=LAMB_LR, batch_size=LARGE_BATCH, adapt_embedding=False, embedding_lr=SQRT_LR)),
+    # Measured BatchRamps from 64 (two micro-batches of 32) toward 512, lr × √(B/64): at 512 the lrs of the fixed
+    # batch-512 runs above (AdamW 0.001·√8 = 0.0028, LAMB 0.04).
+    "adamw-ramp": (f"AdamW, batch {SMALL_BATCH} → ≤ {LARGE_BATCH} (measured ramp), lr 0.001·√(B/64)",
+                   dict(optimizer="adamw", lr=1e-3, batch_size=SMALL_BATCH, micro_batch=SMALL_BATCH // 2,
+                        ramp_to=LARGE_BATCH)),
+    "lamb-ramp": (f"LAMB, batch {SMALL_BATCH} → ≤ {LARGE_BATCH} (measured ramp), lr {LAMB_LR:g}·√(B/512)",
+                  dict(optimizer="lamb", lr=LAMB_LR * (SMALL_BATCH / LARGE_BATCH) ** 0.5, batch_size=SMALL_BATCH,
+                       micro_batch=SMALL_BATCH // 2, ramp_to=LARGE_BATCH)),
 }
 
 
@@ -77,23 +85,28 @@ def mean_b_simple(result: MLMResult, first: int, last: int) -> float:
 
 
 def plot(results: dict[str, MLMResult], plateau: float, path: Path) -> Path:
-    """Validation loss and B_simple of every run against sequences seen."""
+    """Validation loss and B_simple of every run against sequences seen; a ramped run's batch dashed beside its
+    B_simple."""
     from .report import new_figure, save
 
     figure, axes = new_figure(columns=2, width=6.0)
     for name, result in results.items():
         label = RUNS[name][0]
         line, = axes[0].plot(result.sequences_seen, result.validation_loss, marker="o", markersize=3, label=label)
-        batch = result.config.batch_size
-        points = [(step * batch, value) for step, value in result.noise_scale if value > 0]
+        points = [(result.sequences_at(step), value) for step, value in result.noise_scale if value > 0]
         axes[1].plot([s for s, _ in points], [v for _, v in points], color=line.get_color(), label=label)
+        if result.batch_changes:
+            changes = result.batch_changes
+            axes[1].step([max(row["examples"], 1) for row in changes] + [result.sequences_seen[-1]],
+                         [row["batch"] for row in changes] + [changes[-1]["batch"]], where="post",
+                         color=line.get_color(), linestyle="--", linewidth=1.5)
     axes[0].axhline(plateau, color="grey", linestyle="--", linewidth=1, label=f"word frequencies only ({plateau:.2f})")
     axes[0].set(xlabel="sequences seen", ylabel="validation MLM loss (nats)", title="Validation loss")
     for batch in (SMALL_BATCH, LARGE_BATCH):
         axes[1].axhline(batch, color="grey", linestyle=":", linewidth=1)
         axes[1].annotate(f"batch {batch}", (0.01, batch), xycoords=("axes fraction", "data"), fontsize="small")
     axes[1].set(xlabel="sequences seen", ylabel="B_simple (sequences, log scale)", yscale="log",
-                title="Gradient noise scale B_simple = tr(Σ)/|G|² (EMA)")
+                title="Gradient noise scale B_simple = tr(Σ)/|G|² (EMA); dashed: a ramp's batch")
     axes[0].legend(fontsize="x-small")
     return save(figure, path)
 

@@ -107,6 +107,10 @@ class MLMConfig:
     # and Lars's trust ratio: it then steps as plain Adam (or momentum SGD) at the group's lr, keeping its decay.
     adapt_embedding: bool = True
     embedding_lr: float | None = None  # the exempt embedding's lr (None: ``lr``); an Adam step wants a smaller one
+    # A measured torchlamb.BatchRamp from batch_size up to ramp_to (None: a fixed batch): double the batch when
+    # ramp_factor × B_simple reaches twice it, lr × √(batch/batch_size); warmup and decay then count sequences.
+    ramp_to: int | None = None
+    ramp_factor: float = 1.0
 
 
 @dataclass
@@ -120,6 +124,14 @@ class MLMResult:
     # when the batch is accumulated from more than one micro-batch.
     noise_scale: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the run, evaluations included
+    batch_changes: list[dict] = field(default_factory=list)  # a ramped run's BatchRamp records (step, examples, ...)
+
+    def sequences_at(self, step: int) -> int:
+        """Sequences seen after ``step`` optimizer steps."""
+        if not self.batch_changes:
+            return step * self.config.batch_size
+        change = [row for row in self.batch_changes if row["step"] <= step][-1]
+        return change["examples"] + (step - change["step"]) * change["batch"]
 
     @property
     def final_validation_loss(self) -> float:
@@ -219,23 +231,34 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     generator = torch.Generator().manual_seed(config.seed)
     model = MaskedLM(data.vocab_size, config.length, config.width, config.layers, config.heads)
     optimizer = make_optimizer(config, model)
-    total_steps = max(1, config.sequences // config.batch_size)
-    scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=warmup_steps(config), total_steps=total_steps)
+    total_steps = max(1, config.sequences // config.batch_size)  # at the starting batch, when ramped
     micro_batches = config.batch_size // config.micro_batch
     accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches,
-                                                  scheduler=scheduler,
                                                   max_grad_norm=1.0 if config.optimizer == "adamw" else None)
     # The gradient noise scale from the two batch sizes training already has (micro-batch and optimizer batch).
     noise = torchlamb.NoiseScale(model, optimizer, batch_size=config.micro_batch, micro_batches=micro_batches,
                                  every=max(1, total_steps // 100)) if micro_batches > 1 else None
+    ramp = None
+    if config.ramp_to is not None:
+        ramp = torchlamb.BatchRamp(accumulation, noise, max_batch=config.ramp_to, lr_rule="sqrt",
+                                   factor=config.ramp_factor, interval=20)
+        accumulation.scheduler = torchlamb.warmup_poly(optimizer, int(config.warmup_fraction * config.sequences),
+                                                       config.sequences, progress=ramp.examples_seen)
+    else:
+        accumulation.scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=warmup_steps(config),
+                                                       total_steps=total_steps)
+
+    def seen() -> int:
+        return ramp.examples if ramp is not None else accumulation.steps * config.batch_size
     # The trust-ratio telemetry: only tensors the trust stage adapts (param_groups exempts biases and norms).
     adapted = {id(p) for group in optimizer.param_groups if group.get("adapt", True) for p in group["params"]}
     result = MLMResult(config)
     start = time.perf_counter()
-    eval_steps = {max(1, round(total_steps * (i + 1) / config.evals)) for i in range(config.evals)}
+    # Evaluations at equal shares of the budget; a ramped run takes a step's worth more at most.
+    evals = [round(total_steps * (i + 1) / config.evals) * config.batch_size for i in range(config.evals)]
     short_steps = round(config.short_fraction * total_steps) if config.short_length else 0
     train, order, position = None, torch.empty(0, dtype=torch.long), 0
-    while accumulation.steps < total_steps:
+    while seen() < total_steps * config.batch_size:
         # Phases switch at an optimizer step's boundary: accumulation.steps counts completed steps.
         phase = data.short_train if accumulation.steps < short_steps else data.train
         if phase is not train:
@@ -248,12 +271,14 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
         loss = mlm_loss(model, inputs, labels)
         if not math.isfinite(loss.item()):
             break
+        before = seen()
         if accumulation.backward(loss):
             if progress is not None:
-                progress.update(config.batch_size)  # sequences: a large-batch step costs as many as it holds
-            if accumulation.steps in eval_steps:
+                progress.update(seen() - before)  # sequences: a large-batch step costs as many as it holds
+            if evals and seen() >= evals[0]:
+                evals = [at for at in evals if at > seen()]
                 result.steps.append(accumulation.steps)
-                result.sequences_seen.append(accumulation.steps * config.batch_size)
+                result.sequences_seen.append(seen())
                 result.validation_loss.append(validation_loss(model, data))
                 stats = getattr(optimizer, "trust_stats", [])
                 result.trust_ratios.append([r for s in stats for p, r in zip(s.params, s.trust_ratio.tolist())
@@ -262,4 +287,6 @@ def train_mlm(config: MLMConfig, data: MLMData, progress: Any = None) -> MLMResu
     if noise is not None:
         noise.remove()
         result.noise_scale = noise.series()
+    if ramp is not None:
+        result.batch_changes = [dict(row) for row in ramp.records]
     return result
