@@ -46,6 +46,10 @@ RUNS: dict[str, tuple[str, dict]] = {
     "lamb-512-embedding-exempt": (
         f"LAMB, batch {LARGE_BATCH}, lr {LAMB_LR:g}; embedding exempt (Adam, lr {SQRT_LR:.2g})",
         dict(optimizer="lamb", lr=LAMB_LR, batch_size=LARGE_BATCH, adapt_embedding=False, embedding_lr=SQRT_LR)),
+    # LAMB's fixed batch-64 baseline for its ramp: the ramp's starting lr, 0.04 / √8 (the sqrt rule from batch 512).
+    "lamb-64": (f"LAMB, batch {SMALL_BATCH}, lr {LAMB_LR * (SMALL_BATCH / LARGE_BATCH) ** 0.5:.2g}",
+                dict(optimizer="lamb", lr=LAMB_LR * (SMALL_BATCH / LARGE_BATCH) ** 0.5, batch_size=SMALL_BATCH,
+                     micro_batch=SMALL_BATCH // 2)),
     # Measured BatchRamps from 64 (two micro-batches of 32) toward 512, lr × √(B/64): at 512 the lrs of the fixed
     # batch-512 runs above (AdamW 0.001·√8 = 0.0028, LAMB 0.04).
     "adamw-ramp": (f"AdamW, batch {SMALL_BATCH} → ≤ {LARGE_BATCH} (measured ramp), lr 0.001·√(B/64)",
