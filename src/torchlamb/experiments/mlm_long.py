@@ -93,25 +93,31 @@ def plot(results: dict[str, MLMResult], plateau: float, path: Path) -> Path:
     B_simple."""
     from .report import new_figure, save
 
-    figure, axes = new_figure(columns=2, width=6.0)
+    figure, (by_sequences, by_steps, noise) = new_figure(columns=3, width=5.5)
     for name, result in results.items():
         label = RUNS[name][0]
-        line, = axes[0].plot(result.sequences_seen, result.validation_loss, marker="o", markersize=3, label=label)
+        line, = by_sequences.plot(result.sequences_seen, result.validation_loss, marker="o", markersize=3,
+                                  label=label)
+        by_steps.plot(result.steps, result.validation_loss, marker="o", markersize=3, color=line.get_color())
         points = [(result.sequences_at(step), value) for step, value in result.noise_scale if value > 0]
-        axes[1].plot([s for s, _ in points], [v for _, v in points], color=line.get_color(), label=label)
+        noise.plot([s for s, _ in points], [v for _, v in points], color=line.get_color(), label=label)
         if result.batch_changes:
             changes = result.batch_changes
-            axes[1].step([max(row["examples"], 1) for row in changes] + [result.sequences_seen[-1]],
-                         [row["batch"] for row in changes] + [changes[-1]["batch"]], where="post",
-                         color=line.get_color(), linestyle="--", linewidth=1.5)
-    axes[0].axhline(plateau, color="grey", linestyle="--", linewidth=1, label=f"word frequencies only ({plateau:.2f})")
-    axes[0].set(xlabel="sequences seen", ylabel="validation MLM loss (nats)", title="Validation loss")
+            noise.step([max(row["examples"], 1) for row in changes] + [result.sequences_seen[-1]],
+                       [row["batch"] for row in changes] + [changes[-1]["batch"]], where="post",
+                       color=line.get_color(), linestyle="--", linewidth=1.5)
+    for axis in (by_sequences, by_steps):
+        axis.axhline(plateau, color="grey", linestyle="--", linewidth=1,
+                     label=f"word frequencies only ({plateau:.2f})")
+    by_sequences.set(xlabel="sequences seen", ylabel="validation MLM loss (nats)",
+                     title="Validation loss against sequences")
+    by_steps.set(xscale="log", xlabel="optimizer steps (log scale)", title="Against optimizer steps")
     for batch in (SMALL_BATCH, LARGE_BATCH):
-        axes[1].axhline(batch, color="grey", linestyle=":", linewidth=1)
-        axes[1].annotate(f"batch {batch}", (0.01, batch), xycoords=("axes fraction", "data"), fontsize="small")
-    axes[1].set(xlabel="sequences seen", ylabel="B_simple (sequences, log scale)", yscale="log",
-                title="Gradient noise scale B_simple = tr(Σ)/|G|² (EMA); dashed: a ramp's batch")
-    axes[0].legend(fontsize="x-small")
+        noise.axhline(batch, color="grey", linestyle=":", linewidth=1)
+        noise.annotate(f"batch {batch}", (0.01, batch), xycoords=("axes fraction", "data"), fontsize="small")
+    noise.set(xlabel="sequences seen", ylabel="B_simple (sequences, log scale)", yscale="log",
+              title="B_simple = tr(Σ)/|G|² (EMA); dashed: a ramp's batch")
+    by_sequences.legend(fontsize="x-small")
     return save(figure, path)
 
 
@@ -122,8 +128,9 @@ def table(results: dict[str, MLMResult]) -> str:
     for name, result in results.items():
         total = result.steps[-1] if result.steps else 0
         losses = []
-        for fraction in (0.2, 0.5, 1.0):
-            at = min(range(len(result.steps)), key=lambda i: abs(result.steps[i] - fraction * total))
+        for fraction in (0.2, 0.5, 1.0):  # of the sequences (a ramped run's steps are not proportional to them)
+            at = min(range(len(result.steps)),
+                     key=lambda i: abs(result.sequences_seen[i] - fraction * result.sequences_seen[-1]))
             losses.append(f"{result.validation_loss[at]:.3f}")
         thirds = [mean_b_simple(result, total * i // 3 + 1, total * (i + 1) // 3) for i in range(3)]
         noise = " / ".join(f"{value:.0f}" for value in thirds) if result.noise_scale else "-"
