@@ -4,7 +4,9 @@
 
 Runs :data:`RUNS` one after another (``--only NAME`` for one; two processes with ``--only`` can share the work),
 keeps each result as ``NAME.json`` in ``--out`` (a run whose file exists is not run again), then writes
-``mlm_long.png`` (validation loss and B_simple against sequences seen) and prints a markdown table.
+``mlm_long.png`` (validation loss against sequences and against steps; B_simple, and a ramped run's batch, against
+sequences seen) and prints a markdown table. Two runs grow the batch from 64 toward 512 with a measured
+:class:`~torchlamb.BatchRamp`; ``lamb-64`` is their LAMB baseline at the ramp's starting lr.
 
 B_simple comes from :class:`~torchlamb.NoiseScale` with the two batch sizes each run already has: the micro-batch
 (64 sequences; 32 for the batch-64 run, which accumulates two) against the optimizer's batch. It is McCandlish et
