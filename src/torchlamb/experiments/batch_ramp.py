@@ -195,7 +195,7 @@ def compare(by_batch: dict[int, Cell], outcomes: list[RampOutcome], resamples: i
     """The ramp against the fixed batches that use no more examples (means over seeds): the best of those (fewest
     steps), and the ramp's steps minus its steps with a bootstrap interval (seeds of both resampled; in each resample
     the qualifying fixed batches are chosen anew). ``verdict``: "fewer", "more" or "undecided" (interval includes 0),
-    or "fewest examples" when no fixed batch uses as few examples as the ramp."""
+    "one seed" (no interval), or "fewest examples" when no fixed batch uses as few examples as the ramp."""
     reached = [o for o in outcomes if o.steps is not None]
     fixed = {batch: cell.reached for batch, cell in by_batch.items() if cell.reached}
     if not reached or not fixed:
@@ -223,8 +223,11 @@ def compare(by_batch: dict[int, Cell], outcomes: list[RampOutcome], resamples: i
         if candidate is not None:
             differences.append(s - candidate[1])
     low, high = np.percentile(differences, [2.5, 97.5]) if differences else (math.nan, math.nan)
-    verdict = "fewer" if high < 0 else "more" if low > 0 else "undecided"
-    interval = f" ({low:+.0f} to {high:+.0f})" if len(reached) > 1 or any(len(v) > 1 for v in fixed.values()) else ""
+    if len(reached) < 2:  # one seed of the ramp: no interval, so no verdict
+        verdict, interval = "one seed", ""
+    else:
+        verdict = "fewer" if high < 0 else "more" if low > 0 else "undecided"
+        interval = f" ({low:+.0f} to {high:+.0f})"
     return {"fixed": f"{best[0]}, {best[1]:.0f}", "difference": f"{steps - best[1]:+.0f}{interval}",
             "verdict": verdict, "best_batch": best[0], "low": low, "high": high}
 
@@ -239,21 +242,27 @@ def _spread(values: list[int], runs: int) -> str:
 
 
 def _findings(comparisons: dict[str, dict[str, dict]]) -> str:
-    words = {"fewer": "fewer steps than", "more": "more steps than", "undecided": "as many steps, within the "
-             "interval, as", "fewest examples": "fewer examples than every fixed batch, so no fixed batch is compared "
-             "on steps", "none": "did not reach the target, or nothing to compare with"}
+    words = {"fewer": "takes fewer steps than", "more": "takes more steps than", "undecided": "takes as many steps, "
+             "within the interval, as", "one seed": "is compared on one seed only (no interval, no claim) with",
+             "fewest examples": "uses fewer examples than every fixed batch, so none is compared with it on steps",
+             "none": "did not reach the target, or has nothing to be compared with"}
     parts = []
     for name, by_policy in comparisons.items():
         said = []
         for policy, result in by_policy.items():
             target = f" batch {result['best_batch']}" if "best_batch" in result else ""
-            said.append(f"the {policy} ramp takes {words[result['verdict']]}{target}"
+            said.append(f"the {policy} ramp {words[result['verdict']]}{target}"
                         + (f" ({result['difference']} steps)" if result.get("difference") else ""))
         parts.append(f"{name}: " + "; ".join(said) + ".")
+    verdicts = [result["verdict"] for by_policy in comparisons.values() for result in by_policy.values()]
     wins = [f"{name} {policy}" for name, by_policy in comparisons.items() for policy, result in by_policy.items()
             if result["verdict"] == "fewer"]
-    summary = (f"Ramps that beat every fixed batch of no more examples on steps: {', '.join(wins)}." if wins else
-               "**No ramp reached the target in fewer steps than the best fixed batch that uses no more examples.**")
+    if wins:
+        summary = f"**Ramps that beat every fixed batch of no more examples on steps: {', '.join(wins)}.**"
+    elif "one seed" in verdicts:
+        summary = "One seed gives no interval: run --full (3 seeds) for a verdict."
+    else:
+        summary = "**No ramp reached the target in fewer steps than the best fixed batch that uses no more examples.**"
     return " ".join(parts) + " " + summary
 
 
