@@ -97,8 +97,7 @@ def ramp_to_target(name: str, lr: float, seed: int, data: Data, target: float, l
     noise.remove()
     outcome.final_batch, outcome.changes = ramp.batch_size, [dict(row) for row in ramp.records]
     if plot is not None:
-        ramp.plot(plot, noise, title=f"{name}, measured ramp from batch {start}, seed {seed}: batch and "
-                  f"{factor:g} × B_simple against examples seen")
+        ramp.plot(plot, noise, title=f"{name}, measured ramp (c = {factor:g}) from batch {start}, seed {seed}")
         ramp.to_csv(plot.with_suffix(".csv"))
     return outcome
 
