@@ -13,25 +13,14 @@ import torch
 from torch import nn
 
 import torchlamb
-from test_noise_scale import SIGMA, TRUE_B_SIMPLE, D
+from test_noise_scale import SIGMA, TRUE_B_SIMPLE, D, regression_model
 from torchlamb.batch_ramp import linear_schedule
-
-
-def regression_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The linear regression of test_noise_scale at w* + d, |d| = 1: B_simple = D + 1 + Dσ² = 21 while w stays put."""
-    generator = torch.Generator().manual_seed(seed)
-    w_star = torch.randn(D, generator=generator, dtype=torch.float64)
-    d = torch.randn(D, generator=generator, dtype=torch.float64)
-    model = nn.Linear(D, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_((w_star + d / d.norm())[None])
-    return model, w_star
 
 
 @pytest.mark.parametrize("factor", [2.5, 5.0])
 def test_the_ramp_settles_at_the_batch_the_rule_predicts_and_noise_scale_follows_the_growth(factor):
     """lr 0 keeps B_simple at 21: the batch must grow from 4 by doublings to the largest 4·2^k ≤ factor·21 and stay."""
-    model, w_star = regression_model()
+    model, w_star, _ = regression_model()  # B_simple = D + 1 + Dσ² = 21 while lr 0 keeps w put
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=2)
     noise = torchlamb.NoiseScale(model, optimizer, batch_size=2, micro_batches=2, ema=0.95, every=10)
@@ -185,7 +174,7 @@ def test_linear_schedule_is_the_megatron_ramp_in_doublings():
 
 
 def test_records_csv_and_plot(tmp_path):
-    model, w_star = regression_model()
+    model, w_star, _ = regression_model()  # B_simple = D + 1 + Dσ² = 21 while lr 0 keeps w put
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     accumulation = torchlamb.GradientAccumulation(optimizer, micro_batches=2)
     noise = torchlamb.NoiseScale(model, optimizer, batch_size=2, micro_batches=2, every=2)

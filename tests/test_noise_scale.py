@@ -22,14 +22,20 @@ TRUE_B_SIMPLE = D + 1 + D * SIGMA**2  # 21 examples
 MICRO, K = 8, 4  # micro-batches of 8 examples, 4 per optimizer step: b = 8, B = 32
 
 
-def regression(steps: int, seed: int = 0):
-    """(model at w* + d with |d| = 1, micro-batches x: [steps·K, MICRO, D], targets y) in float64."""
+def regression_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Generator]:
+    """(model at w* + d with |d| = 1, w*, the generator that drew them) in float64."""
     generator = torch.Generator().manual_seed(seed)
     w_star = torch.randn(D, generator=generator, dtype=torch.float64)
     d = torch.randn(D, generator=generator, dtype=torch.float64)
     model = nn.Linear(D, 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_((w_star + d / d.norm())[None])
+    return model, w_star, generator
+
+
+def regression(steps: int, seed: int = 0):
+    """(model at w* + d with |d| = 1, micro-batches x: [steps·K, MICRO, D], targets y) in float64."""
+    model, w_star, generator = regression_model(seed)
     x = torch.randn(steps * K, MICRO, D, generator=generator, dtype=torch.float64)
     y = x @ w_star + SIGMA * torch.randn(steps * K, MICRO, generator=generator, dtype=torch.float64)
     return model, x, y
