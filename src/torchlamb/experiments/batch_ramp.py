@@ -3,10 +3,10 @@
 Training to a target costs optimizer steps (time, on a machine wide enough for any batch) and examples (compute).
 Each fixed batch size is one point on the (examples, steps) plane; the critical-batch study's sweep (experiment 4:
 every batch size 32…8192, the lr retuned at each, several seeds) draws each optimizer's frontier. A
-:class:`~torchlamb.BatchRamp` starts at batch 32 and grows: **measured** (double whenever the NoiseScale's smoothed
-B_simple reaches twice the batch, at most every ``INTERVAL`` steps) or **scheduled** (GPT-3's and Megatron's linear
-ramp in examples, in doublings). The question: does a ramp reach the target in fewer steps than every fixed batch
-that uses no more examples?
+:class:`~torchlamb.BatchRamp` starts at batch 32 and grows: **measured** (double whenever c × the NoiseScale's
+smoothed B_simple reaches twice the batch, c = 1 and 4, at most every ``INTERVAL`` steps) or **scheduled** (GPT-3's
+and Megatron's linear ramp in examples, in doublings). The question: does a ramp reach the target in fewer steps
+than every fixed batch that uses no more examples?
 
 The ramps start from the lr the sweep found best at batch 32 and scale it by √(B/32) as the batch grows: the sweep's
 best lrs grew by × 1.4 to × 2.8 per doubling for every optimizer, √2 being the lower end. The warmup is the sweep's,
@@ -170,8 +170,9 @@ def run(out: Path, full: bool = False) -> Summary:
     for name in names:
         for policy in POLICIES:
             reached = [o for o in ramps[name][policy] if o.steps is not None]
-            if not reached:
-                rows.append([name, policy, "not reached", "", "", "", ""])
+            if not reached:  # say why: the step or example limit, or divergence, per seed
+                why = ", ".join(sorted({o.stopped for o in ramps[name][policy]}))
+                rows.append([name, policy, f"not reached ({why})", "", "", "", ""])
                 continue
             result = comparisons[name][policy]
             rows.append([name, policy, _spread([o.steps for o in reached], len(ramps[name][policy])),
