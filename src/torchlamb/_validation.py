@@ -41,6 +41,12 @@ def check_number(name: str, value: Any, *, low: float, high: float = math.inf, l
         raise ValueError(f"{name} must be in {interval}, got {number}{where(group_index)}")
 
 
+def check_count(name: str, value: Any, *, low: int = 1, hint: str = "") -> None:
+    """Raise unless ``value`` is an int (not a bool) >= ``low``; ``hint`` says, in parentheses, what it counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{f' ({hint})' if hint else ''}, got {value!r}")
+
+
 def check_clip_range(name: str, value: Any, *, group_index: int | None = None) -> None:
     """Raise unless ``value`` is None or a pair ``(low, high)`` with ``0 <= low <= high``."""
     if value is None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._validation import check_number
+from ._validation import check_count, check_number
 
 if TYPE_CHECKING:
     from .batch_ramp import BatchRamp
@@ -44,8 +44,7 @@ class GradientAccumulation:
     def __init__(self, optimizer: torch.optim.Optimizer, micro_batches: int, *,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                  scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None) -> None:
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        check_count("micro_batches", micro_batches)
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.optimizer, self.micro_batches, self.scheduler, self.scaler = optimizer, micro_batches, scheduler, scaler
@@ -100,8 +99,7 @@ class GradientAccumulation:
     def set_micro_batches(self, micro_batches: int) -> None:
         """Accumulate ``micro_batches`` backward passes per step from now on (a :class:`~torchlamb.BatchRamp` grows
         it). Call it between steps, when no micro-batch of the next large batch has been accumulated yet."""
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        check_count("micro_batches", micro_batches)
         if self.count:
             raise RuntimeError("GradientAccumulation.set_micro_batches must be called between optimizer steps: "
                                f"{self.count} micro-batch(es) of the next step are already accumulated")

@@ -46,14 +46,14 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import torch
 import torch.distributed as dist
 
-from ._validation import check_number
+from ._validation import check_count, check_number
 from .accumulate import GradientAccumulation
 from .noise_scale import ALL, NoiseScale
 from .records import new_figure, save_figure, write_csv
@@ -137,22 +137,18 @@ class BatchRamp:
             micro_batch_size, group = noise.small_batch, noise.group
         elif schedule is None:
             raise ValueError("noise is required unless a schedule is given: the measured policy reads its B_simple")
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be an int >= 1 (examples per backward pass on one process), "
-                             f"got {micro_batch_size!r}")
+        check_count("micro_batch_size", micro_batch_size, hint="examples per backward pass on one process")
         if lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule must be one of {tuple(LR_RULES)}, got {lr_rule!r}")
         if isinstance(growth, bool) or not isinstance(growth, int) or growth < 2:
             raise ValueError(f"growth must be a whole factor >= 2 (the micro-batch count must stay whole), "
                              f"got {growth!r}")
         check_number("factor", factor, low=0.0, low_open=True)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        check_count("interval", interval)
         self.world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         self.accumulation, self.noise, self.group = accumulation, noise, group
         self.micro_batch_size, self.lr_rule, self.factor = micro_batch_size, lr_rule, float(factor)
         self.growth, self.interval = growth, interval
-        self.start_micro_batches = accumulation.micro_batches
         self.start_batch = self.batch_size
         if isinstance(max_batch, bool) or not isinstance(max_batch, int):
             raise TypeError(f"max_batch must be an int, got {type(max_batch).__name__}")
@@ -204,8 +200,7 @@ class BatchRamp:
 
     def examples_at(self, step: int) -> int:
         """Examples seen after ``step`` optimizer steps (a step already taken), from the records of the changes."""
-        change = [row for row in self.records if row["step"] <= step][-1]
-        return change["examples"] + (step - change["step"]) * change["batch"]
+        return examples_at(self.records, step)
 
     # -- called by GradientAccumulation ----------------------------------------------------------------------------
     def scale_lr(self) -> list[Any]:
@@ -310,13 +305,19 @@ class BatchRamp:
         return save_figure(figure, path)
 
 
+def examples_at(records: Sequence[Mapping[str, Any]], step: int) -> int:
+    """Examples seen after ``step`` optimizer steps, from a ramp's change records (the start first): those of the
+    last change at or before ``step``, plus its batch for every step since."""
+    change = [row for row in records if row["step"] <= step][-1]
+    return change["examples"] + (step - change["step"]) * change["batch"]
+
+
 def linear_schedule(start_batch: int, max_batch: int, ramp_examples: int, growth: int = 2) -> list[tuple[int, int]]:
     """GPT-3's and Megatron's batch ramp: the batch grows linearly in examples seen from ``start_batch`` to
     ``max_batch`` over ``ramp_examples``, taken in whole factors of ``growth``: ``start·g^k`` from the examples
     where the line reaches it, ``ramp_examples · (start·g^k − start) / (max − start)`` (rounded up)."""
     for name, value in (("start_batch", start_batch), ("max_batch", max_batch), ("ramp_examples", ramp_examples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count(name, value)
     if max_batch <= start_batch:
         raise ValueError(f"max_batch {max_batch} must exceed start_batch {start_batch}")
     entries, batch = [], start_batch * growth

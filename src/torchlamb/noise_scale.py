@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._validation import check_count
 from .records import Recorder, new_figure, save_figure, series_by_name, summary_writer, write_csv
 from .trust import sums_of_squares
 
@@ -123,8 +124,7 @@ class NoiseScale(Recorder):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value in (("batch_size", batch_size), ("micro_batches", micro_batches), ("every", every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_count(name, value)
         if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -223,8 +223,7 @@ class NoiseScale(Recorder):
         """The accumulation now takes ``micro_batches`` backward passes per step (a :class:`~torchlamb.BatchRamp`
         grew it): B and the factor each backward pass's gradient is multiplied by follow. Call it between steps.
         The moving averages carry over: each step's estimates are unbiased for whatever b and B it had."""
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        check_count("micro_batches", micro_batches)
         if any(self._small_count):
             raise RuntimeError("NoiseScale.set_micro_batches must be called between optimizer steps: "
                                f"{max(self._small_count)} backward pass(es) of this step were already measured")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import torchlamb
+from torchlamb.batch_ramp import examples_at
 
 from ..data.text import load_kjv, load_tokenizer
 
@@ -130,8 +131,7 @@ class MLMResult:
         """Sequences seen after ``step`` optimizer steps."""
         if not self.batch_changes:
             return step * self.config.batch_size
-        change = [row for row in self.batch_changes if row["step"] <= step][-1]
-        return change["examples"] + (step - change["step"]) * change["batch"]
+        return examples_at(self.batch_changes, step)
 
     @property
     def final_validation_loss(self) -> float:
