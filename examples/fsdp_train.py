@@ -2,6 +2,7 @@
 
     .venv/bin/torchrun --nproc-per-node 2 examples/fsdp_train.py            # 2 processes on the CPU, ~1 minute
     .venv/bin/torchrun --nproc-per-node 2 examples/fsdp_train.py --steps 50 --batch 64
+    .venv/bin/torchrun --nproc-per-node 2 --max-restarts 3 examples/fsdp_train.py --checkpoint-dir ckpt --save-every 20
 
 The task needs no download: sort sequences of random tokens (the model sees the sequence and predicts, at each
 position, the token that belongs there once sorted), which a 2-layer encoder learns in a few hundred steps.
@@ -10,19 +11,23 @@ Each parameter is a DTensor sharded on dim 0 across the processes (``fully_shard
 whole ‖θ‖ and ‖u‖ from the shards with one all-reduce per step (see torchlamb.distributed), so the run gives the
 same parameters as one process with the whole batch would.
 
+With ``--checkpoint-dir`` the run saves every ``--save-every`` steps (torchlamb.Checkpointer: model and optimizer
+shards, scheduler, step, random state) and, started again, resumes from the newest complete checkpoint there: kill
+any process at any moment, and ``torchrun --max-restarts`` restarts the group, which goes on from the last
+checkpoint. The last line printed is ``final parameters sha256 <hex>``, a hash of the whole parameters (gathered
+from the shards, the same on every process): a run killed and resumed prints the same hash as a run never killed.
+
 Teardown: the model, optimizer and scheduler live in ``train``, which returns before the process group is destroyed
-(see ``process_group``): a gloo group that outlives ``destroy_process_group`` can abort a process after a successful
-run.
+(see ``torchlamb.distributed.process_group``, which also keeps torchrun's restarts from meeting the dead processes'
+addresses): a gloo group that outlives ``destroy_process_group`` can abort a process after a successful run.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
+import hashlib
 import os
 import time
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,7 +35,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard  # imported before the process group exists: see process_group
 
 import torchlamb
-from torchlamb.distributed import clear_dtensor_caches
+from torchlamb.distributed import process_group
 
 
 class SortingTransformer(nn.Module):
@@ -59,30 +64,6 @@ def batch(step: int, size: int, vocab: int, length: int) -> tuple[torch.Tensor, 
     return tokens, tokens.sort(dim=1).values
 
 
-@contextlib.contextmanager
-def process_group(backend: str) -> Iterator[None]:
-    """The default process group for the ``with`` block, really destroyed at its end.
-
-    Why: ``destroy_process_group`` frees the group only if nothing else holds it. Otherwise gloo's group and threads
-    are torn down during interpreter shutdown, and a process can die with SIGABRT ("terminate called without an
-    active exception") after training finished. Holders: the FSDP2 modules (reference cycles), DTensor parameters
-    and optimizer state through their DeviceMesh, DTensor's caches of sharding specs (which hold DeviceMeshes), and
-    torch._dynamo if first imported while the group exists (hence fully_shard imported at the top). So the objects
-    live in ``train``, which returns inside the block; the block then empties the caches, collects the cycles, waits
-    for every process and destroys the group, which joins gloo's threads.
-    """
-    dist.init_process_group(backend)
-    try:
-        yield
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the other processes may be stuck in a collective
-        raise
-    clear_dtensor_caches()
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -90,6 +71,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--vocab", type=int, default=16)
     parser.add_argument("--length", type=int, default=12)
+    parser.add_argument("--checkpoint-dir", help="save checkpoints here, and resume from the newest one found there")
+    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, default=3, help="how many checkpoints to keep")
+    parser.add_argument("--parameters-out", help="also write the final whole parameters here (torch.save)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch % world:
@@ -116,8 +101,17 @@ def train(args: argparse.Namespace, backend: str) -> None:
                                max_grad_norm=1.0)
     scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=args.steps // 10, total_steps=args.steps)
 
+    checkpoints = None
+    first_step = 0
+    if args.checkpoint_dir:
+        checkpoints = torchlamb.Checkpointer(args.checkpoint_dir, model, optimizer, every=args.save_every,
+                                             keep=args.keep, scheduler=scheduler)
+        first_step = checkpoints.resume()
+        if rank == 0 and checkpoints.resumed_from:
+            print(f"resumed from {checkpoints.resumed_from} at step {first_step}", flush=True)
+
     start = time.perf_counter()
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
         tokens, targets = batch(step, args.batch, args.vocab, args.length)
         tokens, targets = tokens[rank * share:(rank + 1) * share].to(device), targets[rank * share:(rank + 1) * share]
         logits = model(tokens)
@@ -136,6 +130,29 @@ def train(args: argparse.Namespace, backend: str) -> None:
                 print(f"step {step:4d}  loss {summary[0]:.3f}  token accuracy {summary[1]:.3f}  "
                       f"lr {scheduler.get_last_lr()[0]:.4f}  trust ratios {ratios.min():.3f}..{ratios.max():.3f}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
+        if checkpoints is not None:
+            checkpoints.after_step(step + 1)
+
+    whole = {name: (p.full_tensor() if torchlamb.distributed.is_sharded(p) else p).detach().cpu()
+             for name, p in model.named_parameters()}
+    digest = parameters_sha256(whole)
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the processes hold different parameters: {digests}")
+    if rank == 0:
+        if args.parameters_out:
+            torch.save(whole, args.parameters_out)
+        print(f"final parameters sha256 {digest}", flush=True)
+
+
+def parameters_sha256(parameters: dict[str, torch.Tensor]) -> str:
+    """A hash of names, shapes, dtypes and bytes: equal exactly when the parameters are bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in parameters.items():
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ optimizers refuse its parameters (see :func:`check_not_fsdp1`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import datetime
+import gc
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -209,3 +212,46 @@ def clear_dtensor_caches() -> None:
                   lambda: _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()):
         with contextlib.suppress(AttributeError):  # absent from this torch (or None: no torch.distributed)
             clear()
+
+
+@contextlib.contextmanager
+def process_group(backend: str, timeout: datetime.timedelta | None = None) -> Iterator[None]:
+    """The default process group for a ``with`` block: safe to restart under torchrun, really destroyed at its end.
+
+    ``with process_group("gloo"): train(...)``, the model, optimizer and scheduler living inside ``train``.
+
+    Restarts: ``torchrun --max-restarts`` starts the new processes on the store the old ones used (one store for the
+    job, torch 2.13's static and c10d rendezvous alike), where the old processes' addresses are still written; a new
+    process that reads one before its peer overwrites it connects to a dead process, and gloo fails or hangs
+    (seen here, 2026-12-07: the first restart failed or hung in 2 of 3 tries). Under torchrun the group's keys are therefore
+    put under the attempt's number (``TORCHELASTIC_RESTART_COUNT``; the same on every process of a one-node job,
+    and of a multi-node job whose nodes all restart together).
+
+    Teardown: ``destroy_process_group`` frees the group only if nothing else holds it; otherwise gloo's group and
+    threads are torn down during interpreter shutdown, and a process can die with SIGABRT ("terminate called without
+    an active exception") after training finished. Holders: FSDP2 modules (reference cycles), DTensor parameters and
+    optimizer state through their DeviceMesh, DTensor's caches of sharding specs, and ``torch._dynamo`` if first
+    imported while the group exists (import ``torch.distributed.fsdp`` before entering). So the objects live in a
+    function that returns inside the block; the block then empties the caches (:func:`clear_dtensor_caches`),
+    collects the cycles, waits for every process and destroys the group, which joins gloo's threads. After an
+    exception it only destroys the group: the other processes may never reach a barrier.
+    """
+    options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # A client of the agent's store, or (agent store not shared) served by rank 0 as init_process_group would.
+        serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, serves,
+                              **options)
+        options.update(store=dist.PrefixStore(f"torchlamb/attempt{attempt}", store), rank=rank, world_size=world)
+    dist.init_process_group(backend, **options)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    clear_dtensor_caches()
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

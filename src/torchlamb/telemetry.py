@@ -212,6 +212,18 @@ class TrustMonitor(Recorder):
         names.update(self._explicit_names)
         return {key: (names[key], groups[key]) for key in groups}
 
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and the records, to resume recording where it stopped. Checkpoint between steps."""
+        return {"every": self.every, "step": self.step, "records": [dict(row) for row in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("every") != self.every:
+            raise ValueError(f"TrustMonitor checkpoint records every {state.get('every')!r} steps, this monitor "
+                             f"every {self.every}")
+        self.step = int(state["step"])
+        self.records = [TrustRecord(**row) for row in state["records"]]
+
     # -- hooks' lifetime ---------------------------------------------------------------------------------------
     def remove(self) -> None:
         super().remove()
