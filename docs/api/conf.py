@@ -29,7 +29,7 @@ autodoc_typehints_format = "short"
 # Without intersphinx (it would download torch's inventory) names from torch and the standard library cannot be
 # linked; nitpicky mode still checks every reference to torchlamb's own names.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|collections|typing|pathlib|numpy)(\..*)?"),
+    (r"py:.*", r"(torch|collections|typing|pathlib|numpy|datetime)(\..*)?"),
 ]
 
 html_theme = "alabaster"

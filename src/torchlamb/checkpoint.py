@@ -4,7 +4,7 @@ A killed process (preempted node, OOM kill, cancelled job) must cost nothing but
 checkpoint. :class:`Checkpointer` saves, with ``torch.distributed.checkpoint`` (DCP), everything a run needs to go on
 exactly where it stopped: the model and the optimizer (sharded under FSDP2: each process writes its shards; float,
 bf16 or 8-bit state and master weights alike), any other object with ``state_dict``/``load_state_dict`` (scheduler,
-:class:`~torchlamb.GradientAccumulation`, :class:`~torchlamb.NoiseScale`, :class:`~torchlamb.TrustMonitor`,
+:class:`~torchlamb.GradientAccumulation`, :class:`~torchlamb.noise_scale.NoiseScale`, :class:`~torchlamb.TrustMonitor`,
 :class:`~torchlamb.BatchRamp`, a GradScaler), the step, where the data stands, and each process's random number
 generators. ::
 
@@ -22,7 +22,7 @@ The directory holds one subdirectory per checkpoint, ``step-000000500``. How a c
   removes.
 * **Damaged checkpoints are skipped.** Resuming checks the newest checkpoint's files against its manifest (missing
   or truncated file, missing ``.metadata``, missing manifest); a damaged one is skipped with a warning naming it and
-  the previous one is tried. If the directory holds checkpoints and none is usable, :meth:`resume` raises: a run is
+  the previous one is tried. If the directory holds checkpoints and none is usable, resuming raises: a run is
   never silently restarted from scratch. An empty directory (a run killed before its first save) starts fresh.
 * **Exact.** The state is saved between optimizer steps, so nothing of an unfinished step (accumulated micro-batch
   gradients) is lost or counted twice; saving while a GradientAccumulation holds micro-batches raises. Resumed at
@@ -31,9 +31,9 @@ The directory holds one subdirectory per checkpoint, ``step-000000500``. How a c
   processes DCP reshards the model and optimizer; the parameters then agree to rounding (each process sums another
   share of the batch), and processes the checkpoint had no random state for keep their own (a warning says so).
 
-Every process must call :meth:`save`/:meth:`after_step` and :meth:`resume` at the same steps (they are collective),
-and the directory must be one every process sees (a shared filesystem across machines). Saves are synchronous: the
-step waits for the files (DCP's ``async_save`` could overlap them with training; not provided here).
+Every process must call ``save``/``after_step`` and ``resume`` at the same steps (they are collective), and the
+directory must be one every process sees (a shared filesystem across machines). Saves are synchronous: the step
+waits for the files (DCP's ``async_save`` could overlap them with training; not provided here).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +61,7 @@ try:  # torch.distributed is absent from some builds (e.g. some macOS wheels)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 except ImportError:  # pragma: no cover - depends on the torch build
     dist = None
 
@@ -119,7 +120,9 @@ class Checkpointer:
         self.every, self.keep, self.checksums, self.process_group = every, keep, checksums, process_group
         self.extra: dict[str, Any] = {}
         self.resumed_from: Path | None = None
-        self._skipped: set[Path] = set()  # damaged checkpoints latest() passed over, which saves may replace
+        self._resumed = False  # resume() was called: the checkpoints found here are this run's
+        self._written: set[Path] = set()  # the checkpoints this Checkpointer saved
+        self._skipped: set[Path] = set()  # damaged checkpoints latest() passed over: neither kept nor resumed
 
     # -- where this process stands -----------------------------------------------------------------------------------
     def _distributed(self) -> bool:
@@ -153,11 +156,15 @@ class Checkpointer:
             if isinstance(value, GradientAccumulation) and value.count:
                 raise RuntimeError(f"Checkpointer.save: {name} holds {value.count} micro-batch(es) of an unfinished "
                                    "step, which a checkpoint does not keep; save right after an optimizer step")
+        if not self.optimizer.state:
+            raise ValueError(f"Checkpointer.save(step={step}): the optimizer has taken no step yet, so there is no "
+                             "state to save (a run killed before its first checkpoint starts again from its "
+                             "initialisation)")
         final = self.directory / f"step-{step:09d}"
         staging = final.with_name(final.name + _PARTIAL)
         problem = None
         if self._rank() == 0:
-            problem = self._newer_than(step)
+            problem = self._foreign(step)
             if problem is None:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 _remove(staging)  # left by a save of this step that was killed
@@ -177,28 +184,31 @@ class Checkpointer:
         if self._rank() == 0:  # every process has written its files and DCP its .metadata: commit
             world = dist.get_world_size(self.process_group) if self._distributed() else 1
             write_manifest(staging, {"step": step, "world_size": world}, checksums=self.checksums)
-            if final.exists():  # a damaged checkpoint of this step that resume skipped
+            if final.exists():  # an earlier save of this step: the one resumed from, or a damaged one skipped
                 _remove(final)
             os.replace(staging, final)
             _fsync_directory(self.directory)
+            self._written.add(final)
             self._prune()
         self._from_rank0(None)  # the checkpoint is visible to everyone when save returns
         return final
 
-    def _newer_than(self, step: int) -> str | None:
-        """Why saving ``step`` here would be wrong: a complete-looking checkpoint past it that this run did not
-        resume from (a run started fresh in another run's directory), else None."""
-        newer = [path for number, path in self.checkpoints() if number > step and (path / MANIFEST).is_file()
-                 and path not in self._skipped]
-        if not newer:
+    def _foreign(self, step: int) -> str | None:
+        """Why saving here would be wrong: the directory holds another run's checkpoints (this one did not resume
+        from them: saving would mix the two runs, and pruning would delete theirs), else None."""
+        if self._resumed:
             return None
-        return (f"Checkpointer.save(step={step}): {self.directory} already holds {newer[-1].name}, a later step of "
-                "another run; call resume() to continue it, or give this run an empty directory")
+        others = [path for _, path in self.checkpoints() if (path / MANIFEST).is_file() and path not in self._written]
+        if not others:
+            return None
+        return (f"Checkpointer.save(step={step}): {self.directory} already holds {others[-1].name}, of another run; "
+                "call resume() to continue it, or give this run an empty directory")
 
     def _prune(self) -> None:
         if self.keep is None:
             return
-        complete = [path for _, path in self.checkpoints() if (path / MANIFEST).is_file()]
+        # Damaged checkpoints resume() skipped are not among the kept: they would push out good ones.
+        complete = [path for _, path in self.checkpoints() if (path / MANIFEST).is_file() and path not in self._skipped]
         for path in complete[:-self.keep]:
             _remove(path)
 
@@ -228,6 +238,7 @@ class Checkpointer:
         process's random number generators, and return its step (where training goes on). Returns 0 and changes
         nothing when the directory holds no checkpoint (unless ``required``: then ValueError). Raises RuntimeError
         when it holds checkpoints and none is usable. Collective: every process calls it."""
+        self._resumed = True
         choice: tuple[str | None, int] = (None, 0)
         if self._rank() == 0:
             for leftover in self.directory.iterdir() if self.directory.is_dir() else []:
@@ -248,23 +259,29 @@ class Checkpointer:
 
     def _load(self, path: Path) -> int:
         saved = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        missing = [f"model.{key}" for key in model_state if f"model.{key}" not in saved]
+        missing = [f"model.{key}" for key in get_model_state_dict(self.model) if f"model.{key}" not in saved]
         missing += [f"objects.{name}" for name in self.objects if f"objects.{name}" not in saved]
         if missing:
             raise ValueError(f"checkpoint {path} does not match this run: it has no {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        rng_key = f"rank{self._rank()}"
-        state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state, "progress": b"",
-                                 "objects": {name: b"" for name in self.objects}}
-        if f"rng.{rng_key}" in saved:
-            state["rng"] = {rng_key: b""}
-        dcp.load(state, storage_reader=FileSystemReader(path), process_group=self.process_group,
-                 no_dist=not self._distributed())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        for name, value in self.objects.items():
-            value.load_state_dict(_unpack(state["objects"][name]))
+        fresh = not self.optimizer.state
+        try:
+            model_state, optimizer_state = self._state_dicts()
+            rng_key = f"rank{self._rank()}"
+            state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state, "progress": b"",
+                                     "objects": {name: b"" for name in self.objects}}
+            if f"rng.{rng_key}" in saved:
+                state["rng"] = {rng_key: b""}
+            dcp.load(state, storage_reader=FileSystemReader(path), process_group=self.process_group,
+                     no_dist=not self._distributed())
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+            for name, value in self.objects.items():
+                value.load_state_dict(_unpack(state["objects"][name]))
+        except BaseException:
+            if fresh:  # undo the state _state_dicts created; a model DCP loaded part of stays as it is
+                self.optimizer.state.clear()
+            raise
         if "rng" in state:
             set_rng_state(_unpack(state["rng"][rng_key]))
         else:
@@ -273,6 +290,17 @@ class Checkpointer:
         progress = _unpack(state["progress"])
         self.extra, self.resumed_from = progress["extra"], path
         return progress["step"]
+
+    def _state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``get_state_dict(model, optimizer)`` without firing the optimizer's step hooks: torch fills an empty
+        optimizer's state by one step at lr 0 on zero gradients, which TrustMonitor and NoiseScale would count."""
+        optimizer = self.optimizer
+        hooks = optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks
+        optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            return get_state_dict(self.model, optimizer)
+        finally:
+            optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = hooks
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------------

@@ -222,10 +222,10 @@ def process_group(backend: str, timeout: datetime.timedelta | None = None) -> It
 
     Restarts: ``torchrun --max-restarts`` starts the new processes on the store the old ones used (one store for the
     job, torch 2.13's static and c10d rendezvous alike), where the old processes' addresses are still written; a new
-    process that reads one before its peer overwrites it connects to a dead process, and gloo fails or hangs
-    (seen here, 2026-12-07: the first restart failed or hung in 2 of 3 tries). Under torchrun the group's keys are therefore
-    put under the attempt's number (``TORCHELASTIC_RESTART_COUNT``; the same on every process of a one-node job,
-    and of a multi-node job whose nodes all restart together).
+    process that reads one before its peer overwrites it connects to a dead process, and gloo fails or hangs (seen
+    here, 2026-12-07: the first restart failed or hung in 2 of 3 tries). Under torchrun the group's keys are
+    therefore put under the attempt's number (``TORCHELASTIC_RESTART_COUNT``; the same on every process of a
+    one-node job, and of a multi-node job whose nodes all restart together).
 
     Teardown: ``destroy_process_group`` frees the group only if nothing else holds it; otherwise gloo's group and
     threads are torn down during interpreter shutdown, and a process can die with SIGABRT ("terminate called without
