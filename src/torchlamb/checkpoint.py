@@ -150,7 +150,11 @@ class Checkpointer:
 
     def save(self, step: int, **extra: Any) -> Path:
         """Save the run after ``step`` optimizer steps as ``step-<step>``; ``extra`` (picklable) comes back as
-        :attr:`extra` on resume. Collective: every process calls it. Returns the checkpoint's path."""
+        :attr:`extra` on resume. Collective: every process calls it. Returns the checkpoint's path.
+
+        Raises ValueError before the optimizer's first step (there is no state yet) and when the directory holds
+        checkpoints of another run (this Checkpointer neither wrote them nor called :meth:`resume`), RuntimeError
+        while a GradientAccumulation holds micro-batches of an unfinished step; nothing is written then."""
         check_count("step", step, low=0)
         for name, value in self.objects.items():
             if isinstance(value, GradientAccumulation) and value.count:
