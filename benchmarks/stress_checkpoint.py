@@ -16,7 +16,6 @@ hash.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import random
 import signal
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stress_distributed import free_port, spin
+from stress_distributed import cpu_hogs, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = "examples/fsdp_train.py"
@@ -120,13 +119,10 @@ def main() -> None:
     training = ["--steps", str(args.steps), "--batch", "16", "--save-every", str(args.save_every)]
     rng = random.Random(args.seed)
 
-    hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.hogs)]
-    for hog in hogs:
-        hog.start()
     failures: list[str] = []
     moments: Counter[str] = Counter()
     start = time.perf_counter()
-    try:
+    with cpu_hogs(args.hogs):
         expected, startup, duration = reference_run(training, args.timeout)
         print(f"reference: {' '.join(training)}: training from {startup:.0f} s to {duration:.0f} s, final parameters "
               f"sha256 {expected}\n{args.runs} runs, each killed at a random moment of its training, beside "
@@ -145,11 +141,6 @@ def main() -> None:
                 tqdm.write(f"run {index}/{args.runs}: {'ok' if ok else 'FAILED'}, killed {run['moment']}, resumed at "
                            f"step {', '.join(run['resumed']) or '- (fresh start)'}, {run['seconds']:.0f} s  "
                            f"({len(failures)} failed so far)")
-    finally:
-        for hog in hogs:
-            hog.terminate()
-        for hog in hogs:
-            hog.join()
 
     print(f"\n{args.runs} runs in {time.perf_counter() - start:.0f} s: {args.runs - len(failures)} ended with the "
           f"reference hash, {len(failures)} failed or ended with another hash")

@@ -12,6 +12,7 @@ Python meanwhile. A failure's command and output tail go to a file in ``--log-di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import socket
 import statistics
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,6 +38,21 @@ def free_port() -> int:
 def spin() -> None:
     while True:
         pass
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` processes spinning in Python for the ``with`` block."""
+    hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(count)]
+    for hog in hogs:
+        hog.start()
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.terminate()
+        for hog in hogs:
+            hog.join()
 
 
 def example_command() -> list[str]:
@@ -75,13 +92,10 @@ def main() -> None:
     what = " and ".join(["the example"] * (not args.no_example) + [" ".join(args.tests)] * bool(args.tests))
     print(f"{args.runs} runs of {what} beside {args.hogs} CPU hogs; failures logged in {log_dir}", flush=True)
 
-    hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.hogs)]
-    for hog in hogs:
-        hog.start()
     seconds: dict[str, list[float]] = {name: [] for name in commands}
     failures: list[str] = []
     start = time.perf_counter()
-    try:
+    with cpu_hogs(args.hogs):
         for index in tqdm(range(1, args.runs + 1), desc="runs", unit="run"):
             line = []
             for name, command in commands.items():
@@ -94,11 +108,6 @@ def main() -> None:
                     log.write_text(" ".join(argv) + "\n" + output)
                     failures.append(f"run {index} {name}: {log}")
             tqdm.write(f"run {index}/{args.runs}: " + ", ".join(line) + f"  ({len(failures)} failed so far)")
-    finally:
-        for hog in hogs:
-            hog.terminate()
-        for hog in hogs:
-            hog.join()
 
     print(f"\n{args.runs} runs in {time.perf_counter() - start:.0f} s, {len(failures)} failed")
     for name, times in seconds.items():
