@@ -88,6 +88,8 @@ def main() -> None:
 def train(args: argparse.Namespace, backend: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives (the checkpoints' agreement) use the current device
     share = args.batch // world
 
     torch.manual_seed(0)  # the same initial parameters on every process
