@@ -57,6 +57,9 @@ class SortingTransformer(nn.Module):
         return self.head(self.norm(x).flatten(0, 1))
 
 
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "8bit": "8bit"}
+
+
 def batch(step: int, size: int, vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same global batch on every process for a step (each process then takes its share)."""
     generator = torch.Generator().manual_seed(step)
@@ -75,6 +78,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--keep", type=int, default=3, help="how many checkpoints to keep")
     parser.add_argument("--parameters-out", help="also write the final whole parameters here (torch.save)")
+    parser.add_argument("--state-dtype", choices=sorted(STATE_DTYPES), default="float32",
+                        help="how Lamb stores its moments (8bit: tensors of 4096 values or more)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch % world:
@@ -100,7 +105,7 @@ def train(args: argparse.Namespace, backend: str) -> None:
 
     # Biases, LayerNorms and the position table get no weight decay and no trust ratio.
     optimizer = torchlamb.Lamb(torchlamb.param_groups(model, weight_decay=0.01, exclude=["position"]), lr=args.lr,
-                               max_grad_norm=1.0)
+                               max_grad_norm=1.0, state_dtype=STATE_DTYPES[args.state_dtype])
     scheduler = torchlamb.warmup_poly(optimizer, warmup_steps=args.steps // 10, total_steps=args.steps)
 
     checkpoints = None

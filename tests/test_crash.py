@@ -1,6 +1,7 @@
 """A killed worker costs nothing: examples/fsdp_train.py under ``torchrun --max-restarts``, one process SIGKILLed
 before the first checkpoint, between checkpoints, while DCP writes a checkpoint and while it is committed; torchrun
-restarts the group, which resumes from the newest complete checkpoint and ends with the hash of a run never killed.
+restarts the group, which resumes from the newest complete checkpoint and ends with the hash of a run never killed
+(with float32 and with 8-bit optimizer state).
 Resumed at 1 process instead of 2, the parameters agree to 1e-6 (but for attention's key biases, see the test).
 
 The deaths are injected by tests/crash_worker.py (the example with one patched function); a kill from outside at
@@ -82,6 +83,16 @@ def leftover_processes(marker: str) -> list[str]:
     return found
 
 
+def check_resumed_run(result: subprocess.CompletedProcess, directory: Path, resume_step: int | None,
+                      expected_hash: str) -> None:
+    """The injected kill happened, the restarted group resumed at ``resume_step`` and ended with ``expected_hash``."""
+    assert "(exitcode: -9)" in result.stderr, "the injected SIGKILL did not happen"
+    assert resumed_at(result) == ([] if resume_step is None else [resume_step])
+    assert final_hash(result) == expected_hash
+    # The killed save's directory is gone and the newest 3 (the default --keep) remain, each complete.
+    assert sorted(path.name for path in directory.iterdir()) == [f"step-{s:09d}" for s in (4, 8, 12)]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The run never killed (and never checkpointed): its hash and its whole parameters."""
@@ -104,12 +115,18 @@ def test_a_killed_worker_resumes_and_ends_bitwise_where_an_uninterrupted_run_end
     moment, resume_step = DEATHS[death]
     directory = tmp_path / "checkpoints"
     result = succeeded(torchrun(CRASH_WORKER, moment, *TRAINING, "--checkpoint-dir", str(directory), restarts=1))
-    assert "(exitcode: -9)" in result.stderr, "the injected SIGKILL did not happen"
-    assert resumed_at(result) == ([] if resume_step is None else [resume_step])
-    assert final_hash(result) == uninterrupted[0]
-    # The killed save's directory is gone and the newest 3 (the default --keep) remain, each complete.
-    assert sorted(path.name for path in directory.iterdir()) == [f"step-{s:09d}" for s in (4, 8, 12)]
+    check_resumed_run(result, directory, resume_step, uninterrupted[0])
     assert not leftover_processes(str(tmp_path))
+
+
+def test_8bit_sharded_state_resumes_bitwise(uninterrupted, tmp_path):
+    """Lamb's 8-bit moments (codes and block scales, sharded by FSDP2) come back exactly from a save killed midway."""
+    training = [*TRAINING, "--state-dtype", "8bit"]
+    expected = final_hash(succeeded(torchrun(EXAMPLE, *training)))
+    assert expected != uninterrupted[0]  # the 8-bit state is in use: it rounds the moments
+    directory = tmp_path / "checkpoints"
+    result = succeeded(torchrun(CRASH_WORKER, "save:8:0", *training, "--checkpoint-dir", str(directory), restarts=1))
+    check_resumed_run(result, directory, 4, expected)
 
 
 def test_a_run_killed_at_two_processes_resumes_at_one(uninterrupted, tmp_path):
