@@ -55,6 +55,7 @@ from collections.abc import Callable
 import torch
 
 import torchlamb
+from torchlamb.quantized import BLOCK
 
 Shape = tuple[int, ...]
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -75,6 +76,32 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "AdamW(foreach=True)": lambda params: torch.optim.AdamW(params, foreach=True),
     BASELINE: lambda params: torch.optim.AdamW(params, fused=True),
 }
+
+
+def moved_bytes(opt_name: str, param_bytes: int, masters: bool) -> float | None:
+    """Bytes per parameter value that one step of ``opt_name`` must read and write, or None if unknown.
+
+    With p the parameter's bytes per value, w the bytes of the weights the step updates (4 with float32 masters, else
+    p) and s the state's (p; 1 in 8 bits, plus a 4-byte scale per block of torchlamb.quantized.BLOCK values):
+
+    * AdamW, one pass: reads θ, g, m, v and writes θ, m, v: 7p (28 in float32).
+    * LAMB, two passes (the trust ratio needs ‖u‖ of the whole tensor before any value moves): pass 1 reads w, g, m,
+      v and writes m, v; pass 2 recomputes u from w, m and v and writes w: 3w + p + 6s (40 in float32), plus p for
+      the parameter's copy with masters. A one-pass LAMB that stored u would move as much (u written, then read).
+    * LARS: pass 1 reads w and g (the norms); pass 2 reads w, g and the momentum b, writes b and w: 3w + 2p + 2s
+      (28 in float32), plus p with masters.
+    """
+    eight_bit = "8bit" in opt_name
+    state = 1 + 2 * 4 / BLOCK if eight_bit else param_bytes
+    weights = 4 if masters and not opt_name.startswith("AdamW") else param_bytes
+    copy = param_bytes if weights != param_bytes else 0
+    if opt_name.startswith("AdamW"):
+        return 7 * param_bytes
+    if opt_name.startswith("Lars"):
+        return 3 * weights + 2 * param_bytes + 2 * state + copy
+    if "Lamb" in opt_name:  # torchlamb's and the other libraries' (the same two passes at least)
+        return 3 * weights + param_bytes + 6 * state + copy
+    return None
 
 
 def compiled(factory: OptimizerFactory) -> OptimizerFactory:
@@ -233,13 +260,11 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
-                 factories: dict[str, OptimizerFactory], dtype: torch.dtype = torch.float32) -> None:
-    numel = sum(torch.Size(shape).numel() for shape in shapes)
-    masters = " (float32 masters for torchlamb)" if TORCHLAMB_OPTIONS.get("master_weights") else ""
-    print(f"\n== {name}: {len(shapes)} {str(dtype).removeprefix('torch.')} tensors{masters}, {numel:,} values, "
-          f"{rounds} rounds, {warmup} warm-up steps ==")
-
+def measure(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
+            factories: dict[str, OptimizerFactory], dtype: torch.dtype
+            ) -> tuple[dict[str, tuple[list[float], list[float]]], dict[str, torch.optim.Optimizer]]:
+    """Per optimizer, (step seconds, ratio to the baseline's step in the same round) of each round; and the
+    optimizers, warm (their parameters, gradients and states still allocated)."""
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for opt_name, factory in factories.items():
         progress(f"[{name}] {opt_name}: building params and warming up ({warmup} steps)")
@@ -259,24 +284,73 @@ def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, devic
             ratios[opt_name].append(round_times[opt_name] / round_times[BASELINE])
         progress(f"[{name}] round {round_index + 1}/{rounds} (ms): "
                  + ", ".join(f"{opt_name} {1e3 * round_times[opt_name]:.2f}" for opt_name in names))
+    return {opt_name: (times[opt_name], ratios[opt_name]) for opt_name in names}, optimizers
+
+
+def efficiency(opt_name: str, ratio: float, dtype: torch.dtype) -> float | None:
+    """(bytes the step must move / its time) over (the baseline's bytes / its time): 1.0 means the step moves its
+    bytes as fast as fused AdamW moves its own (see moved_bytes)."""
+    masters = bool(TORCHLAMB_OPTIONS.get("master_weights"))
+    moved = moved_bytes(opt_name, dtype.itemsize, masters)
+    return None if moved is None else moved / (moved_bytes(BASELINE, dtype.itemsize, masters) * ratio)
+
+
+def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
+                 factories: dict[str, OptimizerFactory], dtype: torch.dtype = torch.float32) -> None:
+    numel = sum(torch.Size(shape).numel() for shape in shapes)
+    masters = " (float32 masters for torchlamb)" if TORCHLAMB_OPTIONS.get("master_weights") else ""
+    print(f"\n== {name}: {len(shapes)} {str(dtype).removeprefix('torch.')} tensors{masters}, {numel:,} values, "
+          f"{rounds} rounds, {warmup} warm-up steps ==")
+    results, optimizers = measure(name, shapes, rounds, warmup, device, factories, dtype)
 
     progress(f"[{name}] measuring each step's peak extra memory")
-    extra = {opt_name: step_peak_extra(optimizers[opt_name], device) for opt_name in names}
+    extra = {opt_name: step_peak_extra(optimizers[opt_name], device) for opt_name in results}
 
     header = f"{'optimizer':<24} {'median ms/step':>15} {'ratio to ' + BASELINE:>27} {'ratio IQR':>15} " \
-             f"{'ratio min-max':>15} {'step peak extra MB':>19}"
+             f"{'ratio min-max':>15} {'efficiency':>10} {'step peak extra MB':>19}"
     print(header)
     print("-" * len(header))
-    for opt_name in names:
-        q1, q3 = quartiles(ratios[opt_name])
+    for opt_name, (times, ratios) in results.items():
+        q1, q3 = quartiles(ratios)
         memory = "n/a" if extra[opt_name] is None else f"{extra[opt_name]:.0f}"
-        print(f"{opt_name:<24} {1e3 * statistics.median(times[opt_name]):>15.3f} "
-              f"{statistics.median(ratios[opt_name]):>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
-              f"{f'{min(ratios[opt_name]):.3f}-{max(ratios[opt_name]):.3f}':>15} {memory:>19}")
-    print(f"(one gradient-sized buffer: {dtype.itemsize * numel / 2**20:.0f} MB)")
+        ratio = statistics.median(ratios)
+        moved = efficiency(opt_name, ratio, dtype)
+        print(f"{opt_name:<24} {1e3 * statistics.median(times):>15.3f} "
+              f"{ratio:>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
+              f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>15} {'n/a' if moved is None else f'{moved:.2f}':>10} "
+              f"{memory:>19}")
+    print(f"(one gradient-sized buffer: {dtype.itemsize * numel / 2**20:.0f} MB; efficiency: the bytes per value the "
+          "step must move (moved_bytes) per second over fused AdamW's; 1.0 = as fast as AdamW moves its own)")
 
     sys.stdout.flush()
     del optimizers  # free this workload's params, grads and states before the next one
+
+
+# One tensor of each size: in cache (65K, 262K, 1M), about L2-sized per core (2.4M: BERT's 3072 x 768), out of
+# cache (8M, 23M: BERT's word embeddings, 30522 x 768).
+PER_SIZE = [2**16, 2**18, 2**20, 3072 * 768, 2**23, 30522 * 768]
+PER_SIZE_QUICK = [2**12, 2**16]
+PER_SIZE_OPTIMIZERS = ["Lamb(fused=True)", "Lamb(fused=True, state_dtype='8bit')", "Lars(fused=True)",
+                       "Lars(fused=True, state_dtype='8bit')"]
+
+
+def run_per_size(sizes: list[int], rounds: int, warmup: int, device: torch.device, dtype: torch.dtype) -> None:
+    """One tensor at a time: the fused torchlamb steps against fused AdamW, ratio and efficiency per size, so that
+    the sizes where the step is bound by arithmetic (in cache) and by memory bandwidth both show."""
+    factories = {opt_name: OPTIMIZERS[opt_name] for opt_name in [*PER_SIZE_OPTIMIZERS, BASELINE]}
+    print(f"\n== per-size: one {str(dtype).removeprefix('torch.')} tensor, {rounds} rounds, {warmup} warm-up "
+          "steps; each cell: ratio to AdamW(fused=True) (efficiency) ==")
+    header = f"{'values':>11} {'AdamW ms':>9} " + " ".join(f"{opt_name:>37}" for opt_name in PER_SIZE_OPTIMIZERS)
+    print(header)
+    print("-" * len(header))
+    for size in sizes:
+        results, _ = measure(f"per-size {size:,}", [(size,)], rounds, warmup, device, factories, dtype)
+        cells = []
+        for opt_name in PER_SIZE_OPTIMIZERS:
+            ratio = statistics.median(results[opt_name][1])
+            cells.append(f"{ratio:.3f} ({efficiency(opt_name, ratio, dtype):.2f})")
+        print(f"{size:>11,} {1e3 * statistics.median(results[BASELINE][0]):>9.3f} "
+              + " ".join(f"{cell:>37}" for cell in cells), flush=True)
 
 
 def cpu_model() -> str:
@@ -297,8 +371,8 @@ def command_line() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=["bert-base", "many-small", "few-large", "all"], default="all",
-                        help="all: bert-base and many-small")
+    parser.add_argument("--workload", choices=["bert-base", "many-small", "few-large", "per-size", "all"],
+                        default="all", help="all: bert-base, many-small and per-size")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"timed rounds per workload (default 20, or {QUICK_ROUNDS} with --quick)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first (default 3)")
@@ -357,10 +431,14 @@ def main(argv: list[str] | None = None) -> None:
         factories = {**COMPILED, **factories}
     print(f"step peak extra MB: how far one step raises {'allocated GPU memory' if device.type == 'cuda' else 'RSS'}"
           " above its level before the step (temporaries)")
-    workloads = ["bert-base", "many-small"] if args.workload == "all" else [args.workload]
+    workloads = ["bert-base", "many-small", "per-size"] if args.workload == "all" else [args.workload]
     for name in workloads:
-        run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device, factories,
-                     getattr(torch, args.dtype))
+        if name == "per-size":
+            run_per_size(PER_SIZE_QUICK if args.quick else PER_SIZE, args.rounds, args.warmup, device,
+                         getattr(torch, args.dtype))
+        else:
+            run_workload(name, workload_shapes(name, args.quick), args.rounds, args.warmup, device, factories,
+                         getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
