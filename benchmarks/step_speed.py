@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 
 import torchlamb
-from torchlamb.quantized import BLOCK
+from torchlamb.quantized import BLOCK, quantizes
 
 Shape = tuple[int, ...]
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -78,11 +78,12 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
 }
 
 
-def moved_bytes(opt_name: str, param_bytes: int, masters: bool) -> float | None:
-    """Bytes per parameter value that one step of ``opt_name`` must read and write, or None if unknown.
+def moved_bytes(opt_name: str, shapes: list[Shape], param_bytes: int, masters: bool) -> float | None:
+    """Bytes per parameter value that one step of ``opt_name`` must read and write over ``shapes``, or None.
 
-    With p the parameter's bytes per value, w the bytes of the weights the step updates (4 with float32 masters, else
-    p) and s the state's (p; 1 in 8 bits, plus a 4-byte scale per block of torchlamb.quantized.BLOCK values):
+    Per tensor, with p the parameter's bytes per value, w the bytes of the weights the step updates (4 with float32
+    masters, else p) and s the state's (p; with ``state_dtype='8bit'``, 1 plus a 4-byte scale per block of
+    torchlamb.quantized.BLOCK values, for the tensors torchlamb.quantized.quantizes: two or more dimensions):
 
     * AdamW, one pass: reads θ, g, m, v and writes θ, m, v: 7p (28 in float32).
     * LAMB, two passes (the trust ratio needs ‖u‖ of the whole tensor before any value moves): pass 1 reads w, g, m,
@@ -91,17 +92,23 @@ def moved_bytes(opt_name: str, param_bytes: int, masters: bool) -> float | None:
     * LARS: pass 1 reads w and g (the norms); pass 2 reads w, g and the momentum b, writes b and w: 3w + 2p + 2s
       (28 in float32), plus p with masters.
     """
-    eight_bit = "8bit" in opt_name
-    state = 1 + 2 * 4 / BLOCK if eight_bit else param_bytes
-    weights = 4 if masters and not opt_name.startswith("AdamW") else param_bytes
-    copy = param_bytes if weights != param_bytes else 0
     if opt_name.startswith("AdamW"):
-        return 7 * param_bytes
-    if opt_name.startswith("Lars"):
-        return 3 * weights + 2 * param_bytes + 2 * state + copy
-    if "Lamb" in opt_name:  # torchlamb's and the other libraries' (the same two passes at least)
-        return 3 * weights + param_bytes + 6 * state + copy
-    return None
+        return 7.0 * param_bytes
+    weights = 4 if masters else param_bytes
+    copy = param_bytes if weights != param_bytes else 0
+    total = values = 0
+    for shape in shapes:
+        numel = torch.Size(shape).numel()
+        eight_bit = "8bit" in opt_name and quantizes(torch.empty(shape, device="meta"))
+        state = 1 + 2 * 4 / BLOCK if eight_bit else param_bytes
+        if opt_name.startswith("Lars"):
+            per_value = 3 * weights + 2 * param_bytes + 2 * state + copy
+        elif "Lamb" in opt_name:  # torchlamb's and the other libraries' (the same two passes at least)
+            per_value = 3 * weights + param_bytes + 6 * state + copy
+        else:
+            return None
+        total, values = total + per_value * numel, values + numel
+    return total / values
 
 
 def compiled(factory: OptimizerFactory) -> OptimizerFactory:
@@ -287,12 +294,12 @@ def measure(name: str, shapes: list[Shape], rounds: int, warmup: int, device: to
     return {opt_name: (times[opt_name], ratios[opt_name]) for opt_name in names}, optimizers
 
 
-def efficiency(opt_name: str, ratio: float, dtype: torch.dtype) -> float | None:
+def efficiency(opt_name: str, ratio: float, shapes: list[Shape], dtype: torch.dtype) -> float | None:
     """(bytes the step must move / its time) over (the baseline's bytes / its time): 1.0 means the step moves its
     bytes as fast as fused AdamW moves its own (see moved_bytes)."""
     masters = bool(TORCHLAMB_OPTIONS.get("master_weights"))
-    moved = moved_bytes(opt_name, dtype.itemsize, masters)
-    return None if moved is None else moved / (moved_bytes(BASELINE, dtype.itemsize, masters) * ratio)
+    moved = moved_bytes(opt_name, shapes, dtype.itemsize, masters)
+    return None if moved is None else moved / (moved_bytes(BASELINE, shapes, dtype.itemsize, masters) * ratio)
 
 
 def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, device: torch.device,
@@ -314,7 +321,7 @@ def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, devic
         q1, q3 = quartiles(ratios)
         memory = "n/a" if extra[opt_name] is None else f"{extra[opt_name]:.0f}"
         ratio = statistics.median(ratios)
-        moved = efficiency(opt_name, ratio, dtype)
+        moved = efficiency(opt_name, ratio, shapes, dtype)
         print(f"{opt_name:<24} {1e3 * statistics.median(times):>15.3f} "
               f"{ratio:>27.3f} {f'{q1:.3f}-{q3:.3f}':>15} "
               f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>15} {'n/a' if moved is None else f'{moved:.2f}':>10} "
@@ -326,30 +333,32 @@ def run_workload(name: str, shapes: list[Shape], rounds: int, warmup: int, devic
     del optimizers  # free this workload's params, grads and states before the next one
 
 
-# One tensor of each size: in cache (65K, 262K, 1M), about L2-sized per core (2.4M: BERT's 3072 x 768), out of
-# cache (8M, 23M: BERT's word embeddings, 30522 x 768).
-PER_SIZE = [2**16, 2**18, 2**20, 3072 * 768, 2**23, 30522 * 768]
-PER_SIZE_QUICK = [2**12, 2**16]
+# One matrix of each size (two dimensions, so that 8-bit state applies): in cache (65K, 262K, 1M values), about
+# L2-sized per core (2.4M: BERT's 3072 x 768), out of cache (8M; 23M: BERT's word embeddings, 30522 x 768).
+PER_SIZE = [(64, 1024), (256, 1024), (1024, 1024), (3072, 768), (8192, 1024), (30522, 768)]
+PER_SIZE_QUICK = [(4, 1024), (64, 1024)]
 PER_SIZE_OPTIMIZERS = ["Lamb(fused=True)", "Lamb(fused=True, state_dtype='8bit')", "Lars(fused=True)",
                        "Lars(fused=True, state_dtype='8bit')"]
 
 
-def run_per_size(sizes: list[int], rounds: int, warmup: int, device: torch.device, dtype: torch.dtype) -> None:
+def run_per_size(sizes: list[Shape], rounds: int, warmup: int, device: torch.device, dtype: torch.dtype) -> None:
     """One tensor at a time: the fused torchlamb steps against fused AdamW, ratio and efficiency per size, so that
     the sizes where the step is bound by arithmetic (in cache) and by memory bandwidth both show."""
     factories = {opt_name: OPTIMIZERS[opt_name] for opt_name in [*PER_SIZE_OPTIMIZERS, BASELINE]}
-    print(f"\n== per-size: one {str(dtype).removeprefix('torch.')} tensor, {rounds} rounds, {warmup} warm-up "
+    print(f"\n== per-size: one {str(dtype).removeprefix('torch.')} matrix, {rounds} rounds, {warmup} warm-up "
           "steps; each cell: ratio to AdamW(fused=True) (efficiency) ==")
-    header = f"{'values':>11} {'AdamW ms':>9} " + " ".join(f"{opt_name:>37}" for opt_name in PER_SIZE_OPTIMIZERS)
+    header = (f"{'shape':>12} {'values':>11} {'AdamW ms':>9} "
+              + " ".join(f"{opt_name:>37}" for opt_name in PER_SIZE_OPTIMIZERS))
     print(header)
     print("-" * len(header))
-    for size in sizes:
-        results, _ = measure(f"per-size {size:,}", [(size,)], rounds, warmup, device, factories, dtype)
+    for shape in sizes:
+        results, _ = measure(f"per-size {shape}", [shape], rounds, warmup, device, factories, dtype)
         cells = []
         for opt_name in PER_SIZE_OPTIMIZERS:
             ratio = statistics.median(results[opt_name][1])
-            cells.append(f"{ratio:.3f} ({efficiency(opt_name, ratio, dtype):.2f})")
-        print(f"{size:>11,} {1e3 * statistics.median(results[BASELINE][0]):>9.3f} "
+            cells.append(f"{ratio:.3f} ({efficiency(opt_name, ratio, [shape], dtype):.2f})")
+        print(f"{'x'.join(map(str, shape)):>12} {torch.Size(shape).numel():>11,} "
+              f"{1e3 * statistics.median(results[BASELINE][0]):>9.3f} "
               + " ".join(f"{cell:>37}" for cell in cells), flush=True)
 
 
