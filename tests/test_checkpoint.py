@@ -2,8 +2,9 @@
 (parameters, optimizer state for Lamb, Lars and 8-bit Lamb, scheduler, accumulation, TrustMonitor and NoiseScale
 records, random state); an empty directory starts fresh; ``keep`` prunes; a save killed halfway, a truncated file, a
 missing ``.metadata`` or manifest and a flipped byte are skipped with a warning naming the checkpoint, and a directory
-of damaged checkpoints is never silently restarted; a save mid-accumulation, a save older than another run's
-checkpoint, a model or an object the checkpoint lacks and bad arguments are refused with messages naming the cause.
+of damaged checkpoints is never silently restarted; a save mid-accumulation, a save before the first step, a save
+beside another run's checkpoints, a model or an object the checkpoint lacks and bad arguments are refused with
+messages naming the cause; pruning never deletes a good checkpoint for a damaged one.
 (Processes killed under torchrun: tests/test_crash.py.)"""
 
 from __future__ import annotations
