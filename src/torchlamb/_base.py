@@ -6,7 +6,8 @@
    norm for ``max_grad_norm``;
 2. **first pass per group** — pick the implementation and look it up in the optimizer's path table
    (:mod:`torchlamb._dispatch`); the direction is computed up to the trust stage (a
-   :class:`~torchlamb.trust.PendingUpdate`), or, for the fused CPU kernels on unsharded tensors, the whole step;
+   :class:`~torchlamb.trust.PendingUpdate`), or, for the fused CPU kernels on unsharded tensors, the whole step,
+   whose lists are kept as the group's plan and reused while they hold (:mod:`torchlamb._plans`);
 3. **trust stage** — the per-tensor sums of squares of all groups, made whole-tensor sums by one all-reduce where
    parameters are sharded, become trust ratios and the updates are applied (:func:`torchlamb.trust.trust_stage`);
 4. **finish** — master weights and working copies of state written back (:class:`torchlamb._storage.StepScratch`).
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from . import _checkpoints, _gradients, _storage, distributed, quantized
 from ._dispatch import Implementation, PathTable, choose_implementation
+from ._plans import FusedPart, FusedPlan
 from ._gradients import params_with_grads, real, skip_flag
 from ._storage import StepScratch
 from ._validation import check_common_options, check_nonfinite
@@ -84,6 +86,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # What the last step measured, in one dict that step() updates in place: under torch.compile, assignments to
         # an optimizer's attributes are dropped after the compiled step, a container's mutations are not.
         self._last_step: dict[str, Any] = {"trust_stats": [], "grad_norm": None}
+        self._plans: dict[int, FusedPlan] = {}  # per group index: the fused step's lists (torchlamb._plans)
 
     @property
     def trust_stats(self) -> list[TrustStats]:
@@ -173,6 +176,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("partition_group", None)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_last_step", {"trust_stats": [], "grad_norm": None})
+        self._plans: dict[int, FusedPlan] = {}  # per group index: the fused step's lists (torchlamb._plans)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict``, after checking that it fits these parameters.
@@ -241,32 +245,45 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 grad_norm = grad_norm * inverse_scale.to(grad_norm.device)
             self._last_step["grad_norm"] = grad_norm
 
+        def grad_factor(group: dict[str, Any]) -> Tensor | None:
+            """What the group's gradients are multiplied by: the global clip factor, GradScaler's 1/scale."""
+            if grad_norm is None:
+                return inverse_scale
+            clip = clip_factor(grad_norm, group["max_grad_norm"])
+            return clip if inverse_scale is None else clip * inverse_scale.to(clip.device)
+
         # first pass per group
         scratch = StepScratch()
+        unplanned: list[Tensor] = []  # the parameters of groups without a plan: only they can have master copies
         stats: dict[int, TrustStats] = {}
         pending: list[tuple[int, list[Tensor], PendingUpdate]] = []
         for index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
             if not params:
                 continue
+            plan = self._plans.pop(index, None)
+            if (plan is not None and not sharded and step_weight is None and not torch.compiler.is_compiling()
+                    and plan.holds(group, self.state, params)):  # the fused whole step as last time
+                self._plans[index] = plan
+                stats[index] = self._run_whole_step(group, params, plan.parts, grads, grad_factor(group))
+                continue
+            unplanned += params
             for position, param in enumerate(group["params"]):
                 if param.grad is not None and not self.state[param]:
                     self.state[param] = _storage.initial_state(
                         name, group, param, self._param_label(group, index, position), self._quantized,
                         self._new_state)
-            grad_factor = inverse_scale
-            if grad_norm is not None:
-                clip = clip_factor(grad_norm, group["max_grad_norm"])
-                grad_factor = clip if grad_factor is None else clip * grad_factor.to(clip.device)
             targets, target_grads = _storage.targets(self.state, params, grads)
             # State the fused kernels cannot read as stored takes the foreach path.
             fusable = all(_storage.fused_reads_state(group, self.state[p], p) for p in params)
             implementation = choose_implementation(name, group, targets, target_grads, step_weight,
                                                    fused_possible=fusable, warned=self._warned)
             if implementation == "fused" and not sharded:
-                stats[index] = self._whole_step(group, params, targets, target_grads, grad_factor, scratch)
+                stats[index] = self._whole_step(index, group, params, targets, target_grads, grad_factor(group),
+                                                scratch)
             else:
-                pending.append((index, params, self._first_pass(group, params, targets, target_grads, grad_factor,
-                                                                implementation, step_weight, scratch)))
+                pending.append((index, params, self._first_pass(group, params, targets, target_grads,
+                                                                grad_factor(group), implementation, step_weight,
+                                                                scratch)))
 
         # trust stage: one all-reduce of all groups' squares where tensors are sharded
         if pending:
@@ -285,7 +302,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                            lambda norms, g=group: self._update_norm(g, norms),
                                            self._trust_options(group))
         # finish
-        scratch.finish(self.state, all_params)
+        scratch.finish(self.state, unplanned)
         self._last_step["trust_stats"] = [stats[index] for index in sorted(stats)]
         return loss
 
@@ -317,16 +334,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             parts.append((positions, update))
         return _storage.merged(len(params), parts)
 
-    def _whole_step(self, group: dict[str, Any], params: list[Tensor], targets: list[Tensor], grads: list[Tensor],
-                    grad_factor: Tensor | None, scratch: StepScratch) -> TrustStats:
-        """The fused CPU kernels' whole step (trust stage included) for tensors that are whole on this process."""
+    def _whole_step(self, index: int, group: dict[str, Any], params: list[Tensor], targets: list[Tensor],
+                    grads: list[Tensor], grad_factor: Tensor | None, scratch: StepScratch) -> TrustStats:
+        """The fused CPU kernels' whole step (trust stage included) for tensors that are whole on this process. Its
+        lists are kept as the group's plan for the next steps where that is possible (torchlamb._plans)."""
+        write_backs = len(scratch.write_backs)
         parts = []
-        for eight_bit, positions, (some_params, some_targets, some_grads) in _storage.by_storage(
-                group, params, targets, grads):
+        for eight_bit, positions, (some_params, some_targets) in _storage.by_storage(group, params, targets):
             path = self._PATHS["fused", eight_bit]
-            stats = path.whole_step(some_targets, some_grads,
-                                    *self._path_arguments(some_params, eight_bit, path.state_as_stored, scratch),
-                                    **self._options(group), grad_factor=grad_factor,
-                                    trust_options=self._trust_options(group))
-            parts.append((positions, stats))
-        return TrustStats(params, *_storage.merged_stats(len(params), parts))
+            arguments = [some_targets, *self._path_arguments(some_params, eight_bit, path.state_as_stored, scratch)]
+            parts.append(FusedPart(positions, path, arguments))
+        if len(scratch.write_backs) == write_backs and FusedPlan.possible(self.state, params):
+            self._plans[index] = FusedPlan.make(group, self.state, params, parts)
+        return self._run_whole_step(group, params, parts, grads, grad_factor)
+
+    def _run_whole_step(self, group: dict[str, Any], params: list[Tensor], parts: list[FusedPart],
+                        grads: list[Tensor], grad_factor: Tensor | None) -> TrustStats:
+        """Each part's whole step, with the gradients at its positions; the TrustStats of ``params``."""
+        results = []
+        for part in parts:
+            some_grads = grads if len(parts) == 1 else [grads[i] for i in part.positions]
+            targets, *rest = part.arguments
+            stats = part.path.whole_step(targets, some_grads, *rest, **self._options(group),
+                                         grad_factor=grad_factor, trust_options=self._trust_options(group))
+            results.append((part.positions, stats))
+        return TrustStats(params, *_storage.merged_stats(len(params), results))

@@ -153,7 +153,7 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> Tensor:
 
 
 def any_sharded(params: Sequence[Tensor]) -> bool:
-    return any(summed_over(p) for p in params)
+    return any(map(summed_over, filter(is_sharded, params)))
 
 
 def grad_norm(grads: Sequence[Tensor], *, partition_group: Any | None, device: torch.device) -> Tensor:
