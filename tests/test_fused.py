@@ -114,6 +114,22 @@ def test_mixed_dtypes_in_one_group(optimizer_class):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("state_dtype", [None, "8bit"], ids=["float", "8bit"])
+@pytest.mark.parametrize("optimizer_class", [Lamb, Lars])
+def test_non_contiguous_gradients_of_contiguous_parameters_give_the_same_step(optimizer_class, state_dtype):
+    # The kernels read a gradient with its parameter's index: one that is not contiguous is copied first (in C++).
+    torch.manual_seed(2)
+    params = [torch.randn(64, 80), torch.randn(200, 300), torch.randn(33)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    column_major = [[g.t().contiguous().t() if g.dim() == 2 else g for g in step] for step in grads]
+    assert not column_major[0][0].is_contiguous()
+    options = dict(lr=0.01, fused=True, state_dtype=state_dtype)
+    expected, _ = run(params, grads, optimizer_class, **options)
+    got, _ = run(params, column_major, optimizer_class, **options)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def test_large_tensors_split_across_threads_match_foreach():
     # Tensors above the kernels' grain (32768 elements) are reduced in chunks; the sums must not depend on that.
     params, grads = [torch.randn(3, 70_001)], [[torch.randn(3, 70_001)] for _ in range(3)]

@@ -38,8 +38,13 @@ def _state_values(state: Mapping[Tensor, dict[str, Any]], params: list[Tensor]) 
     return [value for param in params for value in state[param].values()]
 
 
-def _layouts(params: list[Tensor]) -> list[tuple[torch.dtype, torch.device, bool]]:
-    return [(p.dtype, p.device, p.is_contiguous()) for p in params]
+def _dtypes(params: list[Tensor]) -> list[torch.dtype]:
+    return [p.dtype for p in params]
+
+
+def _on_cpu_contiguous(params: list[Tensor]) -> bool:
+    # No tuple per tensor: thousands of new containers each step would set off Python's garbage collector.
+    return all(p.is_cpu and p.is_contiguous() for p in params)
 
 
 @dataclass
@@ -55,21 +60,25 @@ class FusedPart:
 
 @dataclass
 class FusedPlan:
+    """One group's fused whole step but its gradients: the parts by storage, and what they were made for (the
+    group's options, its parameters with gradients, their dtypes and every state tensor they held)."""
+
     options: tuple[Any, ...]
     params: list[Tensor]
-    layouts: list[tuple[torch.dtype, torch.device, bool]]
+    dtypes: list[torch.dtype]
     state_values: list[Any]
     parts: list[FusedPart]
 
     @staticmethod
     def possible(state: Mapping[Tensor, dict[str, Any]], params: list[Tensor]) -> bool:
         """Whether a plan may be made for these parameters: plain real tensors without a master copy."""
-        return not any(distributed.is_sharded(p) or p.is_complex() or "master" in state[p] for p in params)
+        return _on_cpu_contiguous(params) and not any(
+            distributed.is_sharded(p) or p.is_complex() or "master" in state[p] for p in params)
 
     @classmethod
     def make(cls, group: dict[str, Any], state: Mapping[Tensor, dict[str, Any]], params: list[Tensor],
              parts: list[FusedPart]) -> FusedPlan:
-        return cls(plan_options(group), list(params), _layouts(params), _state_values(state, params), parts)
+        return cls(plan_options(group), list(params), _dtypes(params), _state_values(state, params), parts)
 
     def holds(self, group: dict[str, Any], state: Mapping[Tensor, dict[str, Any]], params: list[Tensor]) -> bool:
         """Whether this plan still describes ``params`` (the group's parameters with gradients) and their state."""
@@ -79,4 +88,4 @@ class FusedPlan:
             return False
         values = _state_values(state, params)
         return (len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
-                and _layouts(params) == self.layouts)
+                and _dtypes(params) == self.dtypes and _on_cpu_contiguous(params))

@@ -141,12 +141,6 @@ def supports(tensors: list[Tensor]) -> bool:
     return all(t.is_cpu and t.layout == torch.strided and t.is_contiguous() for t in tensors)
 
 
-def _kernel_grads(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    """The gradients in their parameters' dtype and contiguous, as the kernels read them with the same index."""
-    return [g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous()
-            for p, g in zip(params, grads)]
-
-
 def _gradient_multiplier(maximize: bool, grad_factor: Tensor | None) -> float:
     """The number the kernels multiply each gradient by: −1 to maximize, times the global clip factor.
     Reading a CPU tensor's value is not a device synchronisation."""
@@ -218,7 +212,6 @@ def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Te
     pass 2 as the PendingUpdate's ``apply``: for sharded tensors, whose sums are all-reduced in between. A skipped
     step never gets here: on the CPU the optimizer reads the skip flag and returns (no ``step_weight``)."""
     assert step_weight is None, "the fused kernels do not take a step weight"
-    grads = _kernel_grads(params, grads)
     squares = run(_NORMS, _NO_RATIOS, params, grads, *arguments, **options, trust_options=trust_options)
     return PendingUpdate(squares[:, :columns],
                          lambda ratio: run(_APPLY, ratio.to(torch.float64).contiguous(), params, grads, *arguments,
@@ -228,13 +221,13 @@ def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Te
 def lamb_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step in one call (``states``: exp_avgs, exp_avg_sqs, steps); returns ‖θ‖, ‖u‖ and r."""
-    return _stats(_lamb(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
+    return _stats(_lamb(_WHOLE, _NO_RATIOS, params, grads, *states, **options), params)
 
 
 def lars_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step in one call (``states``: momentum_buffers, steps); returns ‖θ‖, the denominator and r."""
-    return _stats(_lars(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), *states, **options), params)
+    return _stats(_lars(_WHOLE, _NO_RATIOS, params, grads, *states, **options), params)
 
 
 def _lamb_two_passes(run: Callable[..., Tensor], params: list[Tensor], grads: list[Tensor], *arguments: Any,
@@ -315,14 +308,14 @@ def lamb_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list
                          steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey],
                          **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
-    return _stats(_lamb_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, moments,
+    return _stats(_lamb_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, moments,
                              **options), params)
 
 
 def lars_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                          steps: list[Tensor], buffer: QuantizedKey, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step on an 8-bit momentum buffer; returns ‖θ‖, the denominator and r."""
-    return _stats(_lars_8bit(_WHOLE, _NO_RATIOS, params, _kernel_grads(params, grads), states, steps, buffer,
+    return _stats(_lars_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, buffer,
                              **options), params)
 
 

@@ -232,14 +232,29 @@ struct StepSetup {
   const double* given_ratio(int64_t i) const { return given ? given + i : nullptr; }
 };
 
-// Checks the phase, the ratios, the gradients (read by pass 1, and by pass 2 where `pass2_reads_grads`) and the
-// step counts, then counts the step. The entry point checks its state before: a call that fails counts no step.
-StepSetup set_up_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+// Each gradient as the kernels read it: in its parameter's dtype and contiguous, else replaced by such a copy. Here
+// rather than in Python, where looking at every gradient cost ~0.5 µs each (1 ms a step for 2000 tensors).
+void conform_grads(const std::vector<torch::Tensor>& params, std::vector<torch::Tensor>& grads) {
+  if (grads.size() != params.size()) return;  // check_like_params names the mismatch
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].scalar_type() != params[i].scalar_type() || !grads[i].is_contiguous()) {
+      grads[i] = grads[i].to(params[i].scalar_type()).contiguous();
+    }
+  }
+}
+
+// Checks the phase, the ratios, the gradients (read by pass 1, and by pass 2 where `pass2_reads_grads`; made
+// conforming first) and the step counts, then counts the step. The entry point checks its state before: a call that
+// fails counts no step.
+StepSetup set_up_step(const std::vector<torch::Tensor>& params, std::vector<torch::Tensor>& grads,
                       const std::vector<torch::Tensor>& steps, int64_t phase_, const torch::Tensor& ratios,
                       bool pass2_reads_grads, const Trust& trust) {
   const Phase phase = static_cast<Phase>(phase_);
   const double* given = given_ratios(params, phase, ratios);
-  if (phase != kApply || pass2_reads_grads) check_like_params(params, grads, "grads");
+  if (phase != kApply || pass2_reads_grads) {
+    conform_grads(params, grads);
+    check_like_params(params, grads, "grads");
+  }
   check_steps(params, steps);
   std::vector<double> counts(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) counts[i] = count_step(steps[i], phase);

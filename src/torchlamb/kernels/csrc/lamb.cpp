@@ -330,7 +330,7 @@ struct LambStep {
   // The entry point checks its state first: this counts the step. `decay_lr` is the lr of the decay (lr, or
   // lr²/max_lr with corrected_weight_decay). In the apply phase with caution, `ratios` holds the n ratios, then the
   // n factors k.
-  LambStep(const std::vector<torch::Tensor>& params_, const std::vector<torch::Tensor>& grads,
+  LambStep(const std::vector<torch::Tensor>& params_, std::vector<torch::Tensor>& grads,
            const std::vector<torch::Tensor>& steps, int64_t phase, const torch::Tensor& ratios, double lr,
            double beta1, double beta2, double weight_decay, int64_t bias_correction, bool decay_outside_ratio,
            const Trust& trust, bool caution_ = false, bool decay_after_step = false, double decay_lr = 0.0)

@@ -111,7 +111,7 @@ struct LarsStep {
   StepSetup setup;
 
   // The entry point checks its state first: this counts the step.
-  LarsStep(const std::vector<torch::Tensor>& params_, const std::vector<torch::Tensor>& grads_,
+  LarsStep(const std::vector<torch::Tensor>& params_, std::vector<torch::Tensor>& grads_,
            const std::vector<torch::Tensor>& steps, int64_t phase, const torch::Tensor& ratios, double grad_factor_,
            double weight_decay_, bool split_denominator_, bool fallback_on_grad_, double lr_,
            bool lr_inside_momentum_, double dampening_, const Trust& trust)
@@ -124,7 +124,7 @@ struct LarsStep {
         lr(lr_),
         lr_inside_momentum(lr_inside_momentum_),
         dampening(dampening_),
-        setup(set_up_step(params, grads, steps, phase, ratios, /*pass2_reads_grads=*/true, trust)) {}
+        setup(set_up_step(params, grads_, steps, phase, ratios, /*pass2_reads_grads=*/true, trust)) {}
 
   // After pass 1 of tensor i: ‖θ‖, the denominator (‖g‖ + λ‖θ‖ when split, else ‖g + λθ‖; 0 where ‖g‖ = 0 with
   // fallback_on_grad) and the ratio r; `scale`: what multiplies u on its way into the buffer, c·s with s = lr·r
