@@ -71,9 +71,17 @@ MUTATIONS = [
      ("(s.ratio)", "return lr;"),
      ["tests/test_matrix.py", "-k", "lars and fused"]),
     ("C++: 8-bit ties round up", "kernels/csrc/quantizer.cpp",
-     ("(order_key(bits) > static_cast<uint32_t>(entry >> 8))", "_mm512_cmpgt_epi32_mask(key"),
-     ("(order_key(bits) >= static_cast<uint32_t>(entry >> 8))", "_mm512_cmpge_epi32_mask(key"),
+     ("(order_key(bits) > static_cast<uint32_t>(entry >> 8))", "_mm512_cmpgt_epi32_mask(key",
+      "const __m256i above = _mm256_cmpgt_epi32(key, _mm256_srli_epi32(entry, 8));"),
+     ("(order_key(bits) >= static_cast<uint32_t>(entry >> 8))", "_mm512_cmpge_epi32_mask(key",
+      "const __m256i above = _mm256_xor_si256(_mm256_cmpgt_epi32(_mm256_srli_epi32(entry, 8), key),"
+      " _mm256_set1_epi32(-1));"),
      ["tests/test_quantized_state.py"]),
+    ("a plan outlives replaced state", "_plans.py",
+     "        values = _state_values(state, params)\n        return (len(values) == len(self.state_values) and "
+     "all(map(operator.is_, values, self.state_values))\n                and ",
+     "        return (",
+     ["tests/test_plans.py"]),
 ]
 
 

@@ -49,7 +49,7 @@ class Pair:
 
     def step(self):
         self.steps += 1
-        for params, optimizer in (self.planned, self.fresh):
+        for params, _ in (self.planned, self.fresh):
             set_grads(params, self.steps)
         self.fresh[1]._plans.clear()
         self.planned[1].step()
@@ -74,8 +74,8 @@ def test_a_plan_is_made_reused_and_gives_the_same_numbers(optimizer_class, state
     pair.step()
     plans = dict(pair.planned[1]._plans)
     assert sorted(plans) == [0, 1]
-    for step in range(3):
-        pair.both(lambda params, optimizer: optimizer.param_groups[0].update(lr=0.02 + 0.01 * step))
+    for lr in (0.02, 0.03, 0.04):
+        pair.both(lambda params, optimizer, lr=lr: optimizer.param_groups[0].update(lr=lr))
         pair.step()
     assert all(pair.planned[1]._plans[index] is plans[index] for index in plans)  # reused, not made again
 

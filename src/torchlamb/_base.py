@@ -29,8 +29,8 @@ from torch import Tensor
 
 from . import _checkpoints, _gradients, _storage, distributed, quantized
 from ._dispatch import Implementation, PathTable, choose_implementation
-from ._plans import FusedPart, FusedPlan
 from ._gradients import params_with_grads, real, skip_flag
+from ._plans import FusedPart, FusedPlan
 from ._storage import StepScratch
 from ._validation import check_common_options, check_nonfinite
 from .trust import PendingUpdate, TrustStats, clip_factor, global_norm, trust_stage
