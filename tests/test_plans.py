@@ -173,6 +173,16 @@ def test_no_plan_for_master_weights_or_complex_parameters():
     assert optimizer._plans == {}
 
 
+def test_the_plan_of_a_removed_group_is_dropped():
+    params, optimizer = make(Lamb)
+    set_grads(params, 1)
+    optimizer.step()
+    assert sorted(optimizer._plans) == [0, 1]
+    optimizer.param_groups.pop()
+    optimizer.step()
+    assert sorted(optimizer._plans) == [0]
+
+
 def test_plans_are_not_pickled_or_copied():
     params, optimizer = make(Lamb)
     set_grads(params, 1)

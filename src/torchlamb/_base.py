@@ -253,6 +253,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return clip if inverse_scale is None else clip * inverse_scale.to(clip.device)
 
         # first pass per group
+        for removed in [index for index in self._plans if index >= len(self.param_groups)]:
+            del self._plans[removed]  # a group taken out of param_groups: its plan would keep its tensors alive
         scratch = StepScratch()
         unplanned: list[Tensor] = []  # the parameters of groups without a plan: only they can have master copies
         stats: dict[int, TrustStats] = {}
