@@ -153,6 +153,9 @@ def sum_over_shards_(squares: Tensor, params: Sequence[Tensor]) -> Tensor:
 
 
 def any_sharded(params: Sequence[Tensor]) -> bool:
+    # By the set of types first: thousands of plain tensors are passed over without a Python call each.
+    if DTensor is None or not any(issubclass(kind, DTensor) for kind in set(map(type, params))):
+        return False
     return any(map(summed_over, filter(is_sharded, params)))
 
 
