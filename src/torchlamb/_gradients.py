@@ -34,8 +34,8 @@ def real(tensors: list[Tensor]) -> list[Tensor]:
 def params_with_grads(optimizer_name: str, params: list[Tensor], label: Any) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters that have a gradient, and their gradients; TypeError for a sparse gradient or one whose
     complexness differs from its parameter's. ``label(position)`` names a parameter in the message."""
-    # The usual case first, in a few passes of C-level loops (2000 tensors: ~0.6 ms, against ~1.2 ms for the loop
-    # below): every parameter has a dense gradient of its own dtype, so their complexness agrees.
+    # The usual case first, in a few passes of C-level loops (2000 tensors: 0.62 ms, against 0.84 ms for the loop
+    # below; best of 200 calls): every parameter has a dense gradient of its own dtype, so their complexness agrees.
     grads = list(map(_GRAD, params))
     if (all(map(operator.is_not, grads, itertools.repeat(None))) and not any(map(_IS_SPARSE, grads))
             and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))):

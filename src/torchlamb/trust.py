@@ -21,7 +21,6 @@ uses it issues no host-device synchronisation.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +30,10 @@ from torch import Tensor
 
 ClipRange = tuple[float, float]
 
-_DTYPE = operator.attrgetter("dtype")
-
-
 def norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of the per-tensor norms and ratios of ``tensors``: float64 if any is float64 (or complex128), else
     float32 — norms are accumulated in at least float32, as a bfloat16 sum of squares loses most digits."""
-    return torch.float64 if set(map(_DTYPE, tensors)) & {torch.float64, torch.complex128} else torch.float32
+    return torch.float64 if {t.dtype for t in tensors} & {torch.float64, torch.complex128} else torch.float32
 
 
 # Rows of this many elements are the partial sums of a norm: short enough that float32 accumulation stays exact to
