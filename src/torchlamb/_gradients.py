@@ -8,9 +8,7 @@ weights every change by it (m ← m + w·(1−β1)·(g − m), θ ← θ − w·
 
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 from typing import Any
 
 import torch
@@ -23,8 +21,6 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Device types whose values the host reads without waiting for a device: there a skipped step returns at once.
 HOST_READABLE = ("cpu",)
 
-_GRAD, _DTYPE, _IS_SPARSE = (operator.attrgetter(name) for name in ("grad", "dtype", "is_sparse"))
-
 
 def real(tensors: list[Tensor]) -> list[Tensor]:
     """This process's part of each tensor (see torchlamb.distributed.local), complex ones as real views."""
@@ -34,11 +30,12 @@ def real(tensors: list[Tensor]) -> list[Tensor]:
 def params_with_grads(optimizer_name: str, params: list[Tensor], label: Any) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters that have a gradient, and their gradients; TypeError for a sparse gradient or one whose
     complexness differs from its parameter's. ``label(position)`` names a parameter in the message."""
-    # The usual case first, in a few passes of C-level loops (2000 tensors: 0.62 ms, against 0.84 ms for the loop
-    # below; best of 200 calls): every parameter has a dense gradient of its own dtype, so their complexness agrees.
-    grads = list(map(_GRAD, params))
-    if (all(map(operator.is_not, grads, itertools.repeat(None))) and not any(map(_IS_SPARSE, grads))
-            and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))):
+    # The usual case first, in three list comprehensions (2000 tensors: 0.56 ms, against 0.82 ms for the loop below;
+    # best of 300 calls): every parameter has a dense gradient of its own dtype, so their complexness agrees.
+    # (Comprehensions, not map with operator.attrgetter, which torch.compile cannot trace.)
+    grads = [param.grad for param in params]
+    if (all([grad is not None and not grad.is_sparse for grad in grads])
+            and [grad.dtype for grad in grads] == [param.dtype for param in params]):
         return list(params), grads
     with_grads, grads = [], []
     for position, param in enumerate(params):
