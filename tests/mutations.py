@@ -82,6 +82,13 @@ MUTATIONS = [
      "all(map(operator.is_, values, self.state_values))\n                and ",
      "        return (",
      ["tests/test_plans.py"]),
+    ("the gradient check's bulk pass lets a sparse gradient through", "_gradients.py",
+     "    if (all([grad is not None and not grad.is_sparse for grad in grads])",
+     "    if (all([grad is not None for grad in grads])",
+     ["tests/test_optimizer_api.py", "-k", "sparse"]),
+    ("any_sharded's bulk pass sees no DTensor", "distributed.py",
+     "any(issubclass(kind, DTensor) for kind in", "any(False for kind in",
+     ["tests/test_distributed.py", "-k", "fsdp2"]),
 ]
 
 
