@@ -176,7 +176,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("partition_group", None)
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_last_step", {"trust_stats": [], "grad_norm": None})
-        self._plans: dict[int, FusedPlan] = {}  # per group index: the fused step's lists (torchlamb._plans)
+        self._plans = {}  # not pickled (torch's __getstate__ leaves it out): the next step makes new plans
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict``, after checking that it fits these parameters.

@@ -13,7 +13,7 @@
 // and (with VBMI) byte permutes for the values, which are several times cheaper than gathers. With AVX2 only, the
 // code is found by an 8-lane gather (the 8-bit Lamb step took 25-30% less time than with the scalar loop on an AMD
 // EPYC); the values stay with the compiler's loop of scalar loads, which decoded twice as fast there as an 8-lane
-// gather did (0.28 against 0.55 ns per value, docs/low-memory-state.md).
+// gather did (0.28 against 0.55 ns per value; benchmarks/table_reads.cpp measures both).
 
 namespace {
 constexpr int64_t kQuantBlock = 256;  // torchlamb.quantized.BLOCK, checked by the caller
