@@ -89,6 +89,10 @@ MUTATIONS = [
     ("any_sharded's bulk pass sees no DTensor", "distributed.py",
      "any(issubclass(kind, DTensor) for kind in", "any(False for kind in",
      ["tests/test_distributed.py", "-k", "fsdp2"]),
+    ("C++: a whole step's norms in float32 for float64 parameters", "kernels/csrc/driver.cpp",
+     "[](const torch::Tensor& p) { return p.scalar_type() == torch::kFloat64; }",
+     "[](const torch::Tensor& p) { return p.scalar_type() == torch::kFloat64 && false; }",
+     ["tests/test_fused.py", "-k", "mixed_dtypes"]),
 ]
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..bias_correction import CODES as BIAS_CORRECTION_CODES
 from ..quantized import BLOCK, QuantizedKey, row_length
-from ..trust import LAMB_MASKED_CROSS, LAMB_UPDATE, PendingUpdate, cautious_update, norm_dtype
+from ..trust import LAMB_MASKED_CROSS, LAMB_UPDATE, PendingUpdate, cautious_update
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load() -> Any | None:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _put_ninja_on_path()
-        name = f"torchlamb_fused_cpu_v16_{_build_tag()}"
+        name = f"torchlamb_fused_cpu_v17_{_build_tag()}"
         directory = Path(_get_build_directory(name, verbose=False))  # honours TORCH_EXTENSIONS_DIR, as load_inline
         before = _built_libraries(directory)
         if not before:
@@ -167,15 +167,9 @@ def _lars_trust_arguments(larc_lr: float | Tensor | None = None, larc_clips_fall
             bool(larc_clips_fallback)]
 
 
-def _stats(result: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernels' float64 [n, 3] result (a whole step's: three columns) as ‖θ‖, denominator and r, in the dtype
-    the other paths give them: two small tensor operations (a third, a slice, cost ~10 µs of a ~200 µs step over one
-    tensor on a 2-core VM)."""
-    weight_norm, update_norm, ratio = result.to(norm_dtype(params)).unbind(1)
-    return weight_norm, update_norm, ratio
-
-
-# The kernels' phases (enum Phase in the C++ source): a whole step, or pass 1 and pass 2 of a sharded one.
+# The kernels' phases (enum Phase in the C++ source): a whole step, or pass 1 and pass 2 of a sharded one. A kernel
+# returns a list of tensors: for _WHOLE ‖θ‖, the ratio's denominator and r per tensor, in the dtype the other paths
+# give them (trust.norm_dtype); for _NORMS pass 1's float64 sums of squares [n, columns]; for _APPLY nothing.
 _WHOLE, _NORMS, _APPLY = 0, 1, 2
 _NO_RATIOS = torch.empty(0, dtype=torch.float64)
 # Pass 1 of LAMB fills the first two of the result's three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE; with
@@ -189,7 +183,7 @@ def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
           exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
           eps: float, weight_decay: float, bias_correction: Any, decay_outside_ratio: bool, maximize: bool,
           grad_factor: Tensor | None, trust_options: dict[str, Any], caution: bool = False,
-          decay_after_step: bool = False, decay_lr: float | Tensor | None = None) -> Tensor:
+          decay_after_step: bool = False, decay_lr: float | Tensor | None = None) -> list[Tensor]:
     return load().lamb_step(
         params, grads, exp_avgs, exp_avg_sqs, steps, float(lr), beta1, beta2, eps, weight_decay,
         BIAS_CORRECTION_CODES[bias_correction], decay_outside_ratio, _gradient_multiplier(maximize, grad_factor),
@@ -200,21 +194,21 @@ def _lamb(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor],
 def _lars(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
           steps: list[Tensor], *, lr: float | Tensor, momentum: float, weight_decay: float, nesterov: bool,
           split_denominator: bool, lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool,
-          maximize: bool, grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+          maximize: bool, grad_factor: Tensor | None, trust_options: dict[str, Any]) -> list[Tensor]:
     return load().lars_step(
         params, grads, momentum_buffers, steps, float(lr), momentum, weight_decay, nesterov, split_denominator,
         lr_inside_momentum, float(dampening), fallback_on_grad, _gradient_multiplier(maximize, grad_factor),
         *_lars_trust_arguments(**trust_options), phase, ratios)
 
 
-def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Tensor], grads: list[Tensor],
+def _two_passes(run: Callable[..., list[Tensor]], columns: int | None, params: list[Tensor], grads: list[Tensor],
                 *arguments: Any, step_weight: Tensor | None, trust_options: dict[str, Any],
                 **options: Any) -> PendingUpdate:
     """Pass 1 (this process's sums of squares, the first ``columns`` of the kernel's result, all if None) now, and
     pass 2 as the PendingUpdate's ``apply``: for sharded tensors, whose sums are all-reduced in between. A skipped
     step never gets here: on the CPU the optimizer reads the skip flag and returns (no ``step_weight``)."""
     assert step_weight is None, "the fused kernels do not take a step weight"
-    squares = run(_NORMS, _NO_RATIOS, params, grads, *arguments, **options, trust_options=trust_options)
+    (squares,) = run(_NORMS, _NO_RATIOS, params, grads, *arguments, **options, trust_options=trust_options)
     return PendingUpdate(squares[:, :columns],
                          lambda ratio: run(_APPLY, ratio.to(torch.float64).contiguous(), params, grads, *arguments,
                                            **options, trust_options=trust_options))
@@ -223,16 +217,18 @@ def _two_passes(run: Callable[..., Tensor], columns: int | None, params: list[Te
 def lamb_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step in one call (``states``: exp_avgs, exp_avg_sqs, steps); returns ‖θ‖, ‖u‖ and r."""
-    return _stats(_lamb(_WHOLE, _NO_RATIOS, params, grads, *states, **options), params)
+    weight_norm, update_norm, ratio = _lamb(_WHOLE, _NO_RATIOS, params, grads, *states, **options)
+    return weight_norm, update_norm, ratio
 
 
 def lars_whole_step(params: list[Tensor], grads: list[Tensor], *states: list[Tensor],
                     **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step in one call (``states``: momentum_buffers, steps); returns ‖θ‖, the denominator and r."""
-    return _stats(_lars(_WHOLE, _NO_RATIOS, params, grads, *states, **options), params)
+    weight_norm, denominator, ratio = _lars(_WHOLE, _NO_RATIOS, params, grads, *states, **options)
+    return weight_norm, denominator, ratio
 
 
-def _lamb_two_passes(run: Callable[..., Tensor], params: list[Tensor], grads: list[Tensor], *arguments: Any,
+def _lamb_two_passes(run: Callable[..., list[Tensor]], params: list[Tensor], grads: list[Tensor], *arguments: Any,
                      step_weight: Tensor | None, **options: Any) -> PendingUpdate:
     """Lamb's pass 1 now and pass 2 as ``apply``; with caution, the columns of torchlamb.trust.cautious_update
     (the number of elements added to the kernels' four) and pass 2 given the factors k after the ratios."""
@@ -285,7 +281,7 @@ def _lamb_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
                lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: Any,
                decay_outside_ratio: bool, maximize: bool, grad_factor: Tensor | None,
                trust_options: dict[str, Any], caution: bool = False, decay_after_step: bool = False,
-               decay_lr: float | Tensor | None = None) -> Tensor:
+               decay_lr: float | Tensor | None = None) -> list[Tensor]:
     first, second = moments
     return load().lamb_step_8bit(
         params, grads, *_codes(states, first), *_codes(states, second), steps, _tables(first, second), float(lr),
@@ -298,7 +294,7 @@ def _lars_8bit(phase: int, ratios: Tensor, params: list[Tensor], grads: list[Ten
                states: list[dict[str, Tensor]], steps: list[Tensor], buffer: QuantizedKey, *, lr: float | Tensor,
                momentum: float, weight_decay: float, nesterov: bool, split_denominator: bool,
                lr_inside_momentum: bool, dampening: float, fallback_on_grad: bool, maximize: bool,
-               grad_factor: Tensor | None, trust_options: dict[str, Any]) -> Tensor:
+               grad_factor: Tensor | None, trust_options: dict[str, Any]) -> list[Tensor]:
     return load().lars_step_8bit(
         params, grads, *_codes(states, buffer), steps, _tables(buffer), float(lr), momentum, weight_decay, nesterov,
         split_denominator, lr_inside_momentum, float(dampening), fallback_on_grad,
@@ -310,15 +306,17 @@ def lamb_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list
                          steps: list[Tensor], moments: tuple[QuantizedKey, QuantizedKey],
                          **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lamb step on 8-bit moments (``moments``: how m and v are stored); returns ‖θ‖, ‖u‖ and r."""
-    return _stats(_lamb_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, moments,
-                             **options), params)
+    weight_norm, update_norm, ratio = _lamb_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, moments,
+                                                 **options)
+    return weight_norm, update_norm, ratio
 
 
 def lars_whole_step_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                          steps: list[Tensor], buffer: QuantizedKey, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """A whole Lars step on an 8-bit momentum buffer; returns ‖θ‖, the denominator and r."""
-    return _stats(_lars_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, buffer,
-                             **options), params)
+    weight_norm, denominator, ratio = _lars_8bit(_WHOLE, _NO_RATIOS, params, grads, states, steps, buffer,
+                                                 **options)
+    return weight_norm, denominator, ratio
 
 
 def lamb_first_pass_8bit(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],

@@ -71,19 +71,48 @@ struct Stats {
 // local sums of squares, the caller all-reduces them and computes the ratios, and kApply runs pass 2 with them.
 enum Phase : int64_t { kWhole = 0, kNorms = 1, kApply = 2 };
 
+// What a step returns: see each_tensor.
+using StepResult = std::vector<torch::Tensor>;
+
+// kWhole's [n, 3] float64 sums as the three per-tensor columns ‖θ‖, the ratio's denominator and r, in the dtype the
+// other paths give them (torchlamb.trust.norm_dtype: float64 where a parameter is float64, else float32; the kernels
+// take no complex parameters). Converted here, on the calling thread and rounding as Tensor.to does, rather than by
+// .to() and unbind() in Python: those two small operations took ~30 µs of a ~230 µs Lamb step over one 65K-value
+// tensor (section timings on a 2-core AMD EPYC VM; they ran ~13 µs alone, slower right after the kernel's passes).
+StepResult norm_columns(const torch::Tensor& sums, const std::vector<torch::Tensor>& params) {
+  const bool wide = std::any_of(params.begin(), params.end(),
+                                [](const torch::Tensor& p) { return p.scalar_type() == torch::kFloat64; });
+  const int64_t n = sums.size(0);
+  const double* in = sums.data_ptr<double>();
+  std::vector<torch::Tensor> columns;
+  for (int64_t c = 0; c < 3; ++c) {
+    auto column = torch::empty({n}, wide ? torch::kFloat64 : torch::kFloat32);
+    if (wide) {
+      double* out = column.data_ptr<double>();
+      for (int64_t i = 0; i < n; ++i) out[i] = in[3 * i + c];
+    } else {
+      float* out = column.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[3 * i + c]);
+    }
+    columns.push_back(column);
+  }
+  return columns;
+}
+
 // The driver. For every tensor i: pass 1 (sums = Σ pass1(i, begin, end) over its elements), then
 // finish(i, sums) -> Stats (norms, ratio, step size), then pass 2 (pass2(i, begin, end, stats) over its elements).
-// kWhole returns [n, 3] float64 of ‖θ‖, the ratio's denominator and r per tensor; kNorms returns the first
-// `columns` sums of pass 1 ([n, columns]); kApply calls finish with empty sums (the ratio comes from the caller) and returns an empty tensor.
+// kWhole returns ‖θ‖, the ratio's denominator and r per tensor (norm_columns); kNorms returns the first `columns`
+// sums of pass 1 ([n, columns] float64); kApply calls finish with empty sums (the ratio comes from the caller) and
+// returns nothing. The result is a list of tensors: three, one or none.
 // Ranges begin at multiples of `align` elements, or with `rows` (8-bit state: each tensor's row length) at the
 // starts of blocks of `align` elements laid out within rows: each block is quantized whole by one thread.
 //
 // The per-range functions take raw __restrict__ pointers as arguments: captured by reference in a lambda, the
 // pointers would be reloaded after every store and the loops would not vectorise.
 template <typename Pass1, typename Finish, typename Pass2>
-torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Pass1& pass1,
-                          const Finish& finish, const Pass2& pass2, int64_t align = 1,
-                          const std::vector<int64_t>* rows = nullptr, int64_t columns = 3) {
+StepResult each_tensor(const std::vector<torch::Tensor>& params, Phase phase, const Pass1& pass1,
+                       const Finish& finish, const Pass2& pass2, int64_t align = 1,
+                       const std::vector<int64_t>* rows = nullptr, int64_t columns = 3) {
   const int64_t n = static_cast<int64_t>(params.size());
   const int64_t width = phase == kNorms ? columns : 3;
   auto result = torch::zeros({phase == kApply ? 0 : n, width}, torch::kFloat64);
@@ -138,7 +167,9 @@ torch::Tensor each_tensor(const std::vector<torch::Tensor>& params, Phase phase,
   at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) run(small[j], false);
   });
-  return result;
+  if (phase == kWhole) return norm_columns(result, params);
+  if (phase == kNorms) return {result};
+  return {};
 }
 
 template <typename T>

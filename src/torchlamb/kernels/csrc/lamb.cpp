@@ -391,8 +391,8 @@ struct LambStep {
 
   // The step (or its phase) over all tensors with the moments' own passes: what each_tensor returns.
   template <typename Pass1, typename Pass2>
-  torch::Tensor walk(const Pass1& pass1, const Pass2& pass2, int64_t align = 1,
-                     const std::vector<int64_t>* rows = nullptr) const {
+  StepResult walk(const Pass1& pass1, const Pass2& pass2, int64_t align = 1,
+                  const std::vector<int64_t>* rows = nullptr) const {
     return each_tensor(
         params, setup.phase, pass1, [&](int64_t i, const Sums& sums) { return finish(i, sums); }, pass2, align, rows,
         caution ? 4 : 3);
@@ -402,13 +402,13 @@ struct LambStep {
 
 // One LAMB step over all tensors (steps counted here), or one phase of it (see Phase); `ratios` is read in the
 // apply phase only. kNorms returns ‖θ‖², ‖u‖² (LambNorm); the others return what each_tensor returns.
-torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                        std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
-                        std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, int64_t bias_correction, bool decay_outside_ratio, double grad_factor,
-                        bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                        double trust_coefficient, double trust_eps, int64_t phase, torch::Tensor ratios, bool caution,
-                        bool decay_after_step, double decay_lr) {
+StepResult lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                     std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
+                     std::vector<torch::Tensor> steps, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t bias_correction, bool decay_outside_ratio, double grad_factor,
+                     bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
+                     double trust_coefficient, double trust_eps, int64_t phase, torch::Tensor ratios, bool caution,
+                     bool decay_after_step, double decay_lr) {
   check_state(params, exp_avgs, "exp_avgs");
   check_state(params, exp_avg_sqs, "exp_avg_sqs");
   const LambStep lamb(params, grads, steps, phase, ratios, lr, beta1, beta2, weight_decay, bias_correction,
@@ -456,15 +456,15 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> params, std::vector<torch::Te
 
 // LAMB with 8-bit moments (m in signed codes, √v in unsigned ones; see torchlamb.quantized): a whole step, or one
 // phase of it, as lamb_step. `tables`: the signed map's values and entries, then the unsigned map's.
-torch::Tensor lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                             std::vector<torch::Tensor> m_codes, std::vector<torch::Tensor> m_absmax,
-                             std::vector<torch::Tensor> s_codes, std::vector<torch::Tensor> s_absmax,
-                             std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
-                             double beta1, double beta2, double eps, double weight_decay, int64_t bias_correction,
-                             bool decay_outside_ratio, double grad_factor, bool adapt, double weight_lo,
-                             double weight_hi, double ratio_lo, double ratio_hi, double trust_coefficient,
-                             double trust_eps, int64_t phase, torch::Tensor ratios, std::vector<int64_t> rows,
-                             bool caution, bool decay_after_step, double decay_lr) {
+StepResult lamb_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                          std::vector<torch::Tensor> m_codes, std::vector<torch::Tensor> m_absmax,
+                          std::vector<torch::Tensor> s_codes, std::vector<torch::Tensor> s_absmax,
+                          std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
+                          double beta1, double beta2, double eps, double weight_decay, int64_t bias_correction,
+                          bool decay_outside_ratio, double grad_factor, bool adapt, double weight_lo,
+                          double weight_hi, double ratio_lo, double ratio_hi, double trust_coefficient,
+                          double trust_eps, int64_t phase, torch::Tensor ratios, std::vector<int64_t> rows,
+                          bool caution, bool decay_after_step, double decay_lr) {
   check_quantized(params, m_codes, m_absmax, rows, "exp_avg");
   check_quantized(params, s_codes, s_absmax, rows, "exp_avg_sqrt");
   TORCH_CHECK(tables.size() == 4, "torchlamb fused: lamb_step_8bit takes two code maps");

@@ -148,7 +148,7 @@ struct LarsStep {
 
   // The step (or its phase) over all tensors with the momentum's own pass 2: what each_tensor returns.
   template <typename Pass2>
-  torch::Tensor walk(const Pass2& pass2, int64_t align = 1, const std::vector<int64_t>* rows = nullptr) const {
+  StepResult walk(const Pass2& pass2, int64_t align = 1, const std::vector<int64_t>* rows = nullptr) const {
     return each_tensor(
         params, setup.phase,
         [&](int64_t i, int64_t begin, int64_t end) {
@@ -163,13 +163,13 @@ struct LarsStep {
 // clip) is read in the apply phase only. kNorms returns ‖θ‖², ‖g‖², ‖g + λθ‖² (LarsNorm); kWhole returns ‖θ‖, the
 // denominator and r. lr is the group's current lr; larc_lr the one larc_clip divides by (the same, in kWhole);
 // larc_clips_fallback: whether larc_clip applies to the fallback ratio too (True) or to computed ratios only.
-torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                        std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
-                        double momentum, double weight_decay, bool nesterov, bool split_denominator,
-                        bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
-                        bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                        double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
-                        bool larc_clips_fallback, int64_t phase, torch::Tensor ratios) {
+StepResult lars_step(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                     std::vector<torch::Tensor> momentum_buffers, std::vector<torch::Tensor> steps, double lr,
+                     double momentum, double weight_decay, bool nesterov, bool split_denominator,
+                     bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
+                     bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
+                     double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
+                     bool larc_clips_fallback, int64_t phase, torch::Tensor ratios) {
   check_state(params, momentum_buffers, "momentum_buffers");
   const LarsStep lars(params, grads, steps, phase, ratios, grad_factor, weight_decay, split_denominator,
                       fallback_on_grad, lr, lr_inside_momentum, dampening,
@@ -187,15 +187,15 @@ torch::Tensor lars_step(std::vector<torch::Tensor> params, std::vector<torch::Te
 
 // LARS with an 8-bit momentum buffer (signed codes): a whole step, or one phase of it, as lars_step. `tables`:
 // the signed map's values and entries.
-torch::Tensor lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                             std::vector<torch::Tensor> b_codes, std::vector<torch::Tensor> b_absmax,
-                             std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
-                             double momentum, double weight_decay, bool nesterov, bool split_denominator,
-                             bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
-                             bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
-                             double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
-                             bool larc_clips_fallback, int64_t phase, torch::Tensor ratios,
-                             std::vector<int64_t> rows) {
+StepResult lars_step_8bit(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                          std::vector<torch::Tensor> b_codes, std::vector<torch::Tensor> b_absmax,
+                          std::vector<torch::Tensor> steps, std::vector<torch::Tensor> tables, double lr,
+                          double momentum, double weight_decay, bool nesterov, bool split_denominator,
+                          bool lr_inside_momentum, double dampening, bool fallback_on_grad, double grad_factor,
+                          bool adapt, double weight_lo, double weight_hi, double ratio_lo, double ratio_hi,
+                          double trust_coefficient, double trust_eps, bool larc_clip, double larc_lr,
+                          bool larc_clips_fallback, int64_t phase, torch::Tensor ratios,
+                          std::vector<int64_t> rows) {
   check_quantized(params, b_codes, b_absmax, rows, "momentum_buffer");
   TORCH_CHECK(tables.size() == 2, "torchlamb fused: lars_step_8bit takes one code map");
   const CodeMap map = code_map(tables, 0);
