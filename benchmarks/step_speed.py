@@ -346,8 +346,8 @@ def run_per_size(sizes: list[Shape], rounds: int, warmup: int, device: torch.dev
     the sizes where the step is bound by arithmetic (in cache) and by memory bandwidth both show.
 
     Each optimizer is paired with a fused AdamW of its own, one pair at a time, so that only two optimizers' tensors
-    share the cache: with all four and AdamW in every round, a 1M-value matrix (16 MB of θ, g and moments per
-    optimizer) did not stay in a 32 MB L3 and timed as out of cache."""
+    compete for the cache (with all four and AdamW in every round, ~63 MB at 1M values, a 32 MB L3 held none of
+    them from one step to the next); the AdamW column is the median of its steps over the four pairs."""
     print(f"\n== per-size: one {str(dtype).removeprefix('torch.')} matrix, {rounds} rounds, {warmup} warm-up "
           "steps; each cell: ratio to AdamW(fused=True) (efficiency) ==")
     header = (f"{'shape':>12} {'values':>11} {'AdamW ms':>9} "
@@ -358,7 +358,7 @@ def run_per_size(sizes: list[Shape], rounds: int, warmup: int, device: torch.dev
         cells, baseline_times = [], []
         for opt_name in PER_SIZE_OPTIMIZERS:
             pair = {opt_name: OPTIMIZERS[opt_name], BASELINE: OPTIMIZERS[BASELINE]}
-            results, _ = measure(f"per-size {shape}", [shape], rounds, warmup, device, pair, dtype)
+            results = measure(f"per-size {shape}", [shape], rounds, warmup, device, pair, dtype)[0]  # frees the pair
             ratio = statistics.median(results[opt_name][1])
             cells.append(f"{ratio:.3f} ({efficiency(opt_name, ratio, [shape], dtype):.2f})")
             baseline_times += results[BASELINE][0]

@@ -172,7 +172,7 @@ def _lars_trust_arguments(larc_lr: float | Tensor | None = None, larc_clips_fall
 # give them (trust.norm_dtype); for _NORMS pass 1's float64 sums of squares [n, columns]; for _APPLY nothing.
 _WHOLE, _NORMS, _APPLY = 0, 1, 2
 _NO_RATIOS = torch.empty(0, dtype=torch.float64)
-# Pass 1 of LAMB fills the first two of the result's three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE; with
+# Pass 1 of LAMB fills the first two of its sums' three columns: torchlamb.trust's WEIGHT and LAMB_UPDATE; with
 # caution four: those, LAMB_MASK_COUNT and LAMB_MASKED_CROSS (the number of elements, LAMB_NUMEL, is added here).
 _LAMB_COLUMNS = LAMB_UPDATE + 1
 _CAUTIOUS_COLUMNS = LAMB_MASKED_CROSS + 1
