@@ -388,7 +388,7 @@ def bfloat16_path(path, optimizer_class, monkeypatch, calls):
 
 @BFLOAT16_PATHS
 def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, stored_update, monkeypatch):
-    params, grads = problem(seed=7, steps=12)
+    params, grads = problem(seed=7, steps=12, shapes=TRITON_SHAPES if path == "triton" else SHAPES)
     options = LAMB_OPTIONS[0]
     calls = []
     options_of_path = bfloat16_path(path, Lamb, monkeypatch, calls)
@@ -399,13 +399,14 @@ def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, sto
 
     expected, _ = run_reference(Lamb, params, grads, bfloat16_moments, stored_update, **options)
     # 6e-5 measured (a moment computed in float32 and one in float64 may round to neighbouring bfloat16
-    # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost.
+    # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost. Triton
+    # (its interpreter, TRITON_SHAPES: 4 s instead of 24): 3.7e-5, and 3.0e-3 against the reference that does not round.
     assert_moved_like(tensors, expected, params, 2e-4)
 
 
 @BFLOAT16_PATHS
 def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stored_update, monkeypatch):
-    params, grads = problem(seed=8, steps=12)
+    params, grads = problem(seed=8, steps=12, shapes=TRITON_SHAPES if path == "triton" else SHAPES)
     options = LARS_OPTIONS[0]
     calls = []
     options_of_path = bfloat16_path(path, Lars, monkeypatch, calls)
@@ -413,7 +414,7 @@ def test_lars_bfloat16_state_equals_the_reference_rounding_its_buffer(path, stor
     assert len(calls) == (len(grads) if path == "triton" else 0)
     # θ moves by the float32 buffer, stored rounded after (torch paths), or by the rounded one (the kernels).
     expected, _ = run_reference(Lars, params, grads, ref.round_to_bfloat16, stored_update, **options)
-    assert_moved_like(tensors, expected, params, 2e-4)  # as for Lamb
+    assert_moved_like(tensors, expected, params, 2e-4)  # as for Lamb (Triton: 1.4e-5; 2.8e-3 without the rounding)
 
 
 # -- everything else keeps working ------------------------------------------------------------------------------
