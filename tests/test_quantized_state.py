@@ -400,7 +400,8 @@ def test_lamb_bfloat16_state_equals_the_reference_rounding_its_moments(path, sto
     expected, _ = run_reference(Lamb, params, grads, bfloat16_moments, stored_update, **options)
     # 6e-5 measured (a moment computed in float32 and one in float64 may round to neighbouring bfloat16
     # values); 2.3e-3 against a reference that does not round, far more if the rounded moments are lost. Triton
-    # (its interpreter, TRITON_SHAPES: 4 s instead of 24): 3.7e-5, and 3.0e-3 against the reference that does not round.
+    # (its interpreter, TRITON_SHAPES: 4 s instead of 24): 3.7e-5, and 3.0e-3 against the reference that does not
+    # round.
     assert_moved_like(tensors, expected, params, 2e-4)
 
 
